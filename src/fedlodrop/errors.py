@@ -1,0 +1,5 @@
+"""The one exception type for a user's mistake: the CLI turns it into one line and exit code 2."""
+
+
+class UserError(Exception):
+    """Bad input from the user (config, data, model name): message is shown as-is, exit 2."""

