@@ -1,0 +1,112 @@
+"""Tokenisation and batching: truncate once, pad per batch.
+
+Examples are tokenised without padding; `DataCollatorWithPadding` pads each batch to its own
+longest sequence, which on GLUE (median ~25 tokens) is several times cheaper than padding every
+example to `max_length`. Labels travel inside each batch, so metrics are right whatever the order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedlodrop.data.loaders import quiet_datasets
+from fedlodrop.data.tasks import Task
+from fedlodrop.errors import UserError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from torch.utils.data import DataLoader
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def tokenize(ds: Dataset, tokenizer: Any, task: Task, max_length: int) -> Dataset:
+    """Model inputs and `labels` (float32 for regression), truncated to `max_length`, unpadded."""
+    max_length = min(max_length, tokenizer.model_max_length)
+    pair = "text_b" in ds.column_names
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        second = batch["text_b"] if pair else None
+        enc = tokenizer(batch["text_a"], second, truncation=True, max_length=max_length)
+        out = {k: enc[k] for k in MODEL_INPUTS if k in enc}
+        out["labels"] = [float(x) for x in batch["label"]] if task.is_regression else batch["label"]
+        return out
+
+    with quiet_datasets():
+        out = ds.map(encode, batched=True, remove_columns=ds.column_names)
+    if task.is_regression:
+        from datasets import Value
+
+        out = out.cast_column("labels", Value("float32"))
+    return out
+
+
+def length_order(ds: Dataset) -> np.ndarray:
+    """Row indices from longest to shortest input (stable), for fast evaluation batches."""
+    lengths = np.fromiter((len(x) for x in ds["input_ids"]), dtype=np.int64, count=len(ds))
+    return np.argsort(-lengths, kind="stable")
+
+
+def restore_order(values: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Undo `length_order`: `values[i]` belongs to row `order[i]`; returns them in row order."""
+    out = np.empty_like(values)
+    out[order] = values
+    return out
+
+
+def make_loader(
+    ds: Dataset,
+    tokenizer: Any,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    sort_by_length: bool = False,
+) -> DataLoader:
+    """Batches of a tokenised set, padded per batch; a shuffled order is fixed by `seed`.
+
+    `sort_by_length` (evaluation only) visits rows in `length_order(ds)` so batches hold similar
+    lengths; use `restore_order` if per-example predictions must line up with the rows.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+
+    if shuffle and sort_by_length:
+        raise ValueError("sort_by_length is for evaluation; it cannot be combined with shuffle")
+    _silence_fast_pad_warning(tokenizer)
+    collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    sampler = length_order(ds).tolist() if sort_by_length else None
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        generator=generator,
+        collate_fn=collator,
+        num_workers=0,
+    )
+
+
+def _silence_fast_pad_warning(tokenizer: Any) -> None:
+    """Padding pre-tokenised examples is exactly what dynamic padding means; skip the advice."""
+    flags = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(flags, dict):
+        flags["Asking-to-pad-a-fast-tokenizer"] = True
+
+
+def pad_token_fix(tokenizer: Any, model: Any) -> None:
+    """Decoder-only models (GPT-2, Llama) ship no pad token: pad with EOS so batches can be padded.
+
+    The model's `config.pad_token_id` must match, since sequence classification heads on
+    decoders read the last non-pad token.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            name = getattr(model.config, "name_or_path", None) or "the model"
+            raise UserError(f"tokenizer of {name} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
