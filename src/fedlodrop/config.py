@@ -28,6 +28,11 @@ class LoraConfig(_Section):
     target_modules: list[str] | None = Field(
         None, description="None: PEFT's default for the architecture (query/value for BERT)"
     )
+    head_modules: list[str] | None = Field(
+        None,
+        description="trained in full and never dropped; None: the classifier (PEFT's default) plus "
+        "BERT's pooler, so BERT's head matches RoBERTa's dense+out_proj classifier",
+    )
 
 
 class FederationConfig(_Section):
@@ -69,6 +74,7 @@ class TrainConfig(_Section):
         "linear", description="after warm-up over the whole federation: linear decay to 0, or flat"
     )
     grad_accum: int = Field(1, ge=1)
+    group_by_length: bool = Field(True, description="batches of similar lengths: less padding, same data")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -28,7 +28,7 @@ from fedlodrop.client import local_steps, predict, train_local
 from fedlodrop.config import RunConfig, dump_config
 from fedlodrop.data import Task, TASKS, load_splits, make_loader, partition, tokenize
 from fedlodrop.errors import UserError
-from fedlodrop.masks import kept_fraction
+from fedlodrop.masks import kept_values
 from fedlodrop.metrics import compute_metrics
 from fedlodrop.model import FedModel, build_model, init_regression_head, load_tokenizer
 from fedlodrop.rng import seed_torch, stream_seed
@@ -110,7 +110,7 @@ def lr_schedule(cfg: RunConfig):
 def evaluate(exp: Experiment, data) -> tuple[dict[str, float], float]:
     if len(data) == 0:
         return {}, float("nan")
-    loader = make_loader(data, exp.fm.tokenizer, exp.cfg.train.batch_size * 2, False, 0)
+    loader = make_loader(data, exp.fm.tokenizer, exp.cfg.train.batch_size * 2, False, 0, sort_by_length=True)
     preds, labels, loss = predict(exp.fm, loader, exp.task.is_regression)
     return compute_metrics(exp.task, preds, labels), loss
 
@@ -129,7 +129,12 @@ def run_round(exp: Experiment, server: Server, round_: int) -> dict:
         shard = exp.shards[task.device]
         seed_torch(cfg.seed, "local-train", round_, task.device)
         loader = make_loader(
-            shard, fm.tokenizer, cfg.train.batch_size, True, stream_seed(cfg.seed, "data", round_, task.device)
+            shard,
+            fm.tokenizer,
+            cfg.train.batch_size,
+            True,
+            stream_seed(cfg.seed, "data", round_, task.device),
+            group_by_length=cfg.train.group_by_length,
         )
         result = train_local(
             fm,
@@ -152,7 +157,7 @@ def run_round(exp: Experiment, server: Server, round_: int) -> dict:
             {
                 "device": task.device,
                 "rate": task.rate,
-                "kept_fraction": round(kept_fraction(server.layout, task.masks), 6),
+                "kept_values": kept_values(server.layout, task.masks),
                 "samples": len(shard),
                 "steps": result.steps,
                 "train_loss": result.loss,

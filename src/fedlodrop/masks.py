@@ -110,9 +110,6 @@ def payload_bytes(packed: State) -> int:
     return sum(t.numel() * t.element_size() for t in packed.values())
 
 
-def kept_fraction(layout: AdapterLayout, masks: Masks) -> float:
-    """Share of the Q adapter values that a mask keeps (1 - gamma in expectation)."""
-    kept = sum(
-        m.r * (int(masks[m.name].a_cols.sum()) + int(masks[m.name].b_rows.sum())) for m in layout.modules
-    )
-    return kept / layout.adapter_values
+def kept_values(layout: AdapterLayout, masks: Masks) -> int:
+    """How many of the Q adapter values a mask keeps ((1 - gamma) Q in expectation)."""
+    return sum(m.r * (int(masks[m.name].a_cols.sum()) + int(masks[m.name].b_rows.sum())) for m in layout.modules)

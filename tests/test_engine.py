@@ -1,0 +1,189 @@
+"""End to end on a tiny BERT and a tiny GLUE-layout folder: run folder, bytes, determinism."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fedlodrop.cli import app
+from fedlodrop.client import train_local
+from fedlodrop.config import validate
+from fedlodrop.data import make_loader
+from fedlodrop.engine import prepare, run
+from fedlodrop.masks import draw_masks
+
+
+def tiny_cfg(model, glue_dir, **over):
+    tree = {
+        "task": "sst2",
+        "model": model,
+        "seed": 3,
+        "lora": {"r": 4, "alpha": 8},
+        "federation": {"devices": 3, "rounds": 2, "aggregation": "fedex"},
+        "train": {"batch_size": 16, "max_length": 32, "lr": 5e-3},
+        "data": {"source": "glue_dir", "glue_dir": str(glue_dir), "train_eval_samples": 16},
+    }
+    for key, value in over.items():
+        node = tree
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return validate(tree)
+
+
+def read_metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_folder_is_complete(tiny_bert, sst2_dir, tmp_path):
+    summary = run(tiny_cfg(tiny_bert, sst2_dir), tmp_path / "run", show_progress=False)
+    folder = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter.safetensors", "base_delta.safetensors"):
+        assert (folder / name).is_file(), name
+    rows = read_metrics(folder)
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert set(r) >= {"round", "train_loss", "train", "eval", "uplink_bytes", "downlink_bytes", "wall_s"}
+        assert "accuracy" in r["eval"] and "accuracy" in r["train"] and math.isfinite(r["train_loss"])
+    saved = json.loads((folder / "summary.json").read_text())
+    assert saved == summary
+    assert set(saved) >= {"task", "rounds", "final", "best", "uplink_bytes_total", "downlink_bytes_total", "wall_s"}
+    assert saved["final"] == rows[-1]["eval"]
+    assert saved["best"]["accuracy"] == max(r["eval"]["accuracy"] for r in rows)
+    assert saved["uplink_bytes_total"] == sum(r["uplink_bytes"] for r in rows)
+    adapter = load_file(str(folder / "adapter.safetensors"))
+    assert any(k.endswith(".lora_A") for k in adapter) and any(k.startswith("head.") for k in adapter)
+
+
+def test_same_seed_same_result_and_other_seed_differs(tiny_bert, sst2_dir, tmp_path):
+    cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": 0.3})
+    run(cfg, tmp_path / "a", show_progress=False)
+    run(cfg, tmp_path / "b", show_progress=False)
+    other = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": 0.3, "seed": 4})
+    run(other, tmp_path / "c", show_progress=False)
+    a, b, c = (load_file(str(tmp_path / n / "adapter.safetensors")) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("wall_s", "timing")} | {
+        "devices": [{k: v for k, v in d.items() if k != "train_s"} for d in r["devices"]]} for r in rows]
+    assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
+
+
+def test_uplink_bytes_are_kept_slices_plus_head(tiny_bert, sst2_dir, tmp_path):
+    gamma = 0.5
+    cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": gamma, "dropout.sampler": "exact",
+                                          "federation.aggregation": "masked"})
+    run(cfg, tmp_path / "r", show_progress=False)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    q, head = summary["adapter_values"], summary["head_values"]
+    exp = prepare(cfg)
+    layout = exp.fm.layout
+    # exact sampler: each module keeps n - floor(gamma n) columns of A and rows of B
+    kept = sum(m.r * (m.n_in - math.floor(gamma * m.n_in) + m.n_out - math.floor(gamma * m.n_out))
+               for m in layout.modules)
+    assert q == layout.adapter_values and kept == (1 - gamma) * q
+    for r in read_metrics(tmp_path / "r"):
+        for d in r["devices"]:
+            assert d["uplink_bytes"] == 4 * ((1 - gamma) * q + head)
+            assert d["downlink_bytes"] == 4 * ((1 - gamma) * q + head)  # masked: no residual
+
+
+def test_bernoulli_bytes_match_expectation_and_fedex_counts_residual(tiny_bert, sst2_dir, tmp_path):
+    gamma = 0.3
+    cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": gamma, "federation.comm_dtype": "float16"})
+    run(cfg, tmp_path / "r", show_progress=False)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    q, head = summary["adapter_values"], summary["head_values"]
+    rows = read_metrics(tmp_path / "r")
+    ups = [d["uplink_bytes"] for r in rows for d in r["devices"]]
+    mean_up = sum(ups) / len(ups)
+    assert abs(mean_up - 2 * ((1 - gamma) * q + head)) < 0.05 * 2 * q
+    for r in rows:
+        for d in r["devices"]:
+            expected_up = 2 * (d["kept_values"] + head)
+            assert d["uplink_bytes"] == pytest.approx(expected_up, abs=1e-6)
+            # fedex: the device also receives the residual, factored rank (K+1) r per module
+            exp_layout_res = sum(min(m_out * m_in, 4 * 4 * (m_out + m_in)) for m_out, m_in in [(32, 32)] * 4)
+            assert d["downlink_bytes"] == pytest.approx(expected_up + 2 * exp_layout_res, abs=1e-6)
+
+
+def test_persistent_masks_stay_zero_and_reset_trains_them(tiny_bert, sst2_dir):
+    for mode in ("persistent", "reset"):
+        cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": 0.5, "dropout.mask_mode": mode})
+        exp = prepare(cfg)
+        masks = draw_masks(exp.fm.layout, 0.5, "bernoulli", seed=0, round_=0, device=0)
+        start = exp.fm.get_state()
+        for m in exp.fm.layout.modules:  # make B nonzero so A gets gradients too
+            start[m.key_b] = torch.randn_like(start[m.key_b]) * 0.1
+        loader = make_loader(exp.shards[0], exp.fm.tokenizer, 8, True, 0)
+        result = train_local(exp.fm, start, masks, mode, loader, cfg.train, 1.0, lambda f: 1e-2)
+        m = exp.fm.layout.modules[0]
+        drop_a, drop_b = ~masks[m.name].a_cols, ~masks[m.name].b_rows
+        dropped_a = result.state[m.key_a][:, drop_a]
+        dropped_b = result.state[m.key_b][drop_b, :]
+        kept_a = result.state[m.key_a][:, ~drop_a]
+        assert not torch.equal(kept_a, start[m.key_a][:, ~drop_a])  # it trained
+        if mode == "persistent":
+            assert (dropped_a == 0).all() and (dropped_b == 0).all()
+        else:
+            assert (dropped_a != 0).any() and (dropped_b != 0).any()
+
+
+def test_ffa_keeps_a_frozen_and_sends_no_a(tiny_bert, sst2_dir, tmp_path):
+    cfg = tiny_cfg(tiny_bert, sst2_dir, **{"federation.aggregation": "ffa"})
+    exp = prepare(cfg)
+    a0 = {k: v for k, v in exp.fm.get_state().items() if k.endswith("lora_A")}
+    run(cfg, tmp_path / "r", show_progress=False)
+    final = load_file(str(tmp_path / "r" / "adapter.safetensors"))
+    assert all(torch.equal(final[k], v) for k, v in a0.items())
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    b_values = sum(m.n_out * m.r for m in exp.fm.layout.modules)
+    row = read_metrics(tmp_path / "r")[0]
+    assert row["devices"][0]["uplink_bytes"] == 4 * (b_values + summary["head_values"])
+
+
+def test_centralised_baseline_one_device(tiny_bert, sst2_dir, tmp_path):
+    summary = run(tiny_cfg(tiny_bert, sst2_dir, **{"federation.devices": 1}), tmp_path / "r", show_progress=False)
+    assert summary["devices"] == 1 and summary["rounds"] == 2
+
+
+def test_decoder_model_runs(tiny_gpt2, sst2_dir, tmp_path):
+    summary = run(tiny_cfg(tiny_gpt2, sst2_dir, **{"federation.rounds": 1}), tmp_path / "r", show_progress=False)
+    assert 0.0 <= summary["final"]["accuracy"] <= 1.0
+
+
+def test_evaluate_rescores_saved_run(tiny_bert, sst2_dir, tmp_path):
+    summary = run(tiny_cfg(tiny_bert, sst2_dir), tmp_path / "r", show_progress=False)
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["eval"]["accuracy"] == pytest.approx(summary["final"]["accuracy"])
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--set", "federation.devices=0"], "federation.devices"),
+        (["--set", "federation.aggregation=fedavg"], "fedavg"),
+        (["--set", "no_such_key=1"], "no_such_key"),
+        (["--set", "task=nope"], "nope"),
+        (["--set", "dropout.rate=1.2"], "1.2"),
+        (["--set", "dropout.rate=[0.1,0.2]"], "2 rates"),
+        (["--set", "data.glue_dir=/no/such/dir"], "/no/such/dir"),
+        (["--set", "model=/no/such/model"], "/no/such/model"),
+        (["--set", "model=someone/no-such-model"], "offline"),
+    ],
+)
+def test_bad_input_one_line_exit_2_no_folder(tiny_bert, sst2_dir, tmp_path, args, needle):
+    out = tmp_path / "out"
+    base = ["run", "--out", str(out), "--quiet", "--set", "task=sst2", "--set", f"model={tiny_bert}",
+            "--set", "data.source=glue_dir", "--set", f"data.glue_dir={sst2_dir}"]
+    result = CliRunner().invoke(app, base + args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert any(needle in line for line in lines) and any(line.startswith("error:") for line in lines)
+    assert not any("Traceback" in line for line in lines)
+    assert not out.exists()
