@@ -95,6 +95,68 @@ def evaluate(
     out_console.print_json(json.dumps(result))
 
 
+@app.command()
+@user_errors
+def sweep(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    rates: Annotated[
+        Optional[str],
+        typer.Option("--rates", help="dropout rates 0,0.1,0.3: shorthand for --vary dropout.rate=0,0.1,0.3"),
+    ] = None,
+    vary: Annotated[
+        Optional[list[str]],
+        typer.Option("--vary", help="KEY=V1,V2,... for any config key; repeat it for a grid (the product)"),
+    ] = None,
+    seeds: Annotated[
+        int,
+        typer.Option("--seeds", min=1, help="runs per grid point: seeds base..base+N-1 (base: config seed)"),
+    ] = 1,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="sweep folder; the same one again continues it (default runs/...)"),
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """One run per grid point and seed (finished ones reused), then a table, CSV and plot against the rate."""
+    from fedlodrop.config import load_config
+    from fedlodrop.report import build_report
+    from fedlodrop.sweep import expand_grid, make_axes, run_sweep
+
+    _offline_env()
+    cfg = load_config(config, set_ or [])
+    axes = make_axes(rates, vary or [])
+    if not axes and seeds == 1:
+        raise UserError("nothing to sweep: give --rates, --vary KEY=V1,V2,... or --seeds N")
+    if out is None:
+        out = Path("runs") / f"sweep-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = len(expand_grid(cfg, axes, seeds))
+    grid = " x ".join(f"{a.key} ({len(a.values)})" for a in axes) or "no varied key"
+    err_console.print(
+        f"fedlodrop sweep: task {cfg.task}, model {cfg.model}, {grid}, {seeds} seed(s): {n} runs -> {out}",
+        highlight=False,
+    )
+    run_sweep(cfg, axes, seeds, out, console=err_console, show_progress=not quiet)
+    build_report(out, console=out_console)
+
+
+@app.command()
+@user_errors
+def report(
+    folder: Annotated[Path, typer.Argument(help="a sweep folder (or any folder of run folders)")],
+    out_prefix: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out-prefix", help="write PREFIX.csv, PREFIX_runs.csv, PREFIX.png (default: FOLDER/sweep)"
+        ),
+    ] = None,
+) -> None:
+    """Rebuild a sweep's table, CSV files and plot from its run folders, without running anything."""
+    from fedlodrop.report import build_report
+
+    build_report(folder, out_prefix, console=out_console)
+
+
 def main() -> None:
     try:
         app()
