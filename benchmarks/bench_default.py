@@ -22,12 +22,14 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench_out/default.md"))
+    parser.add_argument("--threads", type=int, default=None, help="train.threads (default: torch's choice)")
     args = parser.parse_args()
+    extra = ["--set", f"train.threads={args.threads}"] if args.threads else []
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         t0 = time.perf_counter()
-        subprocess.run(["fedlodrop", "run", "--quiet", "--out", str(run_dir)], check=True, env=env)
+        subprocess.run(["fedlodrop", "run", "--quiet", "--out", str(run_dir), *extra], check=True, env=env)
         wall = time.perf_counter() - t0
         summary = json.loads((run_dir / "summary.json").read_text())
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -47,7 +49,7 @@ def main() -> None:
         "",
         f"`fedlodrop run` (no arguments): {wall:.1f} s wall for the whole command (target <= 300 s), "
         f"final validation accuracy {acc:.4f} (target >= 0.75), best {summary['best']['accuracy']:.4f}, "
-        f"peak RSS {peak:.2f} GiB.",
+        f"peak RSS {peak:.2f} GiB; torch threads: {args.threads or 'torch default'}.",
     ]
     table = "\n".join(lines)
     print(table)

@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--glue-dir", type=Path, default=Path("../shared/data/glue"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench_out/round.md"))
+    parser.add_argument("--threads", type=int, default=None, help="train.threads (default: torch's choice)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -71,6 +72,8 @@ def main() -> None:
         tmp = Path(tmp)
         glue = first_rows(args.glue_dir, tmp / "glue", 600, 300)
         common = [f"data.glue_dir={glue}", f"federation.rounds={args.rounds}"]
+        if args.threads:
+            common.append(f"train.threads={args.threads}")
         speed = one_run(common + ["federation.devices=3", "federation.aggregation=fedit"], tmp / "speed")
         memory = one_run(common + ["federation.devices=10", "federation.aggregation=fedit"], tmp / "memory")
         drop = one_run(
@@ -93,6 +96,7 @@ def main() -> None:
         f"| uplink per round, gamma 0 vs 0.3 | {speed['rows'][0]['uplink_bytes']} B vs "
         f"{drop['rows'][0]['uplink_bytes']} B | |",
     ]
+    lines.append(f"| torch threads | {args.threads or 'torch default'} | |")
     table = "\n".join(lines)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ class LoraConfig(_Section):
 
 class FederationConfig(_Section):
     devices: int = Field(3, ge=1, le=10_000)
-    rounds: int = Field(10, ge=1)
+    rounds: int = Field(5, ge=1)
     local_epochs: float = Field(1.0, gt=0, description="may be fractional: 0.5 = half a pass")
     aggregation: Literal["fedit", "masked", "fedex", "ffa"] = "fedex"
     factor_rule: Literal["masked", "fedit"] = Field(
@@ -66,7 +66,7 @@ class DropoutConfig(_Section):
 
 
 class TrainConfig(_Section):
-    lr: float = Field(2e-3, gt=0, le=1)
+    lr: float = Field(5e-3, gt=0, le=1)
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(128, ge=8, le=8192)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
@@ -77,7 +77,9 @@ class TrainConfig(_Section):
     group_by_length: bool = Field(True, description="batches of similar lengths: less padding, same data")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA with bf16 and on CPUs with AMX-BF16, else fp32"
+    )
     gradient_checkpointing: bool = False
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's choice")
@@ -88,7 +90,9 @@ class DataConfig(_Section):
         None, description="None: rotten_tomatoes for that task, glue_dir if data.glue_dir is set, else hub"
     )
     glue_dir: Path | None = None
-    max_train_samples: int | None = Field(None, ge=1)
+    max_train_samples: int | None = Field(
+        2000, ge=1, description="sized for a laptop CPU: a seeded subsample; null uses the whole training set"
+    )
     max_eval_samples: int | None = Field(None, ge=1)
     train_eval_samples: int = Field(
         512, ge=0, description="training examples scored each round for the train metric and gap"

@@ -55,9 +55,21 @@ def select_device(spec: str) -> torch.device:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    if precision == "bf16":
-        return True
-    return precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """bf16 autocast where the hardware has bf16 matrix units; master weights stay fp32."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and _cpu_has_amx_bf16()
+
+
+def _cpu_has_amx_bf16() -> bool:
+    """AMX tiles run bf16 matmuls several times faster than fp32; without them bf16 is emulated."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
 
 
 def load_tokenizer(cfg: RunConfig):
