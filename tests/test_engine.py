@@ -187,3 +187,31 @@ def test_bad_input_one_line_exit_2_no_folder(tiny_bert, sst2_dir, tmp_path, args
     assert any(needle in line for line in lines) and any(line.startswith("error:") for line in lines)
     assert not any("Traceback" in line for line in lines)
     assert not out.exists()
+
+
+def test_device_order_does_not_change_the_round(tiny_bert, sst2_dir):
+    from fedlodrop.engine import initial_state, run_round
+    from fedlodrop.server import Server
+
+    cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": 0.4})
+    results = []
+    for order in ([0, 1, 2], [2, 0, 1]):
+        exp = prepare(cfg)
+        server = Server(cfg, exp.fm.layout, initial_state(exp), exp.rates)
+        record = run_round(exp, server, 0, order=order)
+        results.append((server.state.global_state, record))
+    (a, ra), (b, rb) = results
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [d["train_loss"] for d in ra["devices"]] == [d["train_loss"] for d in rb["devices"]]
+
+
+def test_per_device_rates_set_each_devices_upload(tiny_bert, sst2_dir, tmp_path):
+    cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": [0.0, 0.5, 0.9], "dropout.sampler": "exact",
+                                          "federation.rounds": 1})
+    summary = run(cfg, tmp_path / "r", show_progress=False)
+    q, head = summary["adapter_values"], summary["head_values"]
+    devices = read_metrics(tmp_path / "r")[0]["devices"]
+    assert [d["rate"] for d in devices] == [0.0, 0.5, 0.9]
+    assert devices[0]["uplink_bytes"] == 4 * (q + head)
+    assert devices[1]["uplink_bytes"] == 4 * (q // 2 + head)
+    assert devices[0]["uplink_bytes"] > devices[1]["uplink_bytes"] > devices[2]["uplink_bytes"]

@@ -115,8 +115,12 @@ def evaluate(exp: Experiment, data) -> tuple[dict[str, float], float]:
     return compute_metrics(exp.task, preds, labels), loss
 
 
-def run_round(exp: Experiment, server: Server, round_: int) -> dict:
-    """One federated round; returns its metrics record."""
+def run_round(exp: Experiment, server: Server, round_: int, order: list[int] | None = None) -> dict:
+    """One federated round; returns its metrics record.
+
+    `order` is the order devices train in (as results may arrive over a network); updates are
+    aggregated in device order, so the result does not depend on it.
+    """
     cfg, fm = exp.cfg, exp.fm
     t_round = time.perf_counter()
     lr = lr_schedule(cfg)
@@ -125,6 +129,8 @@ def run_round(exp: Experiment, server: Server, round_: int) -> dict:
     tasks = server.configure(round_)
     masks_s = time.perf_counter() - t0
     updates, devices, train_s = [], [], 0.0
+    if order is not None:
+        tasks = [tasks[k] for k in order]
     for task in tasks:
         shard = exp.shards[task.device]
         seed_torch(cfg.seed, "local-train", round_, task.device)
@@ -166,6 +172,9 @@ def run_round(exp: Experiment, server: Server, round_: int) -> dict:
                 "train_s": round(result.seconds, 3),
             }
         )
+    by_device = sorted(range(len(tasks)), key=lambda i: tasks[i].device)
+    updates = [updates[i] for i in by_device]
+    devices = [devices[i] for i in by_device]
     t0 = time.perf_counter()
     outcome = server.aggregate(updates)
     fm.add_to_base(outcome.base_deltas)
