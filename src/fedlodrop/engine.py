@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +47,13 @@ class Experiment:
     train_eval_set: object
     rates: list[float]
     plan: object | None = None
-    label_mean: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
 
-def prepare(cfg: RunConfig) -> Experiment:
+def prepare(cfg: RunConfig, with_training: bool = True) -> Experiment:
+    """Load and tokenise data, load the backbone; `with_training=False` skips the training
+    shards (re-scoring a saved run needs only the validation set)."""
+    from datasets import concatenate_datasets
+
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     task = TASKS[cfg.task]
@@ -64,19 +66,20 @@ def prepare(cfg: RunConfig) -> Experiment:
         cfg.federation.dirichlet_alpha,
         stream_seed(cfg.seed, "partition"),
         task.is_regression,
-    )
+    ) if with_training else []
     tokenizer = load_tokenizer(cfg)
     fm = build_model(cfg, task, tokenizer, stream_seed(cfg.seed, "init"))
-    label_mean = float(np.mean(train_raw["label"])) if task.is_regression else 0.0
     if task.is_regression:
-        init_regression_head(fm, label_mean)
+        init_regression_head(fm, float(np.mean(train_raw["label"])))
     max_len = cfg.train.max_length
     shards = [tokenize(s, tokenizer, task, max_len) for s in shards_raw]
     eval_set = tokenize(eval_raw, tokenizer, task, max_len)
-    n_train_eval = min(cfg.data.train_eval_samples, len(train_raw))
-    subset = train_raw.shuffle(seed=stream_seed(cfg.seed, "train-eval") % 2**32).select(range(n_train_eval))
-    train_eval_set = tokenize(subset, tokenizer, task, max_len)
-    return Experiment(cfg, task, fm, shards, eval_set, train_eval_set, rates, plan, label_mean)
+    train_eval_set = eval_set.select([])
+    if shards and cfg.data.train_eval_samples:
+        pool = concatenate_datasets(shards)
+        n = min(cfg.data.train_eval_samples, len(pool))
+        train_eval_set = pool.shuffle(seed=stream_seed(cfg.seed, "train-eval") % 2**32).select(range(n))
+    return Experiment(cfg, task, fm, shards, eval_set, train_eval_set, rates, plan)
 
 
 def _rates(cfg: RunConfig) -> tuple[object | None, list[float]]:
@@ -326,7 +329,7 @@ def rescore(run_dir: Path, overrides: list[str] = ()) -> dict:
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter.safetensors").is_file():
         raise UserError(f"{run_dir} is not a finished run folder (config.yaml, adapter.safetensors)")
     cfg = load_config(run_dir / "config.yaml", overrides)
-    exp = prepare(cfg)
+    exp = prepare(cfg, with_training=False)
     state = ServerState.load(run_dir)
     exp.fm.add_to_base(state.base_delta)
     exp.fm.set_state(state.global_state)
