@@ -137,7 +137,7 @@ class RunConfig(_Section):
         return self
 
     def device_rates(self) -> list[float]:
-        """Dropout rate of each device (the plan's, when a plan is loaded, is set here by the engine)."""
+        """Dropout rate of each device from `dropout.rate` (a plan, when given, overrides them)."""
         r = self.dropout.rate
         return list(r) if isinstance(r, list) else [float(r)] * self.federation.devices
 

@@ -283,10 +283,10 @@ def train(exp: Experiment, out: Path, console=None, show_progress: bool = True) 
 
 def _round_line(r: dict, main: str) -> str:
     ev = " ".join(f"{k} {v:.4f}" for k, v in r["eval"].items())
-    tr = r["train"].get(main, float("nan"))
+    tr = f"  train {main} {r['train'][main]:.4f}" if main in r["train"] else ""
     mb = (r["uplink_bytes"] + r["downlink_bytes"]) / 1e6
     return (
-        f"round {r['round']:>3}  train loss {r['train_loss']:.4f}  train {main} {tr:.4f}  "
+        f"round {r['round']:>3}  train loss {r['train_loss']:.4f}{tr}  "
         f"eval {ev}  sent {r['uplink_bytes'] / 1e6:.3f} MB up / {r['downlink_bytes'] / 1e6:.3f} MB down "
         f"({mb:.3f} MB)  {r['wall_s']:.1f}s"
     )
