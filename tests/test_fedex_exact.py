@@ -19,6 +19,14 @@ def _model(path, aggregation="fedex", r=4):
     return cfg, fm
 
 
+def _aggregate_random(cfg, fm):
+    """Aggregate three random masked device states; returns what the checks need."""
+    server = Server(cfg, fm.layout, ServerState(0, fm.get_state()), [0.3] * 3)
+    ups = _random_updates(fm, 0.3)
+    w = torch.tensor([u.num_samples for u in ups], dtype=torch.float32)
+    return server, ups, w / w.sum(), server.aggregate(ups)
+
+
 def _random_updates(fm, rate, k=3):
     g = torch.Generator().manual_seed(1)
     ups = []
@@ -34,11 +42,7 @@ def test_fedex_global_layer_is_weighted_mean_of_device_layers(request, model_fix
     cfg, fm = _model(request.getfixturevalue(model_fixture))
     assert all(m.fan_in_fan_out == (kind == "Conv1D") for m in fm.layout.modules)
     base_before = fm.base_weights()
-    server = Server(cfg, fm.layout, ServerState(0, fm.get_state()), [0.3] * 3)
-    ups = _random_updates(fm, 0.3)
-    w = torch.tensor([u.num_samples for u in ups], dtype=torch.float32)
-    w = w / w.sum()
-    outcome = server.aggregate(ups)
+    server, ups, w, outcome = _aggregate_random(cfg, fm)
     fm.add_to_base(outcome.base_deltas)
     fm.set_state(server.state.global_state)
     fm.net.eval()
@@ -61,11 +65,7 @@ def test_fedex_would_fail_without_the_residual(tiny_bert):
     """Guard against a test that cannot fail: FedIT on the same updates is not exact."""
     cfg, fm = _model(tiny_bert, aggregation="fedit")
     base_before = fm.base_weights()
-    server = Server(cfg, fm.layout, ServerState(0, fm.get_state()), [0.3] * 3)
-    ups = _random_updates(fm, 0.3)
-    w = torch.tensor([u.num_samples for u in ups], dtype=torch.float32)
-    w = w / w.sum()
-    outcome = server.aggregate(ups)
+    server, ups, w, outcome = _aggregate_random(cfg, fm)
     assert outcome.base_deltas == {} and outcome.residual_downlink_bytes == 0
     shape = fm.layout.modules[0]
     target = sum(wk * shape.scaling * u.state[shape.key_b] @ u.state[shape.key_a] for wk, u in zip(w, ups))
