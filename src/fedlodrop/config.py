@@ -30,8 +30,8 @@ class LoraConfig(_Section):
     )
     head_modules: list[str] | None = Field(
         None,
-        description="trained in full and never dropped; None: the classifier (PEFT's default) plus "
-        "BERT's pooler, so BERT's head matches RoBERTa's dense+out_proj classifier",
+        description="modules trained in full, never dropped, always sent, besides the classifier "
+        "(PEFT adds it), e.g. [pooler] for BERT",
     )
 
 

@@ -212,7 +212,7 @@ def build_model(cfg: RunConfig, task: Task, tokenizer, init_seed: int) -> FedMod
         base.config.pad_token_id = tokenizer.pad_token_id
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
-        modules_to_save=_head_modules(cfg, base),
+        modules_to_save=cfg.lora.head_modules,
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
@@ -228,14 +228,6 @@ def build_model(cfg: RunConfig, task: Task, tokenizer, init_seed: int) -> FedMod
         net.enable_input_require_grads()
     net.to(device)
     return FedModel(net, tokenizer, device, use_bf16(cfg.train.precision, device))
-
-
-def _head_modules(cfg: RunConfig, base: nn.Module) -> list[str] | None:
-    """PEFT adds the classifier itself; BERT-style models also get their pooler trained."""
-    if cfg.lora.head_modules is not None:
-        return cfg.lora.head_modules
-    has_pooler = any(name.split(".")[-1] == "pooler" and len(list(m.parameters())) for name, m in base.named_modules())
-    return ["pooler"] if has_pooler else None
 
 
 def init_regression_head(fm: FedModel, label_mean: float) -> None:
