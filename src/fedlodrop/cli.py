@@ -157,6 +157,14 @@ def report(
     build_report(folder, out_prefix, console=out_console)
 
 
+from fedlodrop.cli_planning import calibrate, optimize, plot_tradeoff, system_app  # noqa: E402
+
+app.add_typer(system_app, name="system")
+app.command("optimize")(optimize)
+app.command("calibrate")(calibrate)
+app.command("plot-tradeoff")(plot_tradeoff)
+
+
 def main() -> None:
     try:
         app()
