@@ -69,8 +69,8 @@ def aggregate(
         if rule == "ffa":
             a = global_state[m.key_a].clone()
         else:
-            a = _mean_columns(m, global_state, updates, weights, base_rule)
-        b = _mean_rows(m, global_state, updates, weights, base_rule)
+            a = _mean_factor(m.key_a, lambda u: u.masks[m.name].a_cols[None, :], global_state, updates, weights, base_rule)
+        b = _mean_factor(m.key_b, lambda u: u.masks[m.name].b_rows[:, None], global_state, updates, weights, base_rule)
         new[m.key_a], new[m.key_b] = a, b
         if rule == "fedex":
             residuals[m.name] = _residual(m, updates, weights, a, b)
@@ -79,24 +79,15 @@ def aggregate(
     return new, residuals
 
 
-def _mean_columns(
-    m: ModuleShape, prev: State, updates: list[DeviceUpdate], w: torch.Tensor, rule: FactorRule
+def _mean_factor(
+    key: str, kept_of, prev: State, updates: list[DeviceUpdate], w: torch.Tensor, rule: FactorRule
 ) -> torch.Tensor:
-    stacked = torch.stack([u.state[m.key_a] for u in updates])  # K x r x n_in
+    """Weighted mean of one factor over devices; `kept_of(update)` broadcasts its mask."""
+    stacked = torch.stack([u.state[key] for u in updates])  # K x rows x cols
     if rule == "fedit":
-        return torch.einsum("k,krn->rn", w, stacked)
-    kept = torch.stack([u.masks[m.name].a_cols for u in updates]).float()  # K x n_in
-    return _masked_mean(stacked, kept[:, None, :], w, prev[m.key_a])
-
-
-def _mean_rows(
-    m: ModuleShape, prev: State, updates: list[DeviceUpdate], w: torch.Tensor, rule: FactorRule
-) -> torch.Tensor:
-    stacked = torch.stack([u.state[m.key_b] for u in updates])  # K x n_out x r
-    if rule == "fedit":
-        return torch.einsum("k,knr->nr", w, stacked)
-    kept = torch.stack([u.masks[m.name].b_rows for u in updates]).float()  # K x n_out
-    return _masked_mean(stacked, kept[:, :, None], w, prev[m.key_b])
+        return torch.einsum("k,kij->ij", w, stacked)
+    kept = torch.stack([kept_of(u) for u in updates]).float()
+    return _masked_mean(stacked, kept, w, prev[key])
 
 
 def _masked_mean(
