@@ -1,294 +1,383 @@
-"""`fedlodrop system random | optimize | calibrate | plot-tradeoff`: SPEC 3-5 from the shell.
+"""CLI commands of the resource planner: `system random`, `optimize`, `calibrate`, `plot-tradeoff`.
 
-Thin commands over `fedlodrop.planning`; every failure on the user's input is a UserError (one
-line, exit 2, no file written).
+Registered by cli.py. Bad input of any kind (missing file, bad key or value, infeasible system)
+prints one line on stderr and exits with code 2, leaving no output file behind.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
 from fedlodrop.errors import UserError
 
-system_app = typer.Typer(no_args_is_help=True, help="Describe the wireless edge system a plan is made for.")
+err_console = Console(stderr=True)
 out_console = Console()
-METHODS = ("bnb", "psca", "fixed", "equal-bandwidth", "none")
+
+system_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="System descriptions (devices, cell, round) for `fedlodrop optimize`.",
+)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
 
 
 def _user_errors(fn):
-    from fedlodrop.cli import user_errors
+    """UserError (and the planner's InfeasibleError, a UserError) -> one line, exit code 2."""
 
-    return user_errors(fn)
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            _fail(str(err))
+
+    return wrapper
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# system random
+# --------------------------------------------------------------------------------------------
 
 
 @system_app.command("random")
+@_user_errors
 def system_random(
     devices: Annotated[int, typer.Option("--devices", "-k", help="number of devices K")],
-    seed: Annotated[int, typer.Option(help="seed for positions, fading, samples and budgets")] = 0,
-    model: Annotated[str, typer.Option(help="payload from a model: roberta-large, roberta-base, minilm ...")] = "roberta-large",
-    latency_s: Annotated[Optional[float], typer.Option("--latency", help="T_max (default: where limits bind)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of positions, samples, budgets and fading")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="YAML file (default: print it)")] = None,
+    model: Annotated[str, typer.Option(help="built-in model name or local config.json")] = "roberta-large",
+    latency: Annotated[Optional[float], typer.Option(help="T_max [s] (default: halfway, see docs)")] = None,
+    bandwidth_mhz: Annotated[float, typer.Option(help="B_tot [MHz]")] = 10.0,
+    samples: Annotated[int, typer.Option(help="training samples over all devices")] = 6000,
 ) -> None:
-    """A realistic random system: devices in a 500 m cell, Rayleigh fading, budgets that bind."""
+    """Write a realistic random system: devices in a 500 m cell, Rayleigh fading, random budgets."""
+    from fedlodrop.planning.system import build_model, dump_system, random_system
 
-    @_user_errors
-    def go() -> None:
-        from fedlodrop.planning.system import dump_system, random_system, resolve_arch
-
-        if devices < 1:
-            raise UserError(f"--devices must be at least 1 (got {devices})")
-        if latency_s is not None and latency_s <= 0:
-            raise UserError(f"--latency must be positive (got {latency_s})")
-        resolve_arch(model)
-        spec = random_system(devices, seed, model=model, latency_s=latency_s)
-        text = dump_system(spec)
-        if out is None:
-            out_console.print(text, highlight=False, markup=False)
-        else:
-            out.write_text(text)
-            out_console.print(f"wrote {out}: {devices} devices, T_max {spec.round.latency_s:.4g} s")
-
-    go()
-
-
-def solve(spec, method: str, gamma: float | None = None):
-    """One plan for a system; the method's own solver, resources by `make_plan`."""
-    from fedlodrop.planning.bnb import solve_bnb
-    from fedlodrop.planning.feasibility import InfeasibleError, check_feasible, gamma_lower, smallest_common_gamma
-    from fedlodrop.planning.plan import SolverStats, make_plan
-    from fedlodrop.planning.psca import solve_psca
-    from fedlodrop.planning.system import build_model
-
+    if devices < 1:
+        raise UserError(f"--devices must be at least 1 (got {devices})")
+    if bandwidth_mhz <= 0:
+        raise UserError(f"--bandwidth-mhz must be positive (got {bandwidth_mhz})")
+    if latency is not None and latency <= 0:
+        raise UserError(f"--latency must be positive (got {latency})")
+    if samples < devices:
+        raise UserError(f"--samples ({samples}) must be at least --devices ({devices})")
+    spec = random_system(devices, seed, model=model, samples_total=samples, bandwidth_hz=bandwidth_mhz * 1e6,
+                         latency_s=latency)
+    text = dump_system(spec)
     m = build_model(spec)
-    if method == "bnb":
-        r = solve_bnb(m)
-        return make_plan(spec, r.gamma, method, r.stats, m=m)
-    if method == "psca":
-        r = solve_psca(m)
-        return make_plan(spec, r.gamma, method, r.stats, m=m)
-    if method == "equal-bandwidth":
-        band = np.full(m.K, m.B_tot / m.K)
-        lowest = gamma_lower(m, band)
-        for k in np.flatnonzero(np.isnan(lowest)):
-            raise InfeasibleError(
-                f"device {k} ({m.names[k]}) cannot meet its limits on an equal share of the band "
-                f"({band[k] / 1e6:.4g} MHz) even at gamma_max = {m.gamma_max}; binding constraint: bandwidth",
-                int(k),
-                "bandwidth",
-            )
-        r = solve_psca(m, fixed_bandwidth=band)
-        rates = np.minimum(np.maximum(r.gamma, lowest * (1 + _NUDGE)), m.gamma_max)
-        return _plan_or_error(make_plan, spec, rates, method, r.stats, band, m)
-    if method == "none":
-        rates = np.zeros(m.K)
-    else:  # fixed: the given rate, or the smallest common rate that fits
-        common = smallest_common_gamma(m) if gamma is None else gamma
-        if math.isnan(common):
-            check_feasible(m)  # names the device and constraint
-            raise InfeasibleError("no common rate up to gamma_max fits the band", None, "bandwidth")
-        rates = np.full(m.K, min(common * (1 + _NUDGE) + _NUDGE, m.gamma_max) if common > 0 else 0.0)
-    check_feasible(m, rates)
-    return _plan_or_error(make_plan, spec, rates, method, SolverStats(), None, m)
+    summary = (f"{devices} devices, {int(m.N)} samples, T_max {m.T:.4g} s, B_tot {m.B_tot / 1e6:.4g} MHz, "
+               f"Q {m.Q:,} adapter values + {m.head:,} head values ({m.bits:g} bits each)")
+    if out is None:
+        out_console.print(text, highlight=False, markup=False, end="")
+        err_console.print(summary, highlight=False)
+    else:
+        _write_text(out, text)
+        err_console.print(f"wrote {out}: {summary}", highlight=False)
 
 
-_NUDGE = 1e-6  # rates found by bisection sit on the boundary; step just inside it
+# --------------------------------------------------------------------------------------------
+# optimize
+# --------------------------------------------------------------------------------------------
 
 
-def _plan_or_error(make_plan, spec, rates, method, stats, band, m):
-    try:
-        return make_plan(spec, rates, method, stats, bandwidth=band, m=m)
-    except RuntimeError as err:
-        raise UserError(f"{method}: no feasible allocation: {err}") from None
-
-
-def optimize(
-    system: Annotated[Path, typer.Argument(help="system YAML (fedlodrop system random)")],
-    method: Annotated[str, typer.Option(help="bnb | psca | fixed | equal-bandwidth | none")] = "bnb",
-    gamma: Annotated[Optional[float], typer.Option(help="the common rate for --method fixed")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="plan.json")] = None,
-) -> None:
-    """Per-device dropout rate, bandwidth, power and frequency that minimise the bound."""
-
-    @_user_errors
-    def go() -> None:
-        from fedlodrop.planning.system import load_system
-
-        if method not in METHODS:
-            raise UserError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-        if gamma is not None and (method != "fixed" or not 0 <= gamma < 1):
-            raise UserError(f"--gamma {gamma}: only with --method fixed, in [0, 1)")
-        plan = solve(load_system(system), method, gamma)
-        _print_plan(plan)
-        if out is not None:
-            plan.save(out)
-            out_console.print(f"wrote {out}")
-
-    go()
-
-
-def _print_plan(plan) -> None:
-    table = Table(title=f"{plan.method}: bound G = {plan.objective:.6g} (Emp {plan.emp:.4g} + Gap {plan.gap:.4g})")
-    for col in ("device", "gamma", "bandwidth MHz", "power W", "freq GHz", "latency s", "energy J", "binds"):
-        table.add_column(col, justify="left" if col in ("device", "binds") else "right")
-    for d in plan.devices:
+def _plan_table(plan) -> Table:
+    table = Table(title=f"{plan.method}: G = {plan.objective:.6f} (Emp {plan.emp:.4f} + Gap {plan.gap:.4f})")
+    for col in ("dev", "D", "gamma", "B [MHz]", "p [W]", "f [GHz]", "compute [s]", "upload [s]",
+                "latency [s]", "energy [J]", "budget [J]", "binding"):
+        table.add_column(col, justify="left" if col in ("dev", "binding") else "right")
+    budgets = [d.energy_budget_j for d in plan.system.devices]
+    for d, spec_dev, budget in zip(plan.devices, plan.system.devices, budgets):
         table.add_row(
-            d.name, f"{d.gamma:.4f}", f"{d.bandwidth_hz / 1e6:.4f}", f"{d.power_w:.4f}",
-            f"{d.frequency_hz / 1e9:.4f}", f"{d.latency_s:.4f}", f"{d.energy_j:.4g}", ", ".join(d.binding) or "-",
+            d.name, str(spec_dev.samples), f"{d.gamma:.4f}", f"{d.bandwidth_hz / 1e6:.4f}", f"{d.power_w:.4f}",
+            f"{d.frequency_hz / 1e9:.4f}", f"{d.compute_s:.4g}", f"{d.upload_s:.4g}", f"{d.latency_s:.4g}",
+            f"{d.energy_j:.4g}", f"{budget:.4g}", ",".join(d.binding) or "-",
         )
-    out_console.print(table)
+    return table
+
+
+def _solver_line(plan) -> str:
     s = plan.solver
-    out_console.print(
-        f"solver: {s.status}, {s.iterations} iterations, {s.nodes} nodes, gap {s.gap:.3g}, {s.seconds:.3f} s",
-        highlight=False,
-    )
+    parts = [f"status {s.status}", f"{s.seconds:.2f} s", f"iterations {s.iterations}"]
+    if plan.method == "bnb":
+        parts += [f"nodes {s.nodes}", f"lower bound {s.lower_bound:.6f}", f"gap {s.gap:.2e} ({s.rel_gap:.1e} rel)"]
+    used = plan.totals["bandwidth_used_hz"] / 1e6
+    binding = " (binding)" if plan.totals["bandwidth_binding"] else ""
+    parts.append(f"band {plan.totals['bandwidth_needed_hz'] / 1e6:.4g} of {plan.totals['bandwidth_total_hz'] / 1e6:.4g} "
+                 f"MHz needed{binding}, {used:.4g} MHz allotted")
+    return "; ".join(parts)
 
 
-def calibrate(
-    sweep_dir: Annotated[Path, typer.Argument(help="a sweep folder of run folders at several dropout rates")],
-    metric: Annotated[Optional[str], typer.Option(help="fit 1 - this train metric instead of the train loss")] = None,
-    system: Annotated[Optional[Path], typer.Option(help="system YAML to update with the fitted constants")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="YAML: the bound: snippet, or the updated system")] = None,
+def _parse_gamma(text) -> float | str:
+    if text is None:
+        return "min"
+    if isinstance(text, (int, float)):
+        return float(text)
+    if text in ("best", "min"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--gamma must be min, best or a number (got {text!r})") from None
+
+
+def solve(spec, method: str, gamma=None, tol: float = 1e-4, time_limit: float = 600.0):
+    """The plan for a system by one method (what `optimize` prints and writes)."""
+    from fedlodrop.planning import METHODS
+    from fedlodrop.planning import optimize as run_optimize
+
+    if method not in METHODS:
+        raise UserError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
+    if method != "fixed" and gamma is not None:
+        raise UserError(f"--gamma applies to --method fixed only (got --method {method})")
+    return run_optimize(spec, method, gamma=_parse_gamma(gamma), tol=tol, time_limit=time_limit)
+
+
+@_user_errors
+def optimize(
+    system: Annotated[Path, typer.Argument(help="system YAML (see `fedlodrop system random`)")],
+    method: Annotated[str, typer.Option("--method", "-m", help="bnb | psca | fixed | equal-bandwidth | none")] = "bnb",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write the plan here (plan.json)")] = None,
+    gamma: Annotated[Optional[str], typer.Option(help="fixed: min (smallest that fits, default), best, or a rate")] = None,
+    tol: Annotated[float, typer.Option(help="bnb: relative gap; psca: relative change")] = 1e-4,
+    time_limit: Annotated[float, typer.Option(help="bnb: seconds before stopping with a gap")] = 600.0,
 ) -> None:
-    """Fit the bound's e0 and c_emp to the final training losses of a dropout sweep."""
+    """Choose per-device dropout rates, bandwidth, power and CPU frequency that minimise the bound."""
+    from fedlodrop.planning import load_system
 
-    @_user_errors
-    def go() -> None:
-        from fedlodrop.planning.bound import fit_empirical
-        from fedlodrop.planning.system import dump_system, load_system
-
-        rates, values = _sweep_points(sweep_dir, metric)
-        try:
-            e0, c_emp, rmse = fit_empirical(rates, values)
-        except ValueError as err:
-            raise UserError(f"{sweep_dir}: {err}") from None
-        what = f"1 - train {metric}" if metric else "final train loss"
-        out_console.print(
-            f"fit of {what} over {len(values)} runs: e0 = {e0:.6g}, c_emp = {c_emp:.6g} (rmse {rmse:.4g})",
-            highlight=False,
-        )
-        if system is not None:
-            spec = load_system(system)
-            spec.bound.e0, spec.bound.c_emp = e0, c_emp
-            text = dump_system(spec)
-        else:
-            text = yaml.safe_dump({"bound": {"e0": e0, "c_emp": c_emp}}, sort_keys=False)
-        if out is None:
-            out_console.print(text, highlight=False, markup=False)
-        else:
-            out.write_text(text)
-            out_console.print(f"wrote {out}")
-
-    go()
+    if not 0 < tol < 1:
+        raise UserError(f"--tol must lie in (0, 1) (got {tol})")
+    if time_limit <= 0:
+        raise UserError(f"--time-limit must be positive (got {time_limit})")
+    spec = load_system(system)
+    plan = solve(spec, method, gamma, tol, time_limit)
+    out_console.print(_plan_table(plan))
+    out_console.print(_solver_line(plan), highlight=False)
+    if out is not None:
+        _write_text(out, plan.to_json() + "\n")
+        err_console.print(f"wrote {out}", highlight=False)
 
 
-def _sweep_points(sweep_dir: Path, metric: str | None) -> tuple[list, list[float]]:
-    if not sweep_dir.is_dir():
-        raise UserError(f"sweep folder not found: {sweep_dir}")
-    rates, values = [], []
-    for run in sorted(p for p in sweep_dir.iterdir() if (p / "metrics.jsonl").is_file()):
-        cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else None
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        if not cfg or not rows:
+# --------------------------------------------------------------------------------------------
+# calibrate
+# --------------------------------------------------------------------------------------------
+
+
+def _read_run(folder: Path, metric: Optional[str]) -> tuple[float | list[float], float]:
+    """(dropout.rate, final-round error) of one run folder."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"{folder / 'config.yaml'}: cannot read: {err}") from None
+    rate = (cfg.get("dropout") or {}).get("rate", 0.0) if isinstance(cfg, dict) else None
+    rates = rate if isinstance(rate, list) else [rate]
+    if not rates or not all(isinstance(r, (int, float)) and 0 <= r < 1 for r in rates):
+        raise UserError(f"{folder / 'config.yaml'}: dropout.rate must be a number or list in [0, 1) (got {rate!r})")
+    last = None
+    try:
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+    except OSError as err:
+        raise UserError(f"{folder / 'metrics.jsonl'}: cannot read: {err.strerror or err}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
             continue
-        last = rows[-1]
-        if metric is None:
-            value = last["train_loss"]
-        elif metric in last.get("train", {}):
-            value = 1.0 - last["train"][metric]
-        else:
-            raise UserError(f"{run}: no train metric {metric!r} (has {', '.join(last.get('train', {})) or 'none'})")
-        rates.append(cfg.get("dropout", {}).get("rate", 0.0))
-        values.append(float(value))
-    if not values:
-        raise UserError(f"{sweep_dir} holds no run folders (config.yaml + metrics.jsonl)")
-    return rates, values
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{folder / 'metrics.jsonl'}: line {n} is not JSON") from None
+        if isinstance(rec, dict) and "round" in rec and (last is None or rec["round"] >= last["round"]):
+            last = rec
+    if last is None:
+        raise UserError(f"{folder / 'metrics.jsonl'}: no record with a `round`")
+    if metric is None:
+        value = last.get("train_loss")
+        if not isinstance(value, (int, float)):
+            raise UserError(f"{folder / 'metrics.jsonl'}: final round has no numeric train_loss")
+    else:
+        value = (last.get("train") or {}).get(metric)
+        if not isinstance(value, (int, float)):
+            raise UserError(f"{folder / 'metrics.jsonl'}: final round has no train metric '{metric}'")
+        value = 1.0 - value
+    return (rates if isinstance(rate, list) else float(rate)), float(value)
 
 
-def plot_tradeoff(
-    system: Annotated[Path, typer.Argument(help="system YAML")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file")] = Path("tradeoff.png"),
-    points: Annotated[int, typer.Option(help="latency limits and energy scales to solve for")] = 8,
+@_user_errors
+def calibrate(
+    sweep_dir: Annotated[Path, typer.Argument(help="folder holding run folders (config.yaml + metrics.jsonl)")],
+    metric: Annotated[Optional[str], typer.Option(help="fit 1 - this train metric instead of train_loss")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="YAML to write (snippet or system)")] = None,
+    system: Annotated[Optional[Path], typer.Option(help="write this system file updated with the fit to --out")] = None,
 ) -> None:
-    """Optimal bound and rates against the latency limit and the energy budget, B&B and P-SCA."""
+    """Fit Emp(gamma) = e0 + c_emp gamma/(1-gamma) to the final training error of a dropout sweep."""
+    import numpy as np
+    import yaml
 
-    @_user_errors
-    def go() -> None:
-        from fedlodrop.planning.system import load_system
+    from fedlodrop.planning.bound import emp_feature, fit_empirical
+
+    if not sweep_dir.is_dir():
+        raise UserError(f"sweep folder {sweep_dir} does not exist")
+    if system is not None and out is None:
+        raise UserError("--system needs --out for the updated system file")
+    spec = None
+    if system is not None:
+        from fedlodrop.planning import load_system
 
         spec = load_system(system)
-        if points < 2:
-            raise UserError(f"--points must be at least 2 (got {points})")
-        curves = tradeoff_curves(spec, points)
-        _plot(curves, out)
-        out_console.print(f"wrote {out}")
+    folders = sorted({p.parent for p in sweep_dir.rglob("metrics.jsonl") if (p.parent / "config.yaml").exists()})
+    if not folders:
+        raise UserError(f"no run folders (config.yaml + metrics.jsonl) under {sweep_dir}")
+    groups: dict[float, list[float]] = {}
+    labels: dict[float, str] = {}
+    for folder in folders:
+        rate, value = _read_run(folder, metric)
+        x = round(emp_feature(rate), 12)
+        groups.setdefault(x, []).append(value)
+        labels[x] = json.dumps(rate)
+    xs = sorted(groups)
+    if len(xs) < 2:
+        raise UserError(f"all {len(folders)} runs under {sweep_dir} use one dropout rate; need two or more")
+    means = [float(np.mean(groups[x])) for x in xs]
+    rates = [x / (1 + x) for x in xs]  # the rate with the same gamma/(1-gamma)
+    e0, c_emp, rmse = fit_empirical(rates, means)
+    what = "train_loss" if metric is None else f"1 - train {metric}"
+    table = Table(title=f"calibration of Emp on final-round {what} ({len(folders)} runs)")
+    for col in ("dropout.rate", "gamma/(1-gamma)", "runs", "mean", "fit"):
+        table.add_column(col, justify="right")
+    for x, mean in zip(xs, means):
+        table.add_row(labels[x], f"{x:.4f}", str(len(groups[x])), f"{mean:.5f}", f"{e0 + c_emp * x:.5f}")
+    out_console.print(table)
+    out_console.print(f"e0 = {e0:.6g}, c_emp = {c_emp:.6g} (rmse {rmse:.3g})", highlight=False)
+    if out is None:
+        return
+    if spec is not None:
+        from fedlodrop.planning import dump_system
 
-    go()
-
-
-def tradeoff_curves(spec, points: int) -> dict:
-    """Solve B&B and P-SCA over a range of T_max and of energy-budget scales."""
-    from fedlodrop.planning.bnb import solve_bnb
-    from fedlodrop.planning.feasibility import InfeasibleError, min_energy_scale, min_latency_limit
-    from fedlodrop.planning.psca import solve_psca
-    from fedlodrop.planning.system import build_model
-
-    m = build_model(spec)
-    t_lo = min_latency_limit(m, np.full(m.K, m.gamma_max))
-    e_lo = min_energy_scale(m, np.full(m.K, m.gamma_max))
-    axes = {
-        "latency": np.linspace(t_lo * 1.02, max(m.T * 2.0, t_lo * 3.0), points),
-        "energy": np.linspace(e_lo * 1.02, 3.0, points) if e_lo < 3.0 else np.linspace(e_lo * 1.02, e_lo * 3, points),
-    }
-    curves: dict = {}
-    for axis, values in axes.items():
-        for name, solver in (("B&B", solve_bnb), ("P-SCA", solve_psca)):
-            objective, mean_rate, max_rate = [], [], []
-            for v in values:
-                mm = m.with_limits(latency_s=v) if axis == "latency" else m.with_limits(energy_scale=v)
-                try:
-                    r = solver(mm)
-                    objective.append(r.objective)
-                    mean_rate.append(float(np.mean(r.gamma)))
-                    max_rate.append(float(np.max(r.gamma)))
-                except InfeasibleError:
-                    objective.append(np.nan)
-                    mean_rate.append(np.nan)
-                    max_rate.append(np.nan)
-            curves[(axis, name)] = (values, objective, mean_rate, max_rate)
-    return curves
+        spec.bound.e0, spec.bound.c_emp = e0, c_emp
+        _write_text(out, dump_system(spec))
+    else:
+        snippet = {"bound": {"e0": e0, "c_emp": c_emp}}
+        _write_text(out, f"# fitted on {sweep_dir} ({what}); merge into the system file\n"
+                    + yaml.safe_dump(snippet, sort_keys=False))
+    err_console.print(f"wrote {out}", highlight=False)
 
 
-def _plot(curves: dict, out: Path) -> None:
+# --------------------------------------------------------------------------------------------
+# plot-tradeoff
+# --------------------------------------------------------------------------------------------
+
+
+def _sweep(m, methods: list[str], values, make, tol: float, time_limit: float) -> dict:
+    from fedlodrop.planning import solve
+    from fedlodrop.planning.feasibility import InfeasibleError
+
+    rows = {meth: {"x": [], "objective": [], "gamma": []} for meth in methods}
+    for x in values:
+        mx = make(x)
+        for meth in methods:
+            try:
+                res = solve(mx, meth, tol=tol, time_limit=time_limit)
+            except InfeasibleError:
+                continue
+            rows[meth]["x"].append(float(x))
+            rows[meth]["objective"].append(float(res.objective))
+            rows[meth]["gamma"].append([float(g) for g in res.gamma])
+        err_console.print(f"  {x:.5g} done", highlight=False)
+    return rows
+
+
+def _plot(sweeps: list[tuple[dict, str, float]], weights, path: Path) -> None:
+    """One figure: per sweep, the optimal bound (left) and the rates (right: weighted mean, band
+    from the smallest to the largest device rate), one line style per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, axs = plt.subplots(2, 2, figsize=(11, 7))
-    labels = {"latency": "latency limit T_max (s)", "energy": "energy budgets (x the file's)"}
-    for col, axis in enumerate(("latency", "energy")):
-        for name, style in (("B&B", "-o"), ("P-SCA", "--s")):
-            x, obj, mean_rate, max_rate = curves[(axis, name)]
-            axs[0, col].plot(x, obj, style, label=name)
-            axs[1, col].plot(x, mean_rate, style, label=f"{name} mean rate")
-            axs[1, col].plot(x, max_rate, style, alpha=0.5, label=f"{name} max rate")
-        axs[0, col].set_ylabel("optimal bound G")
-        axs[1, col].set_ylabel("dropout rate")
-        for row in range(2):
-            axs[row, col].set_xlabel(labels[axis])
-            axs[row, col].grid(alpha=0.3)
-            axs[row, col].legend(fontsize=8)
-    fig.suptitle("FedLoDrop planning: tighter limits push the rates up")
+    styles = {"bnb": ("-", "o", "B&B"), "psca": ("--", "x", "P-SCA"), "fixed": (":", "s", "fixed"),
+              "equal-bandwidth": ("-.", "^", "equal bandwidth"), "none": (":", "v", "no dropout")}
+    fig, axes = plt.subplots(len(sweeps), 2, figsize=(11, 4.0 * len(sweeps)), squeeze=False)
+    for (rows, xlabel, mark), (ax1, ax2) in zip(sweeps, axes):
+        for meth, r in rows.items():
+            if not r["x"]:
+                continue
+            ls, mk, label = styles.get(meth, ("-", ".", meth))
+            ax1.plot(r["x"], r["objective"], ls, marker=mk, label=label)
+            G = np.array(r["gamma"])
+            line = ax2.plot(r["x"], G @ weights, ls, marker=mk, lw=2, label=f"{label}: weighted mean")[0]
+            ax2.fill_between(r["x"], G.min(axis=1), G.max(axis=1), alpha=0.12, color=line.get_color())
+        for ax in (ax1, ax2):
+            ax.axvline(mark, color="grey", lw=0.8)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        ax1.set_ylabel("optimal bound G")
+        ax2.set_ylabel("dropout rate (mean; band: min to max)")
+        ax1.legend()
+        ax2.legend(fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@_user_errors
+def plot_tradeoff(
+    system: Annotated[Path, typer.Argument(help="system YAML")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write (data: same name, .json)")] = Path(
+        "tradeoff.png"),
+    points: Annotated[int, typer.Option(help="points per sweep")] = 8,
+    methods: Annotated[str, typer.Option(help="comma-separated methods")] = "bnb,psca",
+    tol: Annotated[float, typer.Option(help="solver tolerance")] = 1e-4,
+    time_limit: Annotated[float, typer.Option(help="B&B seconds per point")] = 120.0,
+) -> None:
+    """PNG of the optimal bound and rates against T_max and against the energy budgets."""
+    import numpy as np
+
+    from fedlodrop.planning import METHODS, build_model, load_system
+    from fedlodrop.planning.bound import Bound
+    from fedlodrop.planning.feasibility import check_feasible, min_energy_scale, min_latency_limit
+
+    chosen = [x.strip() for x in methods.split(",") if x.strip()]
+    bad = [x for x in chosen if x not in METHODS]
+    if bad or not chosen:
+        raise UserError(f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}")
+    if not 2 <= points <= 200:
+        raise UserError(f"--points must lie in [2, 200] (got {points})")
+    if not 0 < tol < 1 or time_limit <= 0:
+        raise UserError("--tol must lie in (0, 1) and --time-limit be positive")
+    spec = load_system(system)
+    m = build_model(spec)
+    check_feasible(m)
+    g_free = Bound.of(m).best_common(0.0, m.gamma_max)
+    t_lo, t_hi = min_latency_limit(m, m.gamma_max), min_latency_limit(m, g_free)
+    e_lo, e_hi = min_energy_scale(m, m.gamma_max), min_energy_scale(m, g_free)
+    # from just above the tightest feasible limit to past the one where every rate is free
+    t_vals = np.linspace(t_lo * 1.001, max(t_hi + 0.5 * (t_hi - t_lo), m.T * 1.05, t_lo * 1.01), points)
+    e_vals = np.linspace(e_lo * 1.001, max(e_hi + 0.5 * (e_hi - e_lo), 1.05, e_lo * 1.01), points)
+    err_console.print(f"sweeping T_max over [{t_vals[0]:.4g}, {t_vals[-1]:.4g}] s", highlight=False)
+    lat = _sweep(m, chosen, t_vals, lambda x: m.with_limits(latency_s=x), tol, time_limit)
+    err_console.print(f"sweeping the energy budgets x [{e_vals[0]:.4g}, {e_vals[-1]:.4g}]", highlight=False)
+    en = _sweep(m, chosen, e_vals, lambda x: m.with_limits(energy_scale=x), tol, time_limit)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _plot([(lat, "latency limit T_max [s]", m.T), (en, "energy budgets (factor on every E_k^max)", 1.0)], m.w, out)
+    data = {"latency": lat, "energy": en, "weights": m.w.tolist(), "latency_limit_s": m.T}
+    _write_text(out.with_suffix(".json"), json.dumps(data, indent=1))
+    err_console.print(f"wrote {out} and {out.with_suffix('.json')}", highlight=False)

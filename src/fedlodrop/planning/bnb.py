@@ -128,7 +128,6 @@ class _DualPoint:
     u: np.ndarray  # left end of that cell
     v: np.ndarray  # right end of that cell (a grid point: exact beta)
     bv: np.ndarray  # beta / B_tot at v
-    coarse: np.ndarray  # whether that cell is a merged block
 
 
 def _maximise(f, lo: float, hi: float, stop_at: float, tol: float, p_lo=None, p_hi=None):
@@ -173,62 +172,27 @@ def _maximise(f, lo: float, hi: float, stop_at: float, tol: float, p_lo=None, p_
     return best, below, above
 
 
-def _blocks(u, v, bv, focus, margin: float = 2e-3):
-    """Cells (u, v, beta(v), merged?) with the cells away from `focus` merged into blocks."""
-    n = len(u)
-    if focus is None or n <= 48:
-        return u, v, bv, np.zeros(n, dtype=bool)
-    i0 = int(np.searchsorted(v, focus[0] - margin))
-    i1 = int(np.searchsorted(u, focus[1] + margin, side="right")) - 1
-    i0, i1 = min(max(i0, 0), n - 1), min(max(i1, i0), n - 1)
-    spans = []
-    end, size = i0 - 1, 1
-    while end >= 0:  # blocks to the left, doubling
-        start = max(0, end - size + 1)
-        spans.append((start, end))
-        end, size = start - 1, 2 * size
-    spans.reverse()
-    spans.extend((i, i) for i in range(i0, i1 + 1))
-    start, size = i1 + 1, 1
-    while start < n:
-        end = min(n - 1, start + size - 1)
-        spans.append((start, end))
-        start, size = end + 1, 2 * size
-    s_idx = np.array([p[0] for p in spans])
-    e_idx = np.array([p[1] for p in spans])
-    return u[s_idx], v[e_idx], bv[e_idx], e_idx > s_idx
-
-
 class _BoxDual:
     """The Lagrangian dual of the step relaxation on one box, as padded (K, cells) arrays."""
 
-    def __init__(self, grids: _Grids, bound: Bound, a: np.ndarray, b: np.ndarray, focus: np.ndarray | None = None):
-        """focus[k] = (lo, hi): cells there are kept as they are; the others are merged into
-        blocks that double in size away from it (a block [u_s, v_e] with beta(v_e) is a valid,
-        looser step), so the cost of an evaluation does not grow with the grids."""
+    def __init__(self, grids: _Grids, bound: Bound, a: np.ndarray, b: np.ndarray):
+        """Cells of all devices laid end to end (ragged: grids differ a lot in size)."""
         self.bound = bound
         self.w = bound.w
         K = len(a)
-        rows = []
+        us, vs, bvs = [], [], []
         for k in range(K):
             i, j = grids.index(k, a[k]), grids.index(k, b[k])
             g, bt = grids.g[k], grids.b[k]
             if j <= i:
-                u, v, bv = g[j:j + 1], g[j:j + 1], bt[j:j + 1]
+                us.append(g[j:j + 1]), vs.append(g[j:j + 1]), bvs.append(bt[j:j + 1])
             else:
-                u, v, bv = g[i:j], g[i + 1:j + 1], bt[i + 1:j + 1]
-            rows.append(_blocks(u, v, bv, None if focus is None else focus[k]))
-        width = max(len(r[0]) for r in rows)
-        self.U = np.empty((K, width))
-        self.V = np.empty((K, width))
-        self.BV = np.empty((K, width))
-        self.coarse = np.zeros((K, width), dtype=bool)
-        for k, (u, v, bv, co) in enumerate(rows):  # short rows are padded with copies of their last cell
-            n = len(u)
-            self.U[k, :n], self.U[k, n:] = u, u[-1]
-            self.V[k, :n], self.V[k, n:] = v, v[-1]
-            self.BV[k, :n], self.BV[k, n:] = bv, bv[-1]
-            self.coarse[k, :n], self.coarse[k, n:] = co, co[-1]
+                us.append(g[i:j]), vs.append(g[i + 1:j + 1]), bvs.append(bt[i + 1:j + 1])
+        lens = np.array([len(u) for u in us])
+        self.starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        self.lens = lens
+        self.U, self.V, self.BV = np.concatenate(us), np.concatenate(vs), np.concatenate(bvs)
+        self.W = np.repeat(self.w, lens)
         self.s_lo = float(bound.sparsity(a))
         self.s_hi = float(bound.sparsity(b))
         self.lam_lo = max(0.0, -float(bound.dgap_ds(self.s_hi)))
@@ -241,20 +205,19 @@ class _BoxDual:
     def _cells(self, lam: float, mu: float):
         """Per device: the minimising cell's (value, x, u, v, beta / B_tot)."""
         X = np.clip(self.bound.gamma_star_scalar(lam), self.U, self.V)
-        val = self.w[:, None] * (self.c * X / (1.0 - X) - lam * (2.0 * X - X * X)) + mu * self.BV
-        j = np.argmin(val, axis=1)
-        r = self.rows
-        self.last_coarse = self.coarse[r, j]
-        return val[r, j], X[r, j], self.U[r, j], self.V[r, j], self.BV[r, j]
+        val = self.W * (self.c * X / (1.0 - X) - lam * (2.0 * X - X * X)) + mu * self.BV
+        mins = np.minimum.reduceat(val, self.starts)
+        hits = np.flatnonzero(val <= np.repeat(mins, self.lens))
+        j = hits[np.searchsorted(hits, self.starts)]
+        return mins, X[j], self.U[j], self.V[j], self.BV[j]
 
     def at(self, lam: float, mu: float) -> _DualPoint:
         self.evals += 1
         mins, x, u, v, bv = self._cells(lam, mu)
-        coarse = self.last_coarse
         s = self.bound.s_minimiser(lam, self.s_lo, self.s_hi)
         value = self.e0 + float(mins.sum()) + self.bound.gap_scalar(s) + lam * s - mu
         d_lam = s - float(self.w @ (2.0 * x - x * x))
-        return _DualPoint(value, lam, mu, d_lam, float(bv.sum()) - 1.0, x, u, v, bv, coarse)
+        return _DualPoint(value, lam, mu, d_lam, float(bv.sum()) - 1.0, x, u, v, bv)
 
     def best_lam(self, mu: float, stop_at: float) -> _DualPoint:
         """max over lam of L(lam, mu)."""
@@ -354,12 +317,12 @@ def solve_bnb(
     inc.offer(x0, sum(grids.value(k, x0[k]) for k in range(K)) <= 1.0)
 
     counter = 0
-    heap: list[tuple] = [(-math.inf, counter, lo, hi, None)]
+    heap: list[tuple] = [(-math.inf, counter, lo, hi)]
     pruned_lb = math.inf
     nodes = dual_evals = 0
     status = "optimal"
     while heap:
-        lb_parent, _, a, b, focus = heap[0]
+        lb_parent, _, a, b = heap[0]
         if lb_parent >= inc.cutoff():
             break
         if nodes >= max_nodes or time.perf_counter() - t0 > time_limit:
@@ -367,7 +330,7 @@ def solve_bnb(
             break
         heapq.heappop(heap)
         nodes += 1
-        lb, a, b, split = _process(grids, bound, a, b, lb_parent, inc, refine_rounds, focus)
+        lb, a, b, split = _process(grids, bound, a, b, lb_parent, inc, refine_rounds)
         dual_evals += split.pop("evals", 0)
         if lb is None:  # infeasible box
             continue
@@ -380,7 +343,7 @@ def solve_bnb(
         b_left[k], a_right[k] = c, c
         for ca, cb in ((a, b_left), (a_right, b)):
             counter += 1
-            heapq.heappush(heap, (lb, counter, ca, cb, split["focus"]))
+            heapq.heappush(heap, (lb, counter, ca, cb))
     open_lb = min((item[0] for item in heap), default=math.inf)
     best_val = inc.value
     lower = min(open_lb, pruned_lb, best_val)
@@ -394,17 +357,7 @@ def solve_bnb(
     return BnbResult(inc.gamma, best_val, stats)
 
 
-def _widen(focus, points, K: int) -> np.ndarray:
-    """The focus intervals grown to hold the dual minimisers' cells."""
-    lo = np.min([np.minimum(p.u, p.x) for p in points], axis=0)
-    hi = np.max([np.maximum(p.v, p.x) for p in points], axis=0)
-    if focus is None:
-        return np.stack([lo, hi], axis=1)
-    return np.stack([np.minimum(focus[:, 0], lo), np.maximum(focus[:, 1], hi)], axis=1)
-
-
-def _process(grids: _Grids, bound: Bound, a, b, lb_parent: float, inc: _Incumbent, refine_rounds: int,
-             focus: np.ndarray | None = None):
+def _process(grids: _Grids, bound: Bound, a, b, lb_parent: float, inc: _Incumbent, refine_rounds: int):
     """Reduce, bound and (if still open) choose a split for one box; lb None: box infeasible.
 
     Between dual solves each device's grid is refined until, at the dual's multipliers, its
@@ -428,16 +381,14 @@ def _process(grids: _Grids, bound: Bound, a, b, lb_parent: float, inc: _Incumben
     inc.offer(b, True)
     evals, hint = 0, None
     best = below = above = None
-    rounds = retries = 0
-    while rounds < refine_rounds and retries < 12:
+    for _ in range(refine_rounds):
         if lb >= inc.cutoff():
             break
-        dual = _BoxDual(grids, bound, a, b, focus)
+        dual = _BoxDual(grids, bound, a, b)
         best, below, above = dual.solve(inc.cutoff(), hint)
         evals += dual.evals
         hint = (best.lam, best.mu)
         points = [p for p in (best, below, above) if p is not None]
-        focus = _widen(focus, points, K)
         lb = max(lb, best.value)
         inc.offer(above.v, above.d_mu <= 0)
         for p in (best, below):
@@ -447,10 +398,6 @@ def _process(grids: _Grids, bound: Bound, a, b, lb_parent: float, inc: _Incumben
                     inc.offer(y, True)
         if lb >= inc.cutoff():
             break
-        if any(p.coarse.any() for p in points):
-            retries += 1
-            continue  # a minimiser sat in a merged block: solve again with it in focus
-        rounds += 1
         slack = inc.tol() / (4.0 * K)
         added = sum(_refine(grids, bound, a, b, p.lam, p.mu, slack) for p in points)
         if added == 0:
@@ -465,4 +412,4 @@ def _process(grids: _Grids, bound: Bound, a, b, lb_parent: float, inc: _Incumben
         k = int(np.argmax(bound.w * (b - a)))
         x, span = float(best.x[k]), b[k] - a[k]
         c = x if a[k] + 0.05 * span < x < b[k] - 0.05 * span else a[k] + 0.5 * span
-    return lb, a, b, {"evals": evals, "device": k, "at": float(c), "focus": _widen(None, [best], K)}
+    return lb, a, b, {"evals": evals, "device": k, "at": float(c)}

@@ -173,8 +173,9 @@ def allocate(m: SystemModel, k, gamma, B, iterations: int = 100) -> Allocation:
     tu_min = S / m.rate(B, m.P[k], k)
     tc_lo = W / m.fmax[k]
     tc_hi = Tp - tu_min
-    lat_ok = tc_lo <= tc_hi
-    hi0 = np.where(lat_ok, tc_hi, tc_lo)
+    # limits already carry SAFETY_MARGIN; the 1e-12 absorbs rounding of a B at exactly beta_k
+    lat_ok = tc_lo <= tc_hi + 1e-12 * Tp
+    hi0 = np.where(lat_ok, np.maximum(tc_hi, tc_lo), tc_lo)
 
     def dphi(tc):  # derivative of E_cmp(tc) + E_up(T' - tc), increasing in tc
         tu = Tp - tc
@@ -196,7 +197,7 @@ def allocate(m: SystemModel, k, gamma, B, iterations: int = 100) -> Allocation:
         p = (m.N0 * B / m.h[k]) * np.expm1(np.minimum(S / (B * tu) * LN2, 700.0))
     p = np.minimum(p, m.P[k])
     energy = m.kappa * W**3 / tc**2 + uplink_energy(m, k, S, B, tu)
-    en_ok = energy <= E
+    en_ok = energy <= E * (1 + 1e-12)
     feasible = lat_ok & en_ok
     limit = np.where(~lat_ok, "latency", np.where(~en_ok, "energy", ""))
     return Allocation(p, W / tc, tc, tu, energy, feasible, limit)
@@ -293,7 +294,7 @@ def radial_fit(m: SystemModel, x: np.ndarray, top: np.ndarray) -> np.ndarray | N
     return x + t * (top - x)
 
 
-def _device_reason(m: SystemModel, k: int, gamma: float, B: float) -> str:
+def device_reason(m: SystemModel, k: int, gamma: float, B: float) -> str:
     """A sentence on why device k cannot meet its limits at this gamma with bandwidth B."""
     S, W, Tp, E = (float(np.asarray(v)) for v in _limits(m, k, gamma))
     name = f"device {k} ({m.names[k]})"
@@ -320,7 +321,7 @@ def check_feasible(m: SystemModel, gamma=None) -> np.ndarray:
     g = np.full(m.K, m.gamma_max) if gamma is None else np.broadcast_to(np.asarray(gamma, float), (m.K,))
     beta = min_bandwidth(m, np.arange(m.K), g)
     for k in np.flatnonzero(beta > m.B_tot):
-        raise InfeasibleError(_device_reason(m, int(k), float(g[k]), m.B_tot), int(k), _constraint(m, int(k), g[k]))
+        raise InfeasibleError(device_reason(m, int(k), float(g[k]), m.B_tot), int(k), _constraint(m, int(k), g[k]))
     total = float(beta.sum())
     if total > m.B_tot:
         k = int(np.argmax(beta))
