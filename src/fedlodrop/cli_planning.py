@@ -18,7 +18,20 @@ from rich.table import Table
 from fedlodrop.errors import UserError
 
 err_console = Console(stderr=True)
-out_console = Console()
+
+
+class _OutConsole:
+    """stdout console made at print time: piped or captured output gets 160 columns, so the
+    12-column plan table stays readable in logs (rich would use 80)."""
+
+    def print(self, *args, **kwargs) -> None:
+        import sys
+
+        width = None if sys.stdout.isatty() else 160
+        Console(width=width).print(*args, **kwargs)
+
+
+out_console = _OutConsole()
 
 system_app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

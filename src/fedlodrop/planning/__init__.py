@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 
-def solve(m: SystemModel, method: str, gamma: float | str = "best", tol: float = 1e-4,
+def solve(m: SystemModel, method: str, gamma: float | str = "min", tol: float = 1e-4,
           time_limit: float = 600.0, warm_start: bool = True):
     """Rates (and, for equal-bandwidth, the split) by one method; raises InfeasibleError."""
     if method == "bnb":

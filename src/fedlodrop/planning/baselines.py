@@ -37,12 +37,12 @@ def _done(m: SystemModel, gamma: np.ndarray, t0: float, bandwidth=None, **extra)
     return BaselineResult(gamma, float(Bound.of(m).value(gamma)), stats, bandwidth)
 
 
-def solve_fixed(m: SystemModel, gamma: float | str = "best") -> BaselineResult:
+def solve_fixed(m: SystemModel, gamma: float | str = "min") -> BaselineResult:
     """One rate for every device.
 
-    "best": the shared rate that minimises G among the feasible ones (G is convex along the
-    diagonal, feasibility monotone, so it is max(smallest feasible, unconstrained optimum));
-    "min": the smallest shared rate that fits; a number: that rate (infeasible is an error).
+    "min" (default): the smallest shared rate that fits; "best": the shared rate that minimises
+    G among the feasible ones (G is convex along the diagonal and feasibility monotone, so it is
+    max(smallest feasible, unconstrained optimum)); a number: that rate (infeasible: an error).
     """
     t0 = time.perf_counter()
     if isinstance(gamma, str) and gamma not in ("best", "min"):
@@ -65,6 +65,7 @@ def solve_equal_bandwidth(m: SystemModel) -> BaselineResult:
     """B_k = B_tot / K; then each device's smallest feasible rate bounds it from below and the
     convex G is minimised over that box exactly."""
     t0 = time.perf_counter()
+    check_feasible(m)  # a device that fails even with the whole band is named as such first
     share = m.B_tot / m.K
     lo = gamma_lower(m, np.full(m.K, share))
     bad = np.flatnonzero(np.isnan(lo))

@@ -81,13 +81,12 @@ class _Grids:
         return float(self.b[k][self.index(k, x)])
 
 
-def _refine(grids: _Grids, bound: Bound, a, b, lam: float, mu: float, slack: float,
+def _refine(grids: _Grids, bound: Bound, a, b, multipliers: list[tuple[float, float]], slack: float,
             pieces: int = 4, cap: int = 16, rounds: int = 10) -> int:
-    """Refine the grids until, at multipliers (lam, mu), each device's step bound on
+    """Refine the grids until, at each of the multipliers (lam, mu), each device's step bound on
     min over [a_k, b_k] of w_k (c_emp g/(1-g) - lam q(g)) + mu beta_k(g) is within `slack` of the
-    best exact grid value; returns the number of new points."""
+    best exact grid value; one batched beta evaluation per round. Returns the new points."""
     w, c = bound.w, bound.spec.c_emp
-    g_star = float(bound.gamma_star(lam))
     added = 0
     for _ in range(rounds):
         ks: list[int] = []
@@ -98,17 +97,17 @@ def _refine(grids: _Grids, bound: Bound, a, b, lam: float, mu: float, slack: flo
                 continue
             g, bt = grids.g[k][i:j + 1], grids.b[k][i:j + 1]
             u, v, bv = g[:-1], g[1:], bt[1:]
-            x = np.clip(g_star, u, v)
-            with np.errstate(invalid="ignore"):
+            wide = v - u > 1e-11
+            split = np.zeros(len(u), dtype=bool)
+            for lam, mu in multipliers:
+                x = np.clip(bound.gamma_star_scalar(lam), u, v)
                 low = w[k] * (c * x / (1 - x) - lam * (2 * x - x * x)) + mu * bv
                 exact = w[k] * (c * g / (1 - g) - lam * (2 * g - g * g)) + mu * bt
-            upper = float(np.min(exact))
-            cells = np.flatnonzero((low < upper - slack) & (v - u > 1e-11))
-            cells = cells[np.argsort(low[cells])][:cap]
-            for jj in cells:
-                pts = np.linspace(u[jj], v[jj], pieces + 1)[1:-1]
-                ks.extend([k] * len(pts))
-                xs.extend(pts.tolist())
+                cells = np.flatnonzero((low < float(np.min(exact)) - slack) & wide)
+                split[cells[np.argsort(low[cells])][:cap]] = True
+            for jj in np.flatnonzero(split):
+                ks.extend([k] * (pieces - 1))
+                xs.extend(np.linspace(u[jj], v[jj], pieces + 1)[1:-1].tolist())
         if not ks:
             break
         before = grids.evaluations
@@ -379,7 +378,7 @@ def _process(grids: _Grids, bound: Bound, a, b, lb_parent: float, inc: _Incumben
             a[k] = g[i + over[-1]]
     lb = max(lb_parent, bound.box_lower(a, b))
     inc.offer(b, True)
-    evals, hint = 0, None
+    evals, hint, radial_done = 0, None, False
     best = below = above = None
     for _ in range(refine_rounds):
         if lb >= inc.cutoff():
@@ -391,15 +390,15 @@ def _process(grids: _Grids, bound: Bound, a, b, lb_parent: float, inc: _Incumben
         points = [p for p in (best, below, above) if p is not None]
         lb = max(lb, best.value)
         inc.offer(above.v, above.d_mu <= 0)
-        for p in (best, below):
-            if p is not None and p.d_mu > 0:
-                y = radial_fit(grids.m, p.x, b)
-                if y is not None:
-                    inc.offer(y, True)
+        if below is not None and not radial_done:  # once per box: the band-infeasible minimisers,
+            y = radial_fit(grids.m, below.x, b)      # pushed up along the segment to b until they fit
+            radial_done = True
+            if y is not None:
+                inc.offer(y, True)
         if lb >= inc.cutoff():
             break
         slack = inc.tol() / (4.0 * K)
-        added = sum(_refine(grids, bound, a, b, p.lam, p.mu, slack) for p in points)
+        added = _refine(grids, bound, a, b, [(p.lam, p.mu) for p in points], slack)
         if added == 0:
             break
     if lb >= inc.cutoff() or above is None:

@@ -98,7 +98,7 @@ def _bandwidth_at_split(m: SystemModel, k, S, W, Tp, E, tc):
     return np.where((tu > 0) & (e_avail > 0), B, np.inf)
 
 
-def min_bandwidth(m: SystemModel, k, gamma, iterations: int = 64) -> np.ndarray:
+def min_bandwidth(m: SystemModel, k, gamma, iterations: int = 48) -> np.ndarray:
     """beta_k(gamma): least bandwidth with which device k meets latency and energy (inf: none).
 
     `k` (device indices) and `gamma` broadcast against each other, so one call evaluates any
@@ -200,7 +200,8 @@ def allocate(m: SystemModel, k, gamma, B, iterations: int = 100) -> Allocation:
     en_ok = energy <= E * (1 + 1e-12)
     feasible = lat_ok & en_ok
     limit = np.where(~lat_ok, "latency", np.where(~en_ok, "energy", ""))
-    return Allocation(p, W / tc, tc, tu, energy, feasible, limit)
+    f = np.minimum(W / tc, m.fmax[k])  # t_c = W / f_max can round f a hair above f_max
+    return Allocation(p, f, tc, tu, energy, feasible, limit)
 
 
 def min_bandwidth_bisect(m: SystemModel, k, gamma, iterations: int = 200) -> np.ndarray:
@@ -298,17 +299,18 @@ def device_reason(m: SystemModel, k: int, gamma: float, B: float) -> str:
     """A sentence on why device k cannot meet its limits at this gamma with bandwidth B."""
     S, W, Tp, E = (float(np.asarray(v)) for v in _limits(m, k, gamma))
     name = f"device {k} ({m.names[k]})"
+    at = f"even at gamma_max = {gamma:.3g}" if gamma >= m.gamma_max else f"at gamma = {gamma:.3g}"
     t_cmp = W / m.fmax[k]
     t_up = S / float(m.rate(B, m.P[k], k))
     dl = float(m.downlink_time(gamma, k))
     if t_cmp + t_up > Tp:
         dl_txt = f" + downlink {dl:.3g} s" if dl > 0 else ""
-        return (f"{name} cannot meet the latency limit round.latency_s = {m.T:.4g} s even at gamma = "
-                f"{gamma:.3g} with {B / 1e6:.4g} MHz, p_max and f_max: it needs {t_cmp + t_up + dl:.4g} s "
+        return (f"{name} cannot meet the latency limit round.latency_s = {m.T:.4g} s {at} "
+                f"with {B / 1e6:.4g} MHz, p_max and f_max: it needs {t_cmp + t_up + dl:.4g} s "
                 f"(compute {t_cmp:.4g} s + upload {t_up:.4g} s{dl_txt}); binding constraint: latency")
     alloc = allocate(m, k, gamma, B)
-    return (f"{name} cannot meet its energy budget energy_budget_j = {m.E[k]:.4g} J even at gamma = "
-            f"{gamma:.3g} with {B / 1e6:.4g} MHz: within T_max = {m.T:.4g} s it needs at least "
+    return (f"{name} cannot meet its energy budget energy_budget_j = {m.E[k]:.4g} J {at} "
+            f"with {B / 1e6:.4g} MHz: within T_max = {m.T:.4g} s it needs at least "
             f"{float(alloc.energy):.4g} J; binding constraint: energy")
 
 

@@ -121,7 +121,10 @@ class _Surrogate:
         return cons
 
     def set_point(self, y0: np.ndarray, rho: float) -> None:
-        y0 = np.maximum(y0, 1e-12)
+        # keep the linearisation point in a sane range (MHz s): a start at B t_u ~ 0 would put
+        # 1/y0 ~ 1e9 into the problem data
+        full = self.m.B_tot / 1e6 * self.m.T
+        y0 = np.clip(y0, 1e-6 * full / self.m.K, full)
         self.inv_y0.value = 1.0 / y0
         self.inv_sqrt_y0.value = 1.0 / np.sqrt(y0)
         self.rho.value = rho

@@ -1,0 +1,191 @@
+"""The planning commands: outputs, plan.json, calibrate, plots, and exit code 2 on bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fedlodrop.cli import app
+from fedlodrop.planning import load_plan, load_system
+from fedlodrop.planning.system import random_system, save_system
+
+runner = CliRunner()
+
+
+def system_file(tmp_path, K=3, seed=1, edit=None):
+    spec = random_system(K, seed=seed)
+    if edit:
+        edit(spec)
+    path = tmp_path / "system.yaml"
+    save_system(spec, path)
+    return path
+
+
+def test_system_random_prints_or_writes_a_valid_file(tmp_path):
+    r = runner.invoke(app, ["system", "random", "--devices", "3", "--seed", "2"])
+    assert r.exit_code == 0, r.output
+    assert len(yaml.safe_load(r.stdout)["devices"]) == 3
+    out = tmp_path / "s.yaml"
+    r = runner.invoke(app, ["system", "random", "--devices", "5", "--seed", "2", "--model", "minilm-l6",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    spec = load_system(out)
+    assert len(spec.devices) == 5 and spec.payload.model == "minilm-l6"
+
+
+@pytest.mark.parametrize("args", [["--devices", "0"], ["--devices", "3", "--latency", "-1"],
+                                  ["--devices", "3", "--model", "no-such-model"]])
+def test_system_random_rejects_bad_options(tmp_path, args):
+    out = tmp_path / "s.yaml"
+    r = runner.invoke(app, ["system", "random", *args, "--out", str(out)])
+    assert r.exit_code == 2 and r.stderr.startswith("error:") and not out.exists()
+
+
+def test_optimize_prints_the_table_and_writes_the_plan(tmp_path):
+    system = system_file(tmp_path)
+    out = tmp_path / "plan.json"
+    r = runner.invoke(app, ["optimize", str(system), "--method", "bnb", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "gamma" in r.stdout and "binding" in r.stdout and "lower bound" in r.stdout
+    tree = json.loads(out.read_text())
+    assert {"method", "objective", "feasible", "devices", "solver", "system"} <= set(tree)
+    assert tree["method"] == "bnb" and tree["feasible"] is True
+    for d in tree["devices"]:
+        assert {"gamma", "bandwidth_hz", "power_w", "frequency_hz", "latency_s", "energy_j", "binding"} <= set(d)
+    assert {"iterations", "nodes", "gap", "seconds"} <= set(tree["solver"])
+    assert tree["solver"]["gap"] <= 1e-4 * tree["objective"]
+    plan = load_plan(out)  # self-contained: the system travels with it
+    assert plan.system == load_system(system)
+    assert plan.gammas == [d["gamma"] for d in tree["devices"]]
+
+
+@pytest.mark.parametrize("method", ["psca", "fixed", "equal-bandwidth", "none"])
+def test_optimize_methods_or_a_clear_infeasibility(tmp_path, method):
+    system = system_file(tmp_path, edit=lambda s: setattr(s.round, "latency_s", s.round.latency_s * 1.5))
+    out = tmp_path / "plan.json"
+    r = runner.invoke(app, ["optimize", str(system), "--method", method, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["method"] == method
+
+
+def _bad_yaml(tmp_path):
+    (tmp_path / "system.yaml").write_text("devices: [\n")
+    return tmp_path / "system.yaml"
+
+
+def _unknown_key(tmp_path):
+    return system_file(tmp_path, edit=lambda s: None).parent / "x.yaml"
+
+
+@pytest.mark.parametrize(
+    "make, args, needle",
+    [
+        (lambda p: p / "missing.yaml", [], "cannot read"),
+        (_bad_yaml, [], "not valid YAML"),
+        (lambda p: _edit_yaml(p, lambda t: t["cell"].update(bandwith_hz=1)), [], "cell.bandwith_hz"),
+        (lambda p: _edit_yaml(p, lambda t: t["devices"][1].update(energy_budget_j=-3)), [],
+         "devices.1.energy_budget_j"),
+        (lambda p: _edit_yaml(p, lambda t: t["devices"][2].update(energy_budget_j=1e-6)), [], "device 2"),
+        (lambda p: _edit_yaml(p, lambda t: t["round"].update(latency_s=0.01)), [], "binding constraint"),
+        (lambda p: system_file(p), ["--method", "magic"], "--method"),
+        (lambda p: system_file(p), ["--method", "psca", "--gamma", "0.2"], "--gamma"),
+        (lambda p: system_file(p), ["--method", "fixed", "--gamma", "abc"], "--gamma"),
+        (lambda p: system_file(p), ["--method", "fixed", "--gamma", "0.97"], "gamma_max"),
+        (lambda p: system_file(p), ["--tol", "0"], "--tol"),
+    ],
+)
+def test_optimize_bad_input_is_one_line_exit_2_and_no_file(tmp_path, make, args, needle):
+    system = make(tmp_path)
+    out = tmp_path / "plan.json"
+    r = runner.invoke(app, ["optimize", str(system), "--out", str(out), *args])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error:") and needle in r.stderr
+    assert not out.exists()
+
+
+def _edit_yaml(tmp_path, fn):
+    path = system_file(tmp_path)
+    tree = yaml.safe_load(path.read_text())
+    fn(tree)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_infeasible_names_device_and_constraint_for_every_method(tmp_path):
+    def starve(spec):
+        spec.devices[1].energy_budget_j = 1e-6
+
+    system = system_file(tmp_path, edit=starve)
+    for method in ("bnb", "psca", "fixed", "equal-bandwidth", "none"):
+        r = runner.invoke(app, ["optimize", str(system), "--method", method])
+        assert r.exit_code == 2 and "device 1" in r.stderr
+        # at gamma_max it is the energy; without dropout this device misses the latency first
+        reason = "latency" if method == "none" else "energy"
+        assert f"binding constraint: {reason}" in r.stderr
+
+
+def make_sweep(root, e0, c, rates, seeds=(0, 1), noise=0.0, key="train_loss"):
+    rng = np.random.default_rng(0)
+    for rate in rates:
+        for seed in seeds:
+            run = root / f"rate{json.dumps(rate)}-s{seed}"
+            run.mkdir(parents=True)
+            (run / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "dropout": {"rate": rate}}))
+            r = np.atleast_1d(rate)
+            loss = e0 + c * float(np.mean(r / (1 - r))) + noise * rng.standard_normal()
+            lines = [{"round": i, "train_loss": 9.0, "train": {"accuracy": 0.0}, "eval": {}} for i in (1, 2)]
+            final = {"round": 3, "train_loss": loss, "train": {"accuracy": 1 - loss}, "eval": {"accuracy": 0.8}}
+            (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in [*lines, final]) + "\n")
+
+
+def test_calibrate_recovers_constants_averaging_seeds(tmp_path):
+    make_sweep(tmp_path / "sweep", 0.25, 0.08, [0.0, 0.2, [0.3, 0.5], 0.6], noise=0.0)
+    out = tmp_path / "bound.yaml"
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "sweep"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    fitted = yaml.safe_load(out.read_text())["bound"]
+    assert fitted["e0"] == pytest.approx(0.25, abs=1e-9) and fitted["c_emp"] == pytest.approx(0.08, abs=1e-9)
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "sweep"), "--metric", "accuracy"])
+    assert r.exit_code == 0 and "c_emp = 0.08" in r.stdout
+
+
+def test_calibrate_updates_a_system_file(tmp_path):
+    make_sweep(tmp_path / "sweep", 0.1, 0.3, [0.0, 0.5])
+    system = system_file(tmp_path)
+    out = tmp_path / "new.yaml"
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "sweep"), "--system", str(system), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    spec = load_system(out)
+    assert spec.bound.e0 == pytest.approx(0.1) and spec.bound.c_emp == pytest.approx(0.3)
+    assert spec.devices == load_system(system).devices
+
+
+@pytest.mark.parametrize("setup, needle", [
+    (lambda p: make_sweep(p, 0.1, 0.1, [0.3]), "two or more"),
+    (lambda p: p.mkdir(), "no run folders"),
+    (lambda p: make_sweep(p, 0.1, 0.1, [0.0, 1.5]), "dropout.rate"),
+])
+def test_calibrate_bad_sweeps_exit_2(tmp_path, setup, needle):
+    setup(tmp_path / "sweep")
+    out = tmp_path / "bound.yaml"
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "sweep"), "--out", str(out)])
+    assert r.exit_code == 2 and needle in r.stderr and not out.exists()
+
+
+def test_plot_tradeoff_writes_a_png_and_its_data(tmp_path):
+    system = system_file(tmp_path, K=2)
+    out = tmp_path / "trade.png"
+    r = runner.invoke(app, ["plot-tradeoff", str(system), "--out", str(out), "--points", "3",
+                            "--methods", "bnb,psca", "--tol", "1e-3"])
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(out.with_suffix(".json").read_text())
+    lat = data["latency"]["bnb"]
+    assert len(lat["x"]) == 3 and lat["x"] == sorted(lat["x"])
+    w = np.array(data["weights"])
+    rates = [float(w @ np.array(g)) for g in lat["gamma"]]
+    assert rates[0] >= rates[-1]  # tightest latency limit first: the highest rates
+    r = runner.invoke(app, ["plot-tradeoff", str(system), "--out", str(tmp_path / "x.png"), "--methods", "nope"])
+    assert r.exit_code == 2 and not (tmp_path / "x.png").exists()

@@ -1,0 +1,134 @@
+"""Per-device feasibility: the minimal bandwidth beta_k(gamma), the allocation, infeasibility reasons."""
+
+import math
+
+import numpy as np
+import pytest
+
+from fedlodrop.planning.feasibility import (
+    InfeasibleError,
+    allocate,
+    bandwidth_for_rate,
+    check_feasible,
+    gamma_lower,
+    min_bandwidth,
+    min_bandwidth_bisect,
+    smallest_common_gamma,
+)
+from fedlodrop.planning.system import build_model, random_system, system_from_dict
+
+
+def feasible_by_scan(m, k, gamma, B, n=20001):
+    """Written apart from the library: scan the compute/upload split of T_max, take the least
+    power that sends the bits in the upload time and the frequency that ends compute in time."""
+    bits = (1 - gamma) * m.Q * m.bits + m.head * m.bits
+    cycles = m.tau * m.D[k] * (m.c0 + (1 - gamma) * m.c1)
+    tc = np.linspace(cycles / m.fmax[k], m.T, n)[:-1]
+    tu = m.T - tc
+    with np.errstate(over="ignore"):
+        p = (m.N0 * B / m.h[k]) * (2.0 ** (bits / (B * tu)) - 1.0)
+    energy = m.kappa * cycles**3 / tc**2 + p * tu
+    return bool(np.any((p <= m.P[k]) & (energy <= m.E[k])))
+
+
+@pytest.fixture(scope="module")
+def m():
+    return build_model(random_system(6, seed=11))
+
+
+def test_bandwidth_for_rate_inverts_shannon():
+    a = np.array([1e6, 5e7, 3e9, 1e7])
+    R = np.array([1e5, 2e7, 1e6, 1e7 / math.log(2) * 0.999])
+    B = bandwidth_for_rate(a, R)
+    assert np.allclose(B * np.log2(1 + a / B), R, rtol=1e-10)
+    assert np.isinf(bandwidth_for_rate(1e6, 1e6 / math.log(2) * 1.001))  # above the infinite-band limit
+
+
+def test_beta_matches_bisection_and_an_independent_scan(m):
+    ks = np.repeat(np.arange(m.K), 4)
+    gs = np.tile([0.0, 0.3, 0.6, 0.9], m.K)
+    beta = min_bandwidth(m, ks, gs)
+    ref = min_bandwidth_bisect(m, ks, gs)
+    finite = np.isfinite(ref)
+    assert np.array_equal(np.isfinite(beta), finite)
+    assert np.allclose(beta[finite], ref[finite], rtol=1e-9)
+    for k, g, b in zip(ks[finite], gs[finite], beta[finite]):
+        assert feasible_by_scan(m, k, g, b * (1 + 1e-3))
+        assert not feasible_by_scan(m, k, g, b * (1 - 1e-3))
+
+
+def test_beta_decreases_with_the_rate(m):
+    g = np.linspace(0, m.gamma_max, 60)
+    for k in range(m.K):
+        b = min_bandwidth(m, k, g)
+        b = b[np.isfinite(b)]
+        assert np.all(np.diff(b) <= 1e-12 * b[:-1])
+
+
+def test_allocation_at_beta_meets_both_limits(m):
+    ks, g = np.arange(m.K), np.full(m.K, 0.5)
+    beta = min_bandwidth(m, ks, g)
+    alloc = allocate(m, ks, g, beta)
+    assert alloc.feasible.all()
+    lat, en = m.latency_energy(g, beta, alloc.power, alloc.frequency)
+    assert np.all(lat <= m.T) and np.all(en <= m.E)
+    assert np.all(alloc.power <= m.P) and np.all(alloc.frequency <= m.fmax)
+    # with less band than beta the device fails
+    assert not allocate(m, ks, g, beta * (1 - 1e-6)).feasible.any()
+
+
+def test_gamma_lower_and_smallest_common(m):
+    budget = np.full(m.K, m.B_tot / m.K)
+    lo = gamma_lower(m, budget)
+    ks = np.arange(m.K)
+    ok = ~np.isnan(lo)
+    assert np.all(min_bandwidth(m, ks[ok], lo[ok]) <= budget[ok])
+    below = np.maximum(lo[ok] - 1e-6, 0)
+    assert np.all((min_bandwidth(m, ks[ok], below) > budget[ok]) | (lo[ok] == 0))
+    g = smallest_common_gamma(m)
+    assert min_bandwidth(m, ks, np.full(m.K, g)).sum() <= m.B_tot
+    if g > 0:
+        assert min_bandwidth(m, ks, np.full(m.K, g - 1e-6)).sum() > m.B_tot
+
+
+def one_device(**dev):
+    base = {"samples": 500, "distance_m": 200.0, "fading": 1.0, "energy_budget_j": 5.0}
+    return build_model(system_from_dict({"devices": [{**base, **dev}, base], "round": {"latency_s": 6.0}}))
+
+
+def test_infeasible_by_latency_names_the_device():
+    m = one_device(samples=50_000)  # far too much compute for T_max even at f_max
+    with pytest.raises(InfeasibleError) as err:
+        check_feasible(m)
+    assert err.value.device == 0 and err.value.constraint == "latency"
+    assert "device 0" in str(err.value) and "binding constraint: latency" in str(err.value)
+
+
+def test_infeasible_by_energy_names_the_device():
+    m = one_device(energy_budget_j=1e-4)
+    with pytest.raises(InfeasibleError) as err:
+        check_feasible(m)
+    assert err.value.device == 0 and err.value.constraint == "energy"
+    assert "energy_budget_j" in str(err.value)
+
+
+def test_infeasible_band_is_the_bandwidth_constraint():
+    tree = {"devices": [{"samples": 500, "distance_m": 480.0, "fading": 0.2, "energy_budget_j": 50.0}] * 4,
+            "cell": {"bandwidth_hz": 1.5e6}, "round": {"latency_s": 6.0}}
+    m = build_model(system_from_dict(tree))
+    beta = min_bandwidth(m, np.arange(4), np.full(4, m.gamma_max))
+    assert np.all(beta <= m.B_tot) and beta.sum() > m.B_tot  # each alone fits, together they do not
+    with pytest.raises(InfeasibleError) as err:
+        check_feasible(m)
+    assert err.value.constraint == "bandwidth" and "binding constraint: bandwidth" in str(err.value)
+
+
+def test_nearly_infeasible_system_still_fits_at_its_edge():
+    m = build_model(random_system(4, seed=3))
+    from fedlodrop.planning.feasibility import min_latency_limit
+
+    t_min = min_latency_limit(m, m.gamma_max, rel_tol=1e-9)
+    edge = m.with_limits(latency_s=t_min * (1 + 1e-6))
+    check_feasible(edge)  # no error
+    with pytest.raises(InfeasibleError):
+        check_feasible(m.with_limits(latency_s=t_min * (1 - 1e-4)))
