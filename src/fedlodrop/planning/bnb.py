@@ -8,13 +8,17 @@ with beta_k the (decreasing) minimal bandwidth of device k (feasibility.py). Bou
   Relax s <= sum_k w_k q(gamma_k) with lam >= 0 and the band with mu >= 0; the dual function splits
   into one 1-D problem per device plus one in s. beta_k is known only at grid points, so on a grid
   cell [u, v] it is under-estimated by beta_k(v) (monotonicity): every value computed is a valid
-  lower bound, with no assumption on the shape of beta_k. Maximising over (lam, mu) (nested
-  bisection on supergradients) gives the box's bound.
+  lower bound, with no assumption on the shape of beta_k. The dual is maximised over mu, and for
+  each mu over lam, by cutting-plane line searches (tangent intersections, bisection safeguard).
 
-Reduction raises a_k where the band cannot fit a smaller rate; primal points (grid points of the
-dual minimisers, always feasible) update the incumbent, and the dual minimisers are added to the
-grids, which makes the step under-estimate tight where it matters. The search stops when
-upper - lower <= max(eps_abs, eps_rel |upper|); the final gap is reported.
+Each box: reduce (raise a_k where the band cannot fit a smaller rate), bound, refine the grids
+where a device's 1-D Lagrangian problem is not yet solved to tol / 4K at the dual's multipliers,
+bound again; what gap remains is a duality gap (beta_k not convex there), so the box is split,
+on the device whose dual minimiser jumps between the two sides of the band constraint. Primal
+points (grid points of the dual minimisers, which always fit, and the band-infeasible minimisers
+pushed up along the segment to b) update the incumbent; an optional start (P-SCA's rates) seeds
+it. The search stops when upper - lower <= max(eps_abs, eps_rel |upper|), or at a node or time
+limit, and reports the final gap either way.
 """
 
 from __future__ import annotations
@@ -196,7 +200,6 @@ class _BoxDual:
         self.s_hi = float(bound.sparsity(b))
         self.lam_lo = max(0.0, -float(bound.dgap_ds(self.s_hi)))
         self.lam_hi = max(self.lam_lo, -float(bound.dgap_ds(self.s_lo)))
-        self.rows = np.arange(K)
         self.c = bound.spec.c_emp
         self.e0 = bound.spec.e0
         self.evals = 0
