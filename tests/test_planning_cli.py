@@ -189,3 +189,16 @@ def test_plot_tradeoff_writes_a_png_and_its_data(tmp_path):
     assert rates[0] >= rates[-1]  # tightest latency limit first: the highest rates
     r = runner.invoke(app, ["plot-tradeoff", str(system), "--out", str(tmp_path / "x.png"), "--methods", "nope"])
     assert r.exit_code == 2 and not (tmp_path / "x.png").exists()
+
+
+def test_calibrate_skips_interrupted_runs(tmp_path):
+    make_sweep(tmp_path / "sweep", 0.2, 0.1, [0.0, 0.4])
+    short = tmp_path / "sweep" / "broken"
+    short.mkdir()
+    (short / "config.yaml").write_text(yaml.safe_dump({"dropout": {"rate": 0.8}}))
+    (short / "metrics.jsonl").write_text(json.dumps({"round": 1, "train_loss": 5.0, "train": {}, "eval": {}}) + "\n")
+    out = tmp_path / "bound.yaml"
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "sweep"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "skipping 1 run" in r.stderr
+    assert yaml.safe_load(out.read_text())["bound"]["c_emp"] == pytest.approx(0.1, abs=1e-9)

@@ -193,8 +193,8 @@ def optimize(
 # --------------------------------------------------------------------------------------------
 
 
-def _read_run(folder: Path, metric: Optional[str]) -> tuple[float | list[float], float]:
-    """(dropout.rate, final-round error) of one run folder."""
+def _read_run(folder: Path, metric: Optional[str]) -> tuple[float | list[float], float, int]:
+    """(dropout.rate, final-round error, final round) of one run folder."""
     import yaml
 
     try:
@@ -230,7 +230,7 @@ def _read_run(folder: Path, metric: Optional[str]) -> tuple[float | list[float],
         if not isinstance(value, (int, float)):
             raise UserError(f"{folder / 'metrics.jsonl'}: final round has no train metric '{metric}'")
         value = 1.0 - value
-    return (rates if isinstance(rate, list) else float(rate)), float(value)
+    return (rates if isinstance(rate, list) else float(rate)), float(value), int(last["round"])
 
 
 @_user_errors
@@ -258,21 +258,28 @@ def calibrate(
     folders = sorted({p.parent for p in sweep_dir.rglob("metrics.jsonl") if (p.parent / "config.yaml").exists()})
     if not folders:
         raise UserError(f"no run folders (config.yaml + metrics.jsonl) under {sweep_dir}")
+    runs = [_read_run(folder, metric) for folder in folders]
+    last_round = max(r[2] for r in runs)
+    short = [f for f, r in zip(folders, runs) if r[2] < last_round]
+    if short:  # interrupted runs: their "final" loss is from an earlier round, not comparable
+        err_console.print(f"skipping {len(short)} run(s) that stopped before round {last_round}: "
+                          f"{', '.join(str(f) for f in short[:3])}{' ...' if len(short) > 3 else ''}", highlight=False)
     groups: dict[float, list[float]] = {}
     labels: dict[float, str] = {}
-    for folder in folders:
-        rate, value = _read_run(folder, metric)
+    for rate, value, rnd in runs:
+        if rnd < last_round:
+            continue
         x = round(emp_feature(rate), 12)
         groups.setdefault(x, []).append(value)
         labels[x] = json.dumps(rate)
     xs = sorted(groups)
     if len(xs) < 2:
-        raise UserError(f"all {len(folders)} runs under {sweep_dir} use one dropout rate; need two or more")
+        raise UserError(f"all finished runs under {sweep_dir} use one dropout rate; need two or more")
     means = [float(np.mean(groups[x])) for x in xs]
     rates = [x / (1 + x) for x in xs]  # the rate with the same gamma/(1-gamma)
     e0, c_emp, rmse = fit_empirical(rates, means)
     what = "train_loss" if metric is None else f"1 - train {metric}"
-    table = Table(title=f"calibration of Emp on final-round {what} ({len(folders)} runs)")
+    table = Table(title=f"calibration of Emp on round-{last_round} {what} ({sum(len(v) for v in groups.values())} runs)")
     for col in ("dropout.rate", "gamma/(1-gamma)", "runs", "mean", "fit"):
         table.add_column(col, justify="right")
     for x, mean in zip(xs, means):
