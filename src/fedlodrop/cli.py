@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -13,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from fedlodrop.cli_common import err_console, user_errors
 from fedlodrop.errors import UserError
 
 app = typer.Typer(
@@ -21,27 +21,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Federated LoRA fine-tuning with row/column dropout (FedLoDrop) and edge resource planning.",
 )
-err_console = Console(stderr=True)
 out_console = Console()
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run configuration")]
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", "-s", help="override a config key: --set train.lr=1e-3")
 ]
-
-
-def user_errors(fn):
-    """Turn a UserError into one line on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _offline_env() -> None:

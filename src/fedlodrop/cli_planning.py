@@ -6,7 +6,6 @@ prints one line on stderr and exits with code 2, leaving no output file behind.
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,9 +14,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedlodrop.cli_common import err_console, fail as _fail, user_errors as _user_errors
 from fedlodrop.errors import UserError
 
-err_console = Console(stderr=True)
 
 
 class _OutConsole:
@@ -37,24 +36,6 @@ system_app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="System descriptions (devices, cell, round) for `fedlodrop optimize`.",
 )
-
-
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def _user_errors(fn):
-    """UserError (and the planner's InfeasibleError, a UserError) -> one line, exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as err:
-            _fail(str(err))
-
-    return wrapper
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -1,0 +1,30 @@
+"""What every command shares: the stderr console and UserError -> one line, exit code 2."""
+
+from __future__ import annotations
+
+import functools
+
+import typer
+from rich.console import Console
+
+from fedlodrop.errors import UserError
+
+err_console = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def user_errors(fn):
+    """Turn a UserError (the planner's InfeasibleError too) into one line on stderr and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            fail(str(err))
+
+    return wrapper
