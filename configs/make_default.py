@@ -59,10 +59,6 @@ NOTES: dict[str, str] = {
     "dropout.sampler": (
         "bernoulli: each row/column kept with probability 1 - gamma; exact: drop floor(gamma n) of them"
     ),
-    "dropout.mask_mode": (
-        "persistent: devices train and upload only the kept rows/columns; reset: zero them once, "
-        "then train and upload full matrices (the released code's behaviour, for comparison)"
-    ),
     "train": "local training on each device",
     "train.lr": "peak AdamW learning rate",
     "train.batch_size": "batch size of local training",

@@ -72,3 +72,67 @@ def write_sst2(folder: Path, n_train: int = 96, n_dev: int = 32, seed: int = 0) 
 @pytest.fixture
 def sst2_dir(tmp_path) -> Path:
     return write_sst2(tmp_path / "glue")
+
+
+# A task that needs the adapter: sentiment words scattered among neutral ones, new combinations in
+# the validation set. A 2-layer slice of the packaged MiniLM cannot solve it with the classifier
+# head alone (it stays at chance with the adapter removed), and learns it in a few rounds with LoRA.
+POS_WORDS = ("good great fine superb lovely brilliant charming wonderful delightful moving funny clever warm "
+             "touching gripping").split()
+NEG_WORDS = "bad awful dull boring tedious lifeless poor weak messy clumsy tiresome bland stale flat lame".split()
+NEUTRAL_WORDS = ("the a film movie story plot actor scene it was is and of with this that very rather quite "
+                 "script music ending cast").split()
+
+
+def write_polarity(folder: Path, n_train: int = 192, n_dev: int = 96, seed: int = 0) -> Path:
+    """A GLUE-layout SST-2 folder: 4-8 neutral words with 1-2 words of the label's polarity."""
+    rng = random.Random(seed)
+    (folder / "SST-2").mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        lines = ["sentence\tlabel"]
+        for i in range(n):
+            label = i % 2
+            words = [rng.choice(NEUTRAL_WORDS) for _ in range(rng.randint(4, 8))]
+            for _ in range(rng.randint(1, 2)):
+                words.insert(rng.randrange(len(words) + 1), rng.choice(POS_WORDS if label else NEG_WORDS))
+            lines.append(" ".join(words) + f"\t{label}")
+        (folder / "SST-2" / name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def polarity_dir(tmp_path_factory) -> Path:
+    return write_polarity(tmp_path_factory.mktemp("polarity") / "glue")
+
+
+@pytest.fixture(scope="session")
+def mini2(tmp_path_factory, tokenizer_dir) -> str:
+    """The packaged MiniLM cut to its first 2 layers: pretrained word features, fast steps."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("mini2")
+    config = AutoConfig.from_pretrained(tokenizer_dir)
+    config.num_hidden_layers = 2
+    AutoModel.from_pretrained(tokenizer_dir, config=config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return str(folder)
+
+
+def learning_cfg(model: str, glue_dir: Path, **over):
+    """A federation that learns the polarity task in 5 rounds: 3 devices, 2 local epochs, lr 2e-2."""
+    from fedlodrop.config import validate
+
+    tree = {
+        "task": "sst2", "model": model, "seed": 0,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "federation": {"devices": 3, "rounds": 5, "local_epochs": 2},
+        "train": {"batch_size": 16, "max_length": 32, "lr": 2e-2, "warmup_ratio": 0.0},
+        "data": {"source": "glue_dir", "glue_dir": str(glue_dir), "train_eval_samples": 64},
+    }
+    for key, value in over.items():
+        node = tree
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return validate(tree)

@@ -1,90 +1,115 @@
+"""The aggregation rules on random states: each factor moves by the devices' changes, dropped or
+untrained slices count as unchanged, and fedex's residual makes the product exact."""
+
 import torch
 
-from fedlodrop.aggregation import DeviceUpdate, aggregate, device_weights
+from fedlodrop.aggregation import DeviceUpdate, device_weights, make_rule
 from fedlodrop.masks import apply_masks, draw_masks, full_masks
 
 from test_masks import LAYOUT, random_state
 
 
-def updates_with_masks(rate=0.5, k=3):
+def sub_adapter_updates(glob, rate=0.5, k=3, seed=3):
+    """Devices that held `glob` through their masks and changed their kept slices at random."""
     out = []
     for d in range(k):
-        masks = draw_masks(LAYOUT, rate, "bernoulli", seed=3, round_=0, device=d)
-        out.append(DeviceUpdate(apply_masks(random_state(10 + d), LAYOUT, masks), masks, 10 * (d + 1)))
+        masks = draw_masks(LAYOUT, rate, "bernoulli", seed=seed, round_=0, device=d)
+        start = apply_masks(glob, LAYOUT, masks)
+        noise = apply_masks(random_state(10 + d), LAYOUT, masks)
+        end = {key: start[key] + 0.1 * noise[key] for key in start}
+        out.append(DeviceUpdate(start, end, masks, 10 * (d + 1)))
     return out
 
 
 def test_weights_by_samples_and_uniform():
-    ups = updates_with_masks()
+    ups = sub_adapter_updates(random_state(0))
     assert torch.allclose(device_weights(ups, "samples"), torch.tensor([1 / 6, 2 / 6, 3 / 6]))
     assert torch.allclose(device_weights(ups, "uniform"), torch.full((3,), 1 / 3))
 
 
-def test_fedit_is_weighted_mean_counting_zeros():
-    ups = updates_with_masks()
+def test_fedit_moves_by_the_weighted_mean_change_and_is_fedavg_without_dropout():
+    glob = random_state(0)
+    ups = sub_adapter_updates(glob)
     w = device_weights(ups, "samples")
-    new, residuals = aggregate("fedit", LAYOUT, random_state(0), ups, w)
+    new, residuals = make_rule("fedit").aggregate(LAYOUT, glob, ups, w)
     m = LAYOUT.modules[0]
-    expected = sum(wk * u.state[m.key_b] for wk, u in zip(w, ups))
-    assert torch.allclose(new[m.key_b], expected) and residuals == {}
+    expected = glob[m.key_b] + sum(wk * (u.end[m.key_b] - u.start[m.key_b]) for wk, u in zip(w, ups))
+    assert torch.allclose(new[m.key_b], expected, atol=1e-6) and residuals == {}
+    # a row every device dropped is the previous row, not zero
+    dropped_by_all = ~torch.stack([u.trained[m.name].b_rows for u in ups]).any(0)
+    assert dropped_by_all.any() and torch.equal(new[m.key_b][dropped_by_all], glob[m.key_b][dropped_by_all])
+    # without dropout: FedIT's weighted mean of the devices' factors
+    full = [DeviceUpdate(glob, random_state(20 + d), full_masks(LAYOUT), 5 + d) for d in range(3)]
+    w = device_weights(full, "samples")
+    new, _ = make_rule("fedit").aggregate(LAYOUT, glob, full, w)
+    assert torch.allclose(new[m.key_a], sum(wk * u.end[m.key_a] for wk, u in zip(w, full)), atol=1e-5)
 
 
-def test_masked_mean_over_keepers_and_previous_when_nobody_kept():
-    prev = random_state(0)
-    ups = updates_with_masks(rate=0.6)
+def test_masked_mean_over_the_devices_that_trained_each_slice():
+    glob = random_state(0)
+    ups = sub_adapter_updates(glob, rate=0.6)
     w = device_weights(ups, "samples")
-    new, _ = aggregate("masked", LAYOUT, prev, ups, w)
+    new, _ = make_rule("masked").aggregate(LAYOUT, glob, ups, w)
     m = LAYOUT.modules[0]
+    seen_untrained = False
     for j in range(m.n_in):
-        keepers = [(wk, u) for wk, u in zip(w, ups) if u.masks[m.name].a_cols[j]]
+        keepers = [(wk, u) for wk, u in zip(w, ups) if u.trained[m.name].a_cols[j]]
         if not keepers:
-            assert torch.equal(new[m.key_a][:, j], prev[m.key_a][:, j])
+            seen_untrained = True
+            assert torch.equal(new[m.key_a][:, j], glob[m.key_a][:, j])
         else:
             total = sum(wk for wk, _ in keepers)
-            expected = sum(wk * u.state[m.key_a][:, j] for wk, u in keepers) / total
-            assert torch.allclose(new[m.key_a][:, j], expected, atol=1e-6)
-    # at rate 0.6 with 3 devices some column is dropped by all (prob ~0.2 each of 32): check it happened
-    kept_any = torch.stack([u.masks[m.name].a_cols for u in ups]).any(0)
-    assert not kept_any.all()
+            change = sum(wk * (u.end[m.key_a][:, j] - u.start[m.key_a][:, j]) for wk, u in keepers) / total
+            assert torch.allclose(new[m.key_a][:, j], glob[m.key_a][:, j] + change, atol=1e-6)
+    assert seen_untrained  # rate 0.6, 3 devices: some column is dropped by all of them
 
 
 def test_masked_equals_fedit_without_dropout():
-    ups = [DeviceUpdate(random_state(d), full_masks(LAYOUT), 5 + d) for d in range(3)]
+    glob = random_state(0)
+    ups = [DeviceUpdate(glob, random_state(d), full_masks(LAYOUT), 5 + d) for d in range(3)]
     w = device_weights(ups, "samples")
-    a, _ = aggregate("masked", LAYOUT, random_state(0), ups, w)
-    b, _ = aggregate("fedit", LAYOUT, random_state(0), ups, w)
+    a, _ = make_rule("masked").aggregate(LAYOUT, glob, ups, w)
+    b, _ = make_rule("fedit").aggregate(LAYOUT, glob, ups, w)
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6)
+        assert torch.allclose(a[k], b[k], atol=1e-5)
 
 
-def test_fedex_residual_makes_product_exact():
-    ups = updates_with_masks(rate=0.3)
+def test_fedex_residual_makes_the_product_exact():
+    glob = random_state(0)
+    ups = sub_adapter_updates(glob, rate=0.3)
     w = device_weights(ups, "samples")
     for factor_rule in ("masked", "fedit"):
-        new, residuals = aggregate("fedex", LAYOUT, random_state(0), ups, w, factor_rule)
+        new, residuals = make_rule("fedex", factor_rule).aggregate(LAYOUT, glob, ups, w)
         for m in LAYOUT.modules:
-            target = sum(wk * m.scaling * u.state[m.key_b] @ u.state[m.key_a] for wk, u in zip(w, ups))
-            got = m.scaling * new[m.key_b] @ new[m.key_a] + residuals[m.name].dense()
-            assert torch.allclose(got, target, atol=1e-5)
-            # factored downlink is cheaper than the dense residual for these shapes
-            assert residuals[m.name].downlink_values() == (3 + 1) * m.r * (m.n_in + m.n_out)
+            s = m.scaling
+            target = s * glob[m.key_b] @ glob[m.key_a] + sum(
+                wk * s * (u.end[m.key_b] @ u.end[m.key_a] - u.start[m.key_b] @ u.start[m.key_a])
+                for wk, u in zip(w, ups)
+            )
+            got = s * new[m.key_b] @ new[m.key_a] + residuals[m.name].dense()
+            assert torch.allclose(got, target, atol=1e-4)
+            assert residuals[m.name].u.shape[1] == (2 * 3 + 2) * m.r  # masked starts: (2K + 2) r
 
 
-def test_ffa_keeps_a_and_averages_b():
-    prev = random_state(0)
-    ups = updates_with_masks(rate=0.0)
+def test_ffa_keeps_a_and_moves_b():
+    glob = random_state(0)
+    ups = [DeviceUpdate(glob, {**random_state(d), **{m.key_a: glob[m.key_a] for m in LAYOUT.modules}},
+                        full_masks(LAYOUT), 4) for d in range(3)]
     w = device_weights(ups, "uniform")
-    new, residuals = aggregate("ffa", LAYOUT, prev, ups, w)
+    rule = make_rule("ffa")
+    new, residuals = rule.aggregate(LAYOUT, glob, ups, w)
     m = LAYOUT.modules[1]
-    assert torch.equal(new[m.key_a], prev[m.key_a])
-    assert torch.allclose(new[m.key_b], sum(u.state[m.key_b] for u in ups) / 3, atol=1e-6)
-    assert residuals == {}
+    assert torch.equal(new[m.key_a], glob[m.key_a])
+    assert torch.allclose(new[m.key_b], sum(u.end[m.key_b] for u in ups) / 3, atol=1e-5)
+    assert residuals == {} and not rule.sends(m.key_a) and rule.sends(m.key_b)
 
 
-def test_head_is_weighted_mean_for_every_rule():
-    ups = updates_with_masks()
+def test_head_moves_by_the_weighted_mean_change_for_every_rule():
+    glob = random_state(0)
+    ups = sub_adapter_updates(glob)
     w = device_weights(ups, "samples")
-    for rule in ("fedit", "masked", "fedex", "ffa"):
-        new, _ = aggregate(rule, LAYOUT, random_state(0), ups, w)
+    for name in ("fedit", "masked", "fedex", "ffa"):
+        new, _ = make_rule(name).aggregate(LAYOUT, glob, ups, w)
         for key in LAYOUT.head_keys:
-            assert torch.allclose(new[key], sum(wk * u.state[key] for wk, u in zip(w, ups)), atol=1e-6)
+            expected = glob[key] + sum(wk * (u.end[key] - u.start[key]) for wk, u in zip(w, ups))
+            assert torch.allclose(new[key], expected, atol=1e-6)

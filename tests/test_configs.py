@@ -66,7 +66,7 @@ def test_cpu_config_mirrors_the_paper_on_minilm(task):
     assert cpu.federation.rounds <= 10
     # the method and the LoRA setting are the paper's
     for key in ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "federation.devices",
-                "federation.partition", "federation.aggregation", "dropout.rate", "dropout.mask_mode",
+                "federation.partition", "federation.aggregation", "dropout.rate", "dropout.variant",
                 "train.warmup_ratio", "train.max_length"):
         assert flatten(cpu.model_dump())[key] == flatten(paper.model_dump())[key], key
     text = (CONFIGS / "cpu" / f"{task}.yaml").read_text()

@@ -73,10 +73,11 @@ def test_same_seed_same_result_and_other_seed_differs(tiny_bert, sst2_dir, tmp_p
     assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
 
 
-def test_uplink_bytes_are_kept_slices_plus_head(tiny_bert, sst2_dir, tmp_path):
+@pytest.mark.parametrize("variant", ["subadapter", "update", "reset"])
+def test_bytes_are_what_travels_for_each_variant(tiny_bert, sst2_dir, tmp_path, variant):
     gamma = 0.5
     cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": gamma, "dropout.sampler": "exact",
-                                          "federation.aggregation": "masked"})
+                                          "dropout.variant": variant, "federation.aggregation": "masked"})
     run(cfg, tmp_path / "r", show_progress=False)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     q, head = summary["adapter_values"], summary["head_values"]
@@ -86,51 +87,65 @@ def test_uplink_bytes_are_kept_slices_plus_head(tiny_bert, sst2_dir, tmp_path):
     kept = sum(m.r * (m.n_in - math.floor(gamma * m.n_in) + m.n_out - math.floor(gamma * m.n_out))
                for m in layout.modules)
     assert q == layout.adapter_values and kept == (1 - gamma) * q
+    sub = 4 * ((1 - gamma) * q + head)  # the kept slices and the head, float32
+    full = 4 * (q + head)
+    up, down = {"subadapter": (sub, sub), "update": (sub, full), "reset": (full, sub)}[variant]
     for r in read_metrics(tmp_path / "r"):
         for d in r["devices"]:
-            assert d["uplink_bytes"] == 4 * ((1 - gamma) * q + head)
-            assert d["downlink_bytes"] == 4 * ((1 - gamma) * q + head)  # masked: no residual
+            assert (d["uplink_bytes"], d["downlink_bytes"]) == (up, down)  # masked: no fold travels
 
 
-def test_bernoulli_bytes_match_expectation_and_fedex_counts_residual(tiny_bert, sst2_dir, tmp_path):
+def test_fedex_folds_travel_down_the_next_round_in_the_comm_dtype(tiny_bert, sst2_dir, tmp_path):
     gamma = 0.3
-    cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": gamma, "federation.comm_dtype": "float16"})
+    cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": gamma, "federation.comm_dtype": "float16",
+                                          "federation.rounds": 3})
     run(cfg, tmp_path / "r", show_progress=False)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     q, head = summary["adapter_values"], summary["head_values"]
     rows = read_metrics(tmp_path / "r")
     ups = [d["uplink_bytes"] for r in rows for d in r["devices"]]
-    mean_up = sum(ups) / len(ups)
-    assert abs(mean_up - 2 * ((1 - gamma) * q + head)) < 0.05 * 2 * q
-    for r in rows:
-        for d in r["devices"]:
-            expected_up = 2 * (d["kept_values"] + head)
-            assert d["uplink_bytes"] == pytest.approx(expected_up, abs=1e-6)
-            # fedex: the device also receives the residual, factored rank (K+1) r per module
-            exp_layout_res = sum(min(m_out * m_in, 4 * 4 * (m_out + m_in)) for m_out, m_in in [(32, 32)] * 4)
-            assert d["downlink_bytes"] == pytest.approx(expected_up + 2 * exp_layout_res, abs=1e-6)
+    assert abs(sum(ups) / len(ups) - 2 * ((1 - gamma) * q + head)) < 0.05 * 2 * q
+    # update variant, fp16: the devices start from the fp16 global adapter, so the fold is
+    # s (B A - B16 A16 + sum_k w_k B_k A_k - B' A'): rank (K + 3) r, factored while smaller
+    k, r, n = 3, 4, 32
+    fold = 4 * 2 * min(n * n, (k + 3) * r * (n + n))  # 4 modules of 32 x 32, 2 bytes a value
+    for i, row in enumerate(rows):
+        assert row["fold_bytes"] == fold
+        for d in row["devices"]:
+            assert d["uplink_bytes"] == 2 * (d["kept_values"] + head)
+            assert d["downlink_bytes"] == 2 * (q + head) + (fold if i > 0 else 0)
 
 
-def test_persistent_masks_stay_zero_and_reset_trains_them(tiny_bert, sst2_dir):
-    for mode in ("persistent", "reset"):
-        cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": 0.5, "dropout.mask_mode": mode})
-        exp = prepare(cfg)
-        masks = draw_masks(exp.fm.layout, 0.5, "bernoulli", seed=0, round_=0, device=0)
-        start = exp.fm.get_state()
-        for m in exp.fm.layout.modules:  # make B nonzero so A gets gradients too
-            start[m.key_b] = torch.randn_like(start[m.key_b]) * 0.1
-        loader = make_loader(exp.shards[0], exp.fm.tokenizer, 8, True, 0)
-        result = train_local(exp.fm, start, masks, mode, loader, cfg.train, 1.0, lambda f: 1e-2)
-        m = exp.fm.layout.modules[0]
-        drop_a, drop_b = ~masks[m.name].a_cols, ~masks[m.name].b_rows
-        dropped_a = result.state[m.key_a][:, drop_a]
-        dropped_b = result.state[m.key_b][drop_b, :]
-        kept_a = result.state[m.key_a][:, ~drop_a]
-        assert not torch.equal(kept_a, start[m.key_a][:, ~drop_a])  # it trained
-        if mode == "persistent":
-            assert (dropped_a == 0).all() and (dropped_b == 0).all()
-        else:
-            assert (dropped_a != 0).any() and (dropped_b != 0).any()
+@pytest.mark.parametrize("variant", ["subadapter", "update", "reset"])
+def test_what_each_variant_trains(tiny_bert, sst2_dir, variant):
+    from fedlodrop.variants import VARIANTS
+
+    cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": 0.5, "dropout.variant": variant})
+    exp = prepare(cfg)
+    layout = exp.fm.layout
+    masks = draw_masks(layout, 0.5, "bernoulli", seed=0, round_=0, device=0)
+    v = VARIANTS[variant]
+    glob = exp.fm.get_state()
+    for m in layout.modules:  # make B nonzero so A gets gradients too
+        glob[m.key_b] = torch.randn_like(glob[m.key_b]) * 0.1
+    start = {k: t.clone() for k, t in glob.items()}
+    if v.masks_view:
+        from fedlodrop.masks import apply_masks
+        start = apply_masks(glob, layout, masks)
+    loader = make_loader(exp.shards[0], exp.fm.tokenizer, 8, True, 0)
+    trained = masks if v.masks_training else None
+    result = train_local(exp.fm, start, trained, loader, cfg.train, 1.0, lambda f: 1e-2)
+    m = layout.modules[0]
+    drop_a, drop_b = ~masks[m.name].a_cols, ~masks[m.name].b_rows
+    end_a, end_b = result.state[m.key_a], result.state[m.key_b]
+    assert not torch.equal(end_a[:, ~drop_a], start[m.key_a][:, ~drop_a])  # kept slices trained
+    if variant == "subadapter":  # absent: zero and untouched
+        assert (end_a[:, drop_a] == 0).all() and (end_b[drop_b, :] == 0).all()
+    elif variant == "update":  # present as the global model, untouched
+        assert torch.equal(end_a[:, drop_a], glob[m.key_a][:, drop_a]) and (end_a[:, drop_a] != 0).any()
+        assert torch.equal(end_b[drop_b, :], glob[m.key_b][drop_b, :])
+    else:  # reset: zeroed, then trained like the rest
+        assert (end_a[:, drop_a] != 0).any() and (end_b[drop_b, :] != 0).any()
 
 
 def test_ffa_keeps_a_frozen_and_sends_no_a(tiny_bert, sst2_dir, tmp_path):
@@ -190,14 +205,13 @@ def test_bad_input_one_line_exit_2_no_folder(tiny_bert, sst2_dir, tmp_path, args
 
 
 def test_device_order_does_not_change_the_round(tiny_bert, sst2_dir):
-    from fedlodrop.engine import initial_state, run_round
-    from fedlodrop.server import Server
+    from fedlodrop.engine import initial_state, make_server, run_round
 
     cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": 0.4})
     results = []
     for order in ([0, 1, 2], [2, 0, 1]):
         exp = prepare(cfg)
-        server = Server(cfg, exp.fm.layout, initial_state(exp), exp.rates)
+        server = make_server(exp, initial_state(exp))
         record = run_round(exp, server, 0, order=order)
         results.append((server.state.global_state, record))
     (a, ra), (b, rb) = results

@@ -1,74 +1,154 @@
-"""SPEC 2 exactness: after fedex the global layer equals x (W0 + s sum_k w_k B_k A_k)^T + bias."""
+"""FedEx with dropout, on the real layers (BERT nn.Linear, GPT-2 Conv1D), on random inputs:
+
+* exact: after a round the global effective weight is W + sum_k w_k (W_k^end - W_k^start), the
+  weighted mean of what each device's training changed in the model it held;
+* consistent: what a device holds at the start of the next round is the global model seen
+  through its mask, W0 + M_k (.) (W - W0) (the whole global model for the `update` variant).
+
+Effective weights are read off the layers themselves: layer(I) - bias.
+"""
 
 import pytest
 import torch
 
-from fedlodrop.adapter import to_base_orientation
-from fedlodrop.aggregation import DeviceUpdate
 from fedlodrop.config import validate
 from fedlodrop.data.tasks import TASKS
-from fedlodrop.masks import apply_masks, draw_masks
+from fedlodrop.masks import device_masks
+from fedlodrop.messages import DeviceReply, decode_adapter, encode_adapter
 from fedlodrop.model import build_model, load_tokenizer
 from fedlodrop.server import Server, ServerState
+from fedlodrop.variants import VARIANTS
 
 
-def _model(path, aggregation="fedex", r=4):
+def _setup(path, variant, rate=0.3, aggregation="fedex", comm="float32", devices=3, r=4):
     cfg = validate({"model": path, "task": "sst2", "lora": {"r": r, "dropout": 0.0},
-                    "federation": {"aggregation": aggregation, "devices": 3}, "dropout": {"rate": 0.3}})
+                    "federation": {"aggregation": aggregation, "devices": devices, "rounds": 3, "comm_dtype": comm},
+                    "dropout": {"rate": rate, "variant": variant}})
     fm = build_model(cfg, TASKS["sst2"], load_tokenizer(cfg), init_seed=0)
-    return cfg, fm
+    known = fm.get_state()
+    g = torch.Generator().manual_seed(5)
+    glob = {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in known.items()}  # B != 0
+    server = Server(cfg, fm.layout, ServerState(0, glob), [rate] * devices, known)
+    return cfg, fm, server, g
 
 
-def _aggregate_random(cfg, fm):
-    """Aggregate three random masked device states; returns what the checks need."""
-    server = Server(cfg, fm.layout, ServerState(0, fm.get_state()), [0.3] * 3)
-    ups = _random_updates(fm, 0.3)
-    w = torch.tensor([u.num_samples for u in ups], dtype=torch.float32)
-    return server, ups, w / w.sum(), server.aggregate(ups)
-
-
-def _random_updates(fm, rate, k=3):
-    g = torch.Generator().manual_seed(1)
-    ups = []
-    for d in range(k):
-        state = {key: torch.randn(v.shape, generator=g) * 0.1 for key, v in fm.get_state().items()}
-        masks = draw_masks(fm.layout, rate, "bernoulli", seed=0, round_=0, device=d)
-        ups.append(DeviceUpdate(apply_masks(state, fm.layout, masks), masks, 7 + 5 * d))
-    return ups
-
-
-@pytest.mark.parametrize("model_fixture,kind", [("tiny_bert", "Linear"), ("tiny_gpt2", "Conv1D")])
-def test_fedex_global_layer_is_weighted_mean_of_device_layers(request, model_fixture, kind):
-    cfg, fm = _model(request.getfixturevalue(model_fixture))
-    assert all(m.fan_in_fan_out == (kind == "Conv1D") for m in fm.layout.modules)
-    base_before = fm.base_weights()
-    server, ups, w, outcome = _aggregate_random(cfg, fm)
-    fm.add_to_base(outcome.base_deltas)
-    fm.set_state(server.state.global_state)
+def _effective(fm) -> dict[str, torch.Tensor]:
+    """Each LoRA layer's effective weight as (in x out): layer(I) - bias, in eval mode."""
     fm.net.eval()
-    x = torch.randn(5, fm.layout.modules[0].n_in)
-    for mod in fm.modules:
-        shape = mod.shape
-        layer = mod.layer
-        mean_delta = sum(wk * shape.scaling * u.state[shape.key_b] @ u.state[shape.key_a] for wk, u in zip(w, ups))
-        w_eff = base_before[shape.name] + to_base_orientation(shape, mean_delta)
-        bias = layer.get_base_layer().bias
-        expected = (x @ w_eff.T if kind == "Linear" else x @ w_eff) + bias
-        with torch.no_grad():
-            got = layer(x)
-        assert torch.allclose(got, expected, atol=1e-5), shape.name
-    # the residual's downlink is counted, and in the factored (cheaper) form
-    assert outcome.residual_downlink_bytes > 0
+    out = {}
+    with torch.no_grad():
+        for mod in fm.modules:
+            layer = mod.layer
+            eye = torch.eye(mod.shape.n_in)
+            out[mod.shape.name] = layer(eye) - layer.get_base_layer().bias
+    return out
 
 
-def test_fedex_would_fail_without_the_residual(tiny_bert):
-    """Guard against a test that cannot fail: FedIT on the same updates is not exact."""
-    cfg, fm = _model(tiny_bert, aggregation="fedit")
-    base_before = fm.base_weights()
-    server, ups, w, outcome = _aggregate_random(cfg, fm)
-    assert outcome.base_deltas == {} and outcome.residual_downlink_bytes == 0
-    shape = fm.layout.modules[0]
-    target = sum(wk * shape.scaling * u.state[shape.key_b] @ u.state[shape.key_a] for wk, u in zip(w, ups))
-    g = server.state.global_state
-    assert not torch.allclose(shape.scaling * g[shape.key_b] @ g[shape.key_a], target, atol=1e-4)
-    assert torch.equal(fm.base_weights()[shape.name], base_before[shape.name])
+def _device_round(cfg, fm, server, task, g):
+    """Decode the task as a device does, 'train' (random change of the trained slices), reply."""
+    v = VARIANTS[cfg.dropout.variant]
+    masks = device_masks(cfg, fm.layout, task.rate, task.round, task.device)
+    view, trained = v.view(masks, fm.layout), v.trained(masks, fm.layout)
+    if task.fold is not None:
+        fm.sync_fold(task.fold)
+    fm.set_view(view if v.masks_view else None)
+    start = decode_adapter(task.adapter, fm.layout, view, server.known)
+    fm.set_state(start)
+    held = _effective(fm)
+    end = {k: t.clone() for k, t in start.items()}
+    for m in fm.layout.modules:
+        cols, rows = trained[m.name].a_cols, trained[m.name].b_rows
+        end[m.key_a][:, cols] += 0.1 * torch.randn(m.r, int(cols.sum()), generator=g)
+        end[m.key_b][rows, :] += 0.1 * torch.randn(int(rows.sum()), m.r, generator=g)
+    for key in fm.layout.head_keys:
+        end[key] = end[key] + 0.1 * torch.randn(end[key].shape, generator=g)
+    fm.set_state(end)
+    trained_model = _effective(fm)
+    upload = encode_adapter(end, fm.layout, trained, server.rule, server.dtype)
+    reply = DeviceReply(task.device, task.round, upload, 10 + 7 * task.device, 0.5, 1, 0.0)
+    return masks, held, trained_model, reply
+
+
+def _global(fm, server):
+    fm.set_view(None)
+    fm.set_state(server.state.global_state)
+    return _effective(fm)
+
+
+@pytest.mark.parametrize("variant", ["update", "subadapter", "reset"])
+@pytest.mark.parametrize("model_fixture", ["tiny_bert", "tiny_gpt2"])
+def test_fedex_with_masks_is_exact_and_consistent(request, model_fixture, variant):
+    cfg, fm, server, g = _setup(request.getfixturevalue(model_fixture), variant)
+    w0 = {m.shape.name: v for m, v in zip(fm.modules, _pristine(fm))}
+    for round_ in range(3):
+        before = _global(fm, server)
+        tasks = server.configure(round_)
+        rounds = [_device_round(cfg, fm, server, t, g) for t in tasks]
+        if round_ > 0:  # consistency: each device held the global model seen through its mask
+            for (masks, held, _, _), task in zip(rounds, tasks):
+                for name, h in held.items():
+                    if VARIANTS[variant].masks_view:
+                        mask = (masks[name].a_cols[:, None] & masks[name].b_rows[None, :]).float()  # in x out
+                        expected = w0[name] + mask * (before[name] - w0[name])
+                    else:
+                        expected = before[name]
+                    assert torch.allclose(h, expected, atol=2e-5), (round_, task.device, name)
+        result = server.finish(tasks, [r[3] for r in rounds])
+        fm.sync_fold(_catch_up(result, round_))
+        after = _global(fm, server)
+        w = torch.tensor([r[3].num_samples for r in rounds], dtype=torch.float64)
+        w = (w / w.sum()).float()
+        for name in after:  # exactness
+            change = sum(wk * (r[2][name] - r[1][name]) for wk, r in zip(w, rounds))
+            assert torch.allclose(after[name], before[name] + change, atol=2e-5), (round_, name)
+
+
+def _pristine(fm):
+    """The LoRA layers' pretrained weights as (in x out), before any fold."""
+    return [(m.base_weight.detach().T if not m.shape.fan_in_fan_out else m.base_weight.detach()).clone()
+            for m in fm.modules]
+
+
+def _catch_up(result, round_):
+    from fedlodrop.messages import FoldCatchUp
+
+    return FoldCatchUp(round_, round_ + 1, [result.fold_update])
+
+
+def test_a_round_that_changes_nothing_leaves_the_model_alone(tiny_bert):
+    """The collapse of issue 7: dropped slices must count as unchanged, not as zeros, under every rule."""
+    for aggregation in ("fedit", "masked", "fedex", "ffa"):
+        for variant in ("update", "subadapter"):
+            cfg, fm, server, g = _setup(tiny_bert, variant, rate=0.5, aggregation=aggregation)
+            before = _global(fm, server)
+            tasks = server.configure(0)
+            replies = []
+            for task in tasks:
+                masks = device_masks(cfg, fm.layout, task.rate, 0, task.device)
+                v = VARIANTS[variant]
+                start = decode_adapter(task.adapter, fm.layout, v.view(masks, fm.layout), server.known)
+                upload = encode_adapter(start, fm.layout, v.trained(masks, fm.layout), server.rule, server.dtype)
+                replies.append(DeviceReply(task.device, 0, upload, 10, 0.5, 1, 0.0))
+            result = server.finish(tasks, replies)
+            if result.fold_update is not None:
+                fm.sync_fold(_catch_up(result, 0))
+            after = _global(fm, server)
+            for name in after:
+                assert torch.allclose(after[name], before[name], atol=1e-5), (aggregation, variant, name)
+
+
+def test_fedex_residual_rank(tiny_bert):
+    """Devices that start from the whole adapter give FedEx-LoRA's (K + 1) r; masked views (2K + 2) r;
+    a rank that is not cheaper than the dense matrix travels dense."""
+    k, r = 2, 2
+    for variant, rank, r_ in (("update", (k + 1) * r, r), ("subadapter", (2 * k + 2) * r, r), ("subadapter", None, 4)):
+        cfg, fm, server, g = _setup(tiny_bert, variant, devices=k, r=r_)
+        tasks = server.configure(0)
+        replies = [_device_round(cfg, fm, server, t, g)[3] for t in tasks]
+        result = server.finish(tasks, replies)
+        shapes = {key: v.shape for key, v in result.fold_update.tensors.items()}
+        m = fm.layout.modules[0]
+        if rank is not None:  # 32 x 32 layers: factors of rank 6 or 12 are fewer values
+            assert shapes[f"{m.name}.u"] == (m.n_out, rank) and shapes[f"{m.name}.v"] == (rank, m.n_in)
+        else:  # rank 24 x 64 > 32 x 32
+            assert shapes[f"{m.name}.dense"] == (m.n_out, m.n_in)

@@ -1,12 +1,18 @@
-"""SPEC section 2: the aggregation rules, as pure functions on adapter states.
+"""SPEC 2, as amended in docs/dropout.md: the aggregation rules, pure functions on adapter states.
 
-* `fedit`  - weighted mean of A and of B, dropped entries counted as zeros (inexact).
-* `masked` - each column of A / row of B averaged over the devices that kept it.
-* `fedex`  - factors by `factor_rule`, then the residual s (sum_k w_k B_k A_k - B A) is returned
-             so the caller folds it into the frozen base weight: the global model then equals the
-             weighted mean of the devices' models exactly.
-* `ffa`    - A stays at its (shared, seeded) initialisation; only B is averaged.
-The head is always the weighted mean.
+Every rule moves the global model by what the devices' training changed, never by what their
+masks removed. A device's update is `end - start`: its trained slices minus what it received;
+slices it did not train are unchanged and count as "no change", not as zero weights.
+
+* `fedit`  - each factor moves by the weighted mean of the devices' factor changes.
+* `masked` - each row of B / column of A moves by the mean over the devices that trained it.
+* `fedex`  - factors as `federation.factor_rule`, then the residual that makes the global
+             effective weight exact is returned for folding into the frozen base:
+                 W' = W + sum_k w_k (W_k^end - W_k^start)
+             where W_k^start is the model device k held (the global one seen through its view)
+             and W_k^end what it trained. Without dropout this is FedEx-LoRA's mean of models.
+* `ffa`    - A stays at its shared seeded initialisation and never travels; B as factor_rule.
+The head moves by the weighted mean of the head changes under every rule.
 """
 
 from __future__ import annotations
@@ -19,32 +25,34 @@ import torch
 from fedlodrop.adapter import AdapterLayout, ModuleShape, State
 from fedlodrop.masks import Masks
 
-Rule = Literal["fedit", "masked", "fedex", "ffa"]
 FactorRule = Literal["masked", "fedit"]
 
 
 @dataclass
 class DeviceUpdate:
-    state: State  # full-size matrices, zeros where the device's mask dropped
-    masks: Masks  # what the device trained and sent (all kept in `reset` mode)
+    """One device's round, as the server reconstructs it from the messages."""
+
+    start: State  # what it received, full size, zeros outside its view
+    end: State  # start with its trained slices replaced by what it uploaded
+    trained: Masks  # the slices it trained and sent
     num_samples: int
 
 
 @dataclass
 class Residual:
-    """s (sum_k w_k B_k A_k - B A) = U @ V, in the B @ A (out x in) orientation."""
+    """A fold, U @ V in the B @ A (out x in) orientation, scaling folded into U."""
 
-    u: torch.Tensor  # n_out x R, scaling folded in
+    u: torch.Tensor  # n_out x R
     v: torch.Tensor  # R x n_in
 
     def dense(self) -> torch.Tensor:
         return self.u @ self.v
 
-    def downlink_values(self) -> int:
-        """Values the server must send: the factors or the dense matrix, whichever is smaller."""
+    @property
+    def factored(self) -> bool:
+        """Send the factors when they are fewer values than the dense matrix."""
         n_out, rank = self.u.shape
-        n_in = self.v.shape[1]
-        return min(n_out * n_in, rank * (n_out + n_in))
+        return rank * (n_out + self.v.shape[1]) < n_out * self.v.shape[1]
 
 
 def device_weights(updates: list[DeviceUpdate], weighting: Literal["samples", "uniform"]) -> torch.Tensor:
@@ -53,57 +61,90 @@ def device_weights(updates: list[DeviceUpdate], weighting: Literal["samples", "u
     return (w / w.sum()).float()
 
 
-def aggregate(
-    rule: Rule,
-    layout: AdapterLayout,
-    global_state: State,
-    updates: list[DeviceUpdate],
-    weights: torch.Tensor,
-    factor_rule: FactorRule = "masked",
-) -> tuple[State, dict[str, Residual]]:
-    """New global state and, for fedex, the residual of every module to fold into its base."""
-    new: State = {}
-    residuals: dict[str, Residual] = {}
-    base_rule: FactorRule = "fedit" if rule == "fedit" else ("masked" if rule == "masked" else factor_rule)
-    for m in layout.modules:
-        if rule == "ffa":
-            a = global_state[m.key_a].clone()
-        else:
-            a = _mean_factor(m.key_a, lambda u: u.masks[m.name].a_cols[None, :], global_state, updates, weights, base_rule)
-        b = _mean_factor(m.key_b, lambda u: u.masks[m.name].b_rows[:, None], global_state, updates, weights, base_rule)
-        new[m.key_a], new[m.key_b] = a, b
-        if rule == "fedex":
-            residuals[m.name] = _residual(m, updates, weights, a, b)
-    for key in layout.head_keys:
-        new[key] = sum(w * u.state[key] for w, u in zip(weights, updates))
-    return new, residuals
+@dataclass(frozen=True)
+class AggregationRule:
+    """A rule knows what devices train and send (`trains_a`) and whether it folds (`folds`)."""
+
+    name: str
+    factor_rule: FactorRule
+    trains_a: bool = True
+    folds: bool = False
+
+    def sends(self, key: str) -> bool:
+        """Whether a state key travels (FFA's A is known to every device and never sent)."""
+        return self.trains_a or not key.endswith(".lora_A")
+
+    def aggregate(
+        self, layout: AdapterLayout, global_state: State, updates: list[DeviceUpdate], weights: torch.Tensor
+    ) -> tuple[State, dict[str, Residual]]:
+        """New global state and, for a folding rule, each module's residual for its base weight."""
+        new: State = {}
+        residuals: dict[str, Residual] = {}
+        for m in layout.modules:
+            b = _move(m.key_b, lambda u: u.trained[m.name].b_rows[:, None], global_state, updates, weights, self.factor_rule)
+            if self.trains_a:
+                a = _move(m.key_a, lambda u: u.trained[m.name].a_cols[None, :], global_state, updates, weights, self.factor_rule)
+            else:
+                a = global_state[m.key_a].clone()
+            new[m.key_a], new[m.key_b] = a, b
+            if self.folds:
+                residuals[m.name] = _residual(m, global_state, updates, weights, a, b)
+        for key in layout.head_keys:
+            new[key] = global_state[key] + sum(w * (u.end[key] - u.start[key]) for w, u in zip(weights, updates))
+        return new, residuals
 
 
-def _mean_factor(
-    key: str, kept_of, prev: State, updates: list[DeviceUpdate], w: torch.Tensor, rule: FactorRule
+def make_rule(aggregation: str, factor_rule: FactorRule = "masked") -> AggregationRule:
+    """The one place a rule is chosen by name."""
+    if aggregation == "fedit":
+        return AggregationRule("fedit", "fedit")
+    if aggregation == "masked":
+        return AggregationRule("masked", "masked")
+    if aggregation == "fedex":
+        return AggregationRule("fedex", factor_rule, folds=True)
+    if aggregation == "ffa":
+        return AggregationRule("ffa", factor_rule, trains_a=False)
+    raise ValueError(f"unknown aggregation rule {aggregation!r}")
+
+
+def _move(
+    key: str, trained_of, prev: State, updates: list[DeviceUpdate], w: torch.Tensor, rule: FactorRule
 ) -> torch.Tensor:
-    """Weighted mean of one factor over devices; `kept_of(update)` broadcasts its mask."""
-    stacked = torch.stack([u.state[key] for u in updates])  # K x rows x cols
+    """The factor plus the mean change; `masked` averages each slice over those who trained it."""
+    change = torch.stack([u.end[key] - u.start[key] for u in updates])  # K x rows x cols, 0 if untrained
     if rule == "fedit":
-        return torch.einsum("k,kij->ij", w, stacked)
-    kept = torch.stack([kept_of(u) for u in updates]).float()
-    return _masked_mean(stacked, kept, w, prev[key])
-
-
-def _masked_mean(
-    stacked: torch.Tensor, kept: torch.Tensor, w: torch.Tensor, previous: torch.Tensor
-) -> torch.Tensor:
-    """Mean over the devices that kept each slice, weights renormalised; nobody kept it: previous."""
-    wk = w.view(-1, *([1] * (stacked.dim() - 1))) * kept  # K x (broadcast)
+        return prev[key] + torch.einsum("k,kij->ij", w, change)
+    kept = torch.stack([trained_of(u) for u in updates]).to(change.dtype)
+    wk = w.view(-1, 1, 1) * kept
     total = wk.sum(0)
-    mean = (wk * stacked).sum(0) / total.clamp_min(torch.finfo(stacked.dtype).tiny)
-    return torch.where(total > 0, mean, previous)
+    mean = (wk * change).sum(0) / total.clamp_min(torch.finfo(change.dtype).tiny)
+    return prev[key] + torch.where(total > 0, mean, torch.zeros_like(mean))
 
 
 def _residual(
-    m: ModuleShape, updates: list[DeviceUpdate], w: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+    m: ModuleShape, prev: State, updates: list[DeviceUpdate], w: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 ) -> Residual:
-    """Factored residual: U = s [w_1 B_1 ... w_K B_K  -B],  V = [A_1; ...; A_K; A]."""
-    u = torch.cat([wk * up.state[m.key_b] for wk, up in zip(w, updates)] + [-b], dim=1)
-    v = torch.cat([up.state[m.key_a] for up in updates] + [a], dim=0)
-    return Residual(m.scaling * u, v)
+    """s (B A + sum_k w_k (B_k^e A_k^e - B_k^s A_k^s) - B' A'), as factors.
+
+    Equal (B, A) pairs are merged first: devices that all started from the whole global adapter
+    (no view mask) cancel the B A term, leaving FedEx-LoRA's rank (K + 1) r residual.
+    """
+    terms: list[list] = [[prev[m.key_b], prev[m.key_a], 1.0]]
+    for wk, u in zip(w.tolist(), updates):
+        terms.append([u.end[m.key_b], u.end[m.key_a], wk])
+        terms.append([u.start[m.key_b], u.start[m.key_a], -wk])
+    terms.append([b, a, -1.0])
+    merged: list[list] = []
+    for tb, ta, c in terms:
+        for other in merged:
+            if torch.equal(other[0], tb) and torch.equal(other[1], ta):
+                other[2] += c
+                break
+        else:
+            merged.append([tb, ta, c])
+    kept = [(tb, ta, c) for tb, ta, c in merged if abs(c) > 1e-6]
+    if not kept:
+        return Residual(torch.zeros(m.n_out, 0), torch.zeros(0, m.n_in))
+    u = torch.cat([m.scaling * c * tb for tb, _, c in kept], dim=1)
+    v = torch.cat([ta for _, ta, _ in kept], dim=0)
+    return Residual(u, v)

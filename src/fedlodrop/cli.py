@@ -41,22 +41,35 @@ def run(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder (default runs/<task>-<time>)")] = None,
+    resume: Annotated[
+        Optional[Path], typer.Option("--resume", help="continue this run folder from its last complete round")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="overwrite a run folder that already holds a run")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Fine-tune across simulated devices; with no arguments, the offline default (MiniLM, Rotten Tomatoes)."""
     from fedlodrop.config import load_config
+    from fedlodrop.engine import resume as resume_engine
     from fedlodrop.engine import run as run_engine
 
     _offline_env()
-    cfg = load_config(config, set_ or [])
-    if out is None:
-        out = Path("runs") / f"{cfg.task}-{cfg.federation.aggregation}-{time.strftime('%Y%m%d-%H%M%S')}"
-    err_console.print(
-        f"fedlodrop run: task {cfg.task}, model {cfg.model}, {cfg.federation.devices} devices, "
-        f"{cfg.federation.rounds} rounds, {cfg.federation.aggregation}, dropout {cfg.dropout.rate} -> {out}",
-        highlight=False,
-    )
-    summary = run_engine(cfg, out, console=err_console, show_progress=not quiet)
+    if resume is not None:
+        if config is not None or set_ or out is not None:
+            raise UserError("--resume continues a run with its own config.yaml: drop --config, --set and --out")
+        out = resume
+        err_console.print(f"fedlodrop run: resuming {out}", highlight=False)
+        summary = resume_engine(out, console=err_console, show_progress=not quiet)
+    else:
+        cfg = load_config(config, set_ or [])
+        if out is None:
+            out = Path("runs") / f"{cfg.task}-{cfg.federation.aggregation}-{time.strftime('%Y%m%d-%H%M%S')}"
+        err_console.print(
+            f"fedlodrop run: task {cfg.task}, model {cfg.model}, {cfg.federation.devices} devices, "
+            f"{cfg.federation.rounds} rounds, {cfg.federation.aggregation}, dropout {cfg.dropout.rate} "
+            f"({cfg.dropout.variant}) -> {out}",
+            highlight=False,
+        )
+        summary = run_engine(cfg, out, console=err_console, show_progress=not quiet, force=force)
     main = summary["main_metric"]
     out_console.print(
         f"final {main} {summary['final'][main]:.4f}, best {summary['best'][main]:.4f} "

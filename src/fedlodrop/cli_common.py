@@ -7,7 +7,7 @@ import functools
 import typer
 from rich.console import Console
 
-from fedlodrop.errors import UserError
+from fedlodrop.errors import RoundFailed, UserError
 
 err_console = Console(stderr=True)
 
@@ -18,7 +18,8 @@ def fail(message: str) -> None:
 
 
 def user_errors(fn):
-    """Turn a UserError (the planner's InfeasibleError too) into one line on stderr and exit 2."""
+    """A UserError (the planner's InfeasibleError too) becomes one line on stderr and exit 2; a
+    failed round one line and exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -26,5 +27,8 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except UserError as err:
             fail(str(err))
+        except RoundFailed as err:  # not the user's input: exit 1, the last checkpoint is intact
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper

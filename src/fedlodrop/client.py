@@ -1,14 +1,18 @@
-"""What one device does with the shared backbone: train its sub-adapter, or score a data set.
+"""The device's half of a round: decode what arrived, train, pack the upload.
 
-In `persistent` mode the dropped columns of A and rows of B start at zero and their gradients are
-zeroed every step; AdamW then leaves them exactly zero (zero moments give a zero step, and weight
-decay of zero is zero), so the device really trains only its sub-adapter. In `reset` mode (the
-released reference code) they are zeroed once and then trained like everything else.
+`device_step` needs only the task it received, its own data and the shared backbone, so the
+in-process engine and the Flower ClientApp call it the same way. A device trains on exactly what
+was sent: the adapter slices decoded from the download (communication dtype included) over a base
+brought up to date by the download's folds and seen through the device's view.
+
+Slices outside the trained masks have their gradients zeroed every step; AdamW then leaves them
+exactly as they were (zero moments give a zero step), so only the kept slices change.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,9 +21,14 @@ import numpy as np
 import torch
 
 from fedlodrop.adapter import State
-from fedlodrop.config import TrainConfig
-from fedlodrop.masks import Masks, apply_masks
+from fedlodrop.aggregation import make_rule
+from fedlodrop.config import RunConfig, TrainConfig
+from fedlodrop.data import make_loader
+from fedlodrop.masks import Masks, device_masks
+from fedlodrop.messages import COMM_DTYPES, DeviceReply, DeviceTask, decode_adapter, encode_adapter
 from fedlodrop.model import FedModel
+from fedlodrop.rng import seed_torch, stream_seed
+from fedlodrop.variants import VARIANTS
 
 
 @dataclass
@@ -28,6 +37,63 @@ class LocalResult:
     loss: float  # mean training loss over the local steps
     steps: int
     seconds: float
+    lr_first: float
+    lr_last: float
+
+
+def lr_schedule(cfg: RunConfig) -> Callable[[float], float]:
+    """lr at federation progress p in [0, 1]: linear warm-up, then linear decay to 0 or flat.
+
+    The schedule spans the whole federation, not one local phase: round t's local phase runs
+    from p = t / rounds to (t + 1) / rounds."""
+    base, warm, kind = cfg.train.lr, cfg.train.warmup_ratio, cfg.train.schedule
+
+    def lr(p: float) -> float:
+        if warm > 0 and p < warm:
+            return base * p / warm
+        if kind == "constant":
+            return base
+        return base * max(0.0, 1.0 - p) / (1.0 - warm)
+
+    return lr
+
+
+def device_step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: State) -> DeviceReply:
+    """One device's round: `shard` is its tokenised data, `known` the seeded initial adapter."""
+    layout = fm.layout
+    rule = make_rule(cfg.federation.aggregation, cfg.federation.factor_rule)
+    variant = VARIANTS[cfg.dropout.variant]
+    masks = device_masks(cfg, layout, task.rate, task.round, task.device)
+    view, trained = variant.view(masks, layout), variant.trained(masks, layout)
+    if task.fold is not None:
+        fm.sync_fold(task.fold)
+    fm.set_view(view if variant.masks_view else None)
+    start = decode_adapter(task.adapter, layout, view, known)
+    seed_torch(cfg.seed, "local-train", task.round, task.device)
+    loader = make_loader(
+        shard,
+        fm.tokenizer,
+        cfg.train.batch_size,
+        True,
+        stream_seed(cfg.seed, "data", task.round, task.device),
+        group_by_length=cfg.train.group_by_length,
+    )
+    lr, rounds = lr_schedule(cfg), cfg.federation.rounds
+    result = train_local(
+        fm,
+        start,
+        trained if variant.masks_training else None,
+        loader,
+        cfg.train,
+        cfg.federation.local_epochs,
+        lambda f: lr((task.round + f) / rounds),
+        train_a=rule.trains_a,
+    )
+    upload = encode_adapter(result.state, layout, trained, rule, COMM_DTYPES[cfg.federation.comm_dtype])
+    return DeviceReply(
+        task.device, task.round, upload, len(shard), result.loss, result.steps, result.seconds,
+        result.lr_first, result.lr_last,
+    )
 
 
 def _autocast(fm: FedModel):
@@ -48,30 +114,29 @@ def local_steps(batches_per_epoch: int, local_epochs: float, grad_accum: int) ->
 def train_local(
     fm: FedModel,
     start: State,
-    masks: Masks,
-    mask_mode: str,
+    trained: Masks | None,
     loader,
     train: TrainConfig,
     local_epochs: float,
     lr_at: Callable[[float], float],
     train_a: bool = True,
 ) -> LocalResult:
-    """Local phase of one device. `lr_at(fraction of the phase done)` gives the learning rate."""
-    import time
-
+    """Local phase from `start`; only the slices of `trained` change (all of them if None).
+    `lr_at(fraction of the phase done)` gives the learning rate of each step."""
     t0 = time.perf_counter()
-    fm.set_state(apply_masks(start, fm.layout, masks))
+    fm.set_state(start)
     fm.set_a_trainable(train_a)
     params = fm.trainable(train_a)
     optim = torch.optim.AdamW(params, lr=lr_at(0.0), weight_decay=train.weight_decay)
-    grad_masks = _grad_masks(fm, masks) if mask_mode == "persistent" else []
+    grad_masks = _grad_masks(fm, trained) if trained is not None else []
     steps = local_steps(len(loader), local_epochs, train.grad_accum)
     fm.net.train()
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []
     batches = _cycle(loader)
+    rates = [lr_at(step / steps) for step in range(steps)]
     for step in range(steps):
         for group in optim.param_groups:
-            group["lr"] = lr_at(step / steps)
+            group["lr"] = rates[step]
         for _ in range(train.grad_accum):
             batch = _to_device(next(batches), fm.device)
             with _autocast(fm):
@@ -87,7 +152,7 @@ def train_local(
         optim.zero_grad(set_to_none=True)
     fm.set_a_trainable(True)
     mean_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
-    return LocalResult(fm.get_state(), mean_loss, steps, time.perf_counter() - t0)
+    return LocalResult(fm.get_state(), mean_loss, steps, time.perf_counter() - t0, rates[0], rates[-1])
 
 
 def _grad_masks(fm: FedModel, masks: Masks) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
@@ -107,18 +172,30 @@ def _cycle(loader):
 @torch.no_grad()
 def predict(fm: FedModel, loader, is_regression: bool) -> tuple[np.ndarray, np.ndarray, float]:
     """Predictions, labels and mean loss of the model as it is loaded now."""
+    outputs, labels, loss = predict_outputs(fm, loader)
+    if len(labels) == 0:
+        return np.array([]), np.array([]), float("nan")
+    preds = outputs.squeeze(-1) if is_regression else outputs.argmax(-1)
+    return preds, labels, loss
+
+
+@torch.no_grad()
+def predict_outputs(fm: FedModel, loader, probabilities: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+    """Logits (or class probabilities), labels and the mean loss over `loader`."""
     fm.net.eval()
-    preds, labels, loss_sum, n = [], [], 0.0, 0
+    outs, labels, loss_sum, n = [], [], 0.0, 0
     for batch in loader:
         batch = _to_device(batch, fm.device)
         with _autocast(fm):
             out = fm.net(**batch)
         logits = out.logits.float()
         size = logits.shape[0]
-        loss_sum += float(out.loss) * size
+        if out.loss is not None:
+            loss_sum += float(out.loss) * size
         n += size
-        preds.append((logits.squeeze(-1) if is_regression else logits.argmax(-1)).cpu().numpy())
-        labels.append(batch["labels"].cpu().numpy())
+        outs.append((logits.softmax(-1) if probabilities else logits).cpu().numpy())
+        if "labels" in batch:
+            labels.append(batch["labels"].cpu().numpy())
     if n == 0:
-        return np.array([]), np.array([]), float("nan")
-    return np.concatenate(preds), np.concatenate(labels), loss_sum / n
+        return np.zeros((0, 1)), np.array([]), float("nan")
+    return np.concatenate(outs), np.concatenate(labels) if labels else np.array([]), loss_sum / n

@@ -49,12 +49,27 @@ class FederationConfig(_Section):
     comm_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="dtype of every tensor that travels; bytes are counted in it"
     )
+    devices_per_round: int | None = Field(
+        None, ge=1, description="devices sampled (from the seed) to train each round; null: all of them"
+    )
+    min_devices: int = Field(
+        1, ge=1, description="a round fails unless at least this many devices return a usable update"
+    )
 
 
 class DropoutConfig(_Section):
     rate: float | list[float] = 0.0
     sampler: Literal["bernoulli", "exact"] = "bernoulli"
-    mask_mode: Literal["persistent", "reset"] = "persistent"
+    variant: Literal["subadapter", "update", "reset"] = Field(
+        "update",
+        description="update: the forward pass uses the whole global adapter, only the kept rows/columns "
+        "train and travel up; subadapter: the paper's sub-adapter, dropped rows/columns are absent from "
+        "the device's model; reset: the released code, zero them once, train and send everything "
+        "(docs/dropout.md)",
+    )
+    test_ensemble: int = Field(
+        0, ge=0, le=1000, description="evaluate as the mean of N sub-adapter models at the mean rate; 0: the full adapter"
+    )
 
     @model_validator(mode="after")
     def _rates_in_range(self) -> DropoutConfig:
@@ -132,9 +147,30 @@ class RunConfig(_Section):
             raise ValueError("data.source is glue_dir but data.glue_dir is not set")
         if self.data.resolved_source(self.task) == "rotten_tomatoes" and self.task != "rotten_tomatoes":
             raise ValueError(f"data.source rotten_tomatoes holds only task rotten_tomatoes, not {self.task!r}")
+        f = self.federation
+        if f.devices_per_round is not None and f.devices_per_round > f.devices:
+            raise ValueError(
+                f"federation.devices_per_round {f.devices_per_round} exceeds federation.devices {f.devices}"
+            )
+        if f.min_devices > (f.devices_per_round or f.devices):
+            raise ValueError(
+                f"federation.min_devices {f.min_devices} exceeds the {f.devices_per_round or f.devices} "
+                "devices that train each round"
+            )
         if self.federation.partition == "continuous" and self.task != "stsb":
             raise ValueError("federation.partition continuous is for the real-valued label of stsb")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        """`dropout.mask_mode` became `dropout.variant`; say so instead of 'unknown key'."""
+        if isinstance(data, dict) and isinstance(data.get("dropout"), dict) and "mask_mode" in data["dropout"]:
+            raise ValueError(
+                f"dropout.mask_mode {data['dropout']['mask_mode']!r} was replaced by dropout.variant "
+                "(subadapter, update or reset; persistent = subadapter)"
+            )
+        return data
 
     def device_rates(self) -> list[float]:
         """Dropout rate of each device from `dropout.rate` (a plan, when given, overrides them)."""

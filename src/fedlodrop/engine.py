@@ -1,12 +1,10 @@
-"""The in-process federation: a thin loop over server, client and aggregation.
+"""The in-process federation: a short loop over the server's and the devices' halves of a round.
 
     for each round:
-        tasks = server.configure(round)              # masks, sub-adapters to send
-        for each device:                             # one shared backbone, state swapped in
-            result = train_local(start state, masks)
-            update = server.receive(task, server.upload(task, result.state))
-        outcome = server.aggregate(updates)          # + FedEx residual folded into the backbone
-        evaluate, log a line to metrics.jsonl
+        tasks   = server.configure(round)                    # who trains, what each is sent
+        replies = [device_step(backbone, task, its data)]    # one shared backbone, state swapped in
+        result  = server.finish(tasks, replies)              # leave out failures, aggregate, fold
+        evaluate the global model, append to metrics.jsonl, checkpoint (atomically)
 
 Everything that can fail on the user's input (config, data, model, plan) is done by `prepare`
 before the run folder is created, so a bad run leaves nothing behind.
@@ -14,9 +12,7 @@ before the run folder is created, so a bad run leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedlodrop.client import local_steps, predict, train_local
-from fedlodrop.config import RunConfig, dump_config
-from fedlodrop.data import Task, TASKS, load_splits, make_loader, partition, tokenize
+from fedlodrop.adapter import State
+from fedlodrop.client import device_step, predict, predict_outputs
+from fedlodrop.config import RunConfig
+from fedlodrop.data import TASKS, Task, load_splits, make_loader, partition, tokenize
 from fedlodrop.errors import UserError
-from fedlodrop.masks import kept_values
+from fedlodrop.masks import apply_masks, draw_masks
+from fedlodrop.messages import FoldCatchUp
 from fedlodrop.metrics import compute_metrics
 from fedlodrop.model import FedModel, build_model, init_regression_head, load_tokenizer
-from fedlodrop.rng import seed_torch, stream_seed
+from fedlodrop.rng import stream_seed
+from fedlodrop.runs import RunFolder
 from fedlodrop.server import Server, ServerState
 
 
@@ -46,6 +45,7 @@ class Experiment:
     eval_set: object
     train_eval_set: object
     rates: list[float]
+    known: State  # the seeded initial adapter every device builds
     plan: object | None = None
 
 
@@ -79,7 +79,7 @@ def prepare(cfg: RunConfig, with_training: bool = True) -> Experiment:
         pool = concatenate_datasets(shards)
         n = min(cfg.data.train_eval_samples, len(pool))
         train_eval_set = pool.shuffle(seed=stream_seed(cfg.seed, "train-eval") % 2**32).select(range(n))
-    return Experiment(cfg, task, fm, shards, eval_set, train_eval_set, rates, plan)
+    return Experiment(cfg, task, fm, shards, eval_set, train_eval_set, rates, fm.get_state(), plan)
 
 
 def _rates(cfg: RunConfig) -> tuple[object | None, list[float]]:
@@ -96,164 +96,144 @@ def _rates(cfg: RunConfig) -> tuple[object | None, list[float]]:
     return plan, [float(d.gamma) for d in plan.devices]
 
 
-def lr_schedule(cfg: RunConfig):
-    """lr as a function of federation progress p in [0, 1]: warm-up, then linear decay or flat."""
-    base, warm, kind = cfg.train.lr, cfg.train.warmup_ratio, cfg.train.schedule
-
-    def lr(p: float) -> float:
-        if warm > 0 and p < warm:
-            return base * p / warm
-        if kind == "constant":
-            return base
-        return base * max(0.0, 1.0 - p) / (1.0 - warm)
-
-    return lr
+# ---------------------------------------------------------------------------- evaluation
 
 
-def evaluate(exp: Experiment, data) -> tuple[dict[str, float], float]:
+def evaluate(exp: Experiment, data, global_state: State, round_: int = 0) -> tuple[dict[str, float], float]:
+    """Score the global model (backbone + fold + adapter); with `dropout.test_ensemble` N > 0, the
+    mean of N sub-adapter models at the devices' mean rate (masks from their own stream)."""
     if len(data) == 0:
         return {}, float("nan")
-    loader = make_loader(data, exp.fm.tokenizer, exp.cfg.train.batch_size * 2, False, 0, sort_by_length=True)
-    preds, labels, loss = predict(exp.fm, loader, exp.task.is_regression)
+    fm, cfg = exp.fm, exp.cfg
+    loader = make_loader(data, fm.tokenizer, cfg.train.batch_size * 2, False, 0, sort_by_length=True)
+    n = cfg.dropout.test_ensemble
+    if n == 0:
+        fm.set_view(None)
+        fm.set_state(global_state)
+        preds, labels, loss = predict(fm, loader, exp.task.is_regression)
+        return compute_metrics(exp.task, preds, labels), loss
+    rate = float(np.mean(exp.rates))
+    total = None
+    for i in range(n):
+        masks = draw_masks(fm.layout, rate, cfg.dropout.sampler, cfg.seed, round_, i, stream="test-mask")
+        fm.set_view(masks)
+        fm.set_state(apply_masks(global_state, fm.layout, masks))
+        out, labels, _ = predict_outputs(fm, loader, probabilities=not exp.task.is_regression)
+        total = out if total is None else total + out
+    fm.set_view(None)
+    mean = total / n
+    if exp.task.is_regression:
+        preds = mean.squeeze(-1)
+        loss = float(np.mean((preds - labels) ** 2))
+    else:
+        preds = mean.argmax(-1)
+        loss = float(-np.mean(np.log(np.clip(mean[np.arange(len(labels)), labels.astype(int)], 1e-12, None))))
     return compute_metrics(exp.task, preds, labels), loss
 
 
-def run_round(exp: Experiment, server: Server, round_: int, order: list[int] | None = None) -> dict:
-    """One federated round; returns its metrics record.
+# ---------------------------------------------------------------------------- one round
 
-    `order` is the order devices train in (as results may arrive over a network); updates are
-    aggregated in device order, so the result does not depend on it.
-    """
+
+def run_round(exp: Experiment, server: Server, round_: int, order: list[int] | None = None) -> dict:
+    """One round; returns its metrics record. `order` is the order devices train in (as replies
+    may arrive over a network); the server aggregates in device order, so it cannot matter."""
     cfg, fm = exp.cfg, exp.fm
     t_round = time.perf_counter()
-    lr = lr_schedule(cfg)
-    rounds = cfg.federation.rounds
     t0 = time.perf_counter()
     tasks = server.configure(round_)
-    masks_s = time.perf_counter() - t0
-    updates, devices, train_s = [], [], 0.0
-    if order is not None:
-        tasks = [tasks[k] for k in order]
-    for task in tasks:
-        shard = exp.shards[task.device]
-        seed_torch(cfg.seed, "local-train", round_, task.device)
-        loader = make_loader(
-            shard,
-            fm.tokenizer,
-            cfg.train.batch_size,
-            True,
-            stream_seed(cfg.seed, "data", round_, task.device),
-            group_by_length=cfg.train.group_by_length,
-        )
-        result = train_local(
-            fm,
-            server.start_state(task),
-            task.masks,
-            cfg.dropout.mask_mode,
-            loader,
-            cfg.train,
-            cfg.federation.local_epochs,
-            lambda f, r=round_: lr((r + f) / rounds),
-            train_a=server.train_a,
-        )
-        train_s += result.seconds
+    configure_s = time.perf_counter() - t0
+    run_order = tasks if order is None else [t for k in order for t in tasks if t.device == k]
+    replies, devices_s = [], 0.0
+    for task in run_order:
         t0 = time.perf_counter()
-        sent = server.upload(task, result.state)
-        updates.append(server.receive(task, sent, len(shard)))
-        masks_s += time.perf_counter() - t0
-        up = sum(t.numel() * t.element_size() for t in sent.values())
-        devices.append(
-            {
-                "device": task.device,
-                "rate": task.rate,
-                "kept_values": kept_values(server.layout, task.masks),
-                "samples": len(shard),
-                "steps": result.steps,
-                "train_loss": result.loss,
-                "uplink_bytes": up,
-                "downlink_bytes": task.downlink_bytes,
-                "train_s": round(result.seconds, 3),
-            }
-        )
-    by_device = sorted(range(len(tasks)), key=lambda i: tasks[i].device)
-    updates = [updates[i] for i in by_device]
-    devices = [devices[i] for i in by_device]
+        replies.append(device_step(fm, task, exp.shards[task.device], cfg, exp.known))
+        devices_s += time.perf_counter() - t0
     t0 = time.perf_counter()
-    outcome = server.aggregate(updates)
-    fm.add_to_base(outcome.base_deltas)
-    fm.set_state(server.state.global_state)
+    result = server.finish(tasks, replies)
+    if result.fold_update is not None:  # the server's own copy of the backbone evaluates
+        fm.sync_fold(FoldCatchUp(round_, round_ + 1, [result.fold_update]))
     aggregate_s = time.perf_counter() - t0
-    for d in devices:
-        d["downlink_bytes"] += outcome.residual_downlink_bytes
     t0 = time.perf_counter()
-    eval_metrics, eval_loss = evaluate(exp, exp.eval_set)
-    train_metrics, train_eval_loss = evaluate(exp, exp.train_eval_set)
+    eval_metrics, eval_loss = evaluate(exp, exp.eval_set, server.state.global_state, round_)
+    train_metrics, _ = evaluate(exp, exp.train_eval_set, server.state.global_state, round_)
     eval_s = time.perf_counter() - t0
-    total = sum(d["samples"] for d in devices)
-    record = {
-        "round": round_ + 1,
-        "train_loss": sum(d["train_loss"] * d["samples"] for d in devices) / total,
+    record = result.record
+    train_s = sum(r.train_s for r in replies)
+    record |= {
         "train": train_metrics,
         "eval": eval_metrics,
         "eval_loss": eval_loss,
-        "uplink_bytes": sum(d["uplink_bytes"] for d in devices),
-        "downlink_bytes": sum(d["downlink_bytes"] for d in devices),
         "wall_s": round(time.perf_counter() - t_round, 3),
         "timing": {
             "train_s": round(train_s, 4),
-            "masks_s": round(masks_s, 4),
+            "pack_s": round(configure_s + devices_s - train_s, 4),
             "aggregate_s": round(aggregate_s, 4),
             "eval_s": round(eval_s, 4),
         },
-        "devices": devices,
     }
     if exp.plan is not None:
-        record["model"] = _model_costs(exp.plan, devices)
+        record["model"] = _model_costs(exp.plan, record["devices"], cfg.federation.devices)
     return record
 
 
-def _model_costs(plan, devices: list[dict]) -> dict:
+def _model_costs(plan, devices: list[dict], n: int) -> dict:
     """The system model's latency and energy for the bytes this round really sent."""
     from fedlodrop.planning.plan import round_costs
 
-    costs = round_costs(
-        plan.system,
-        plan.devices,
-        [8.0 * d["uplink_bytes"] for d in devices],
-        [8.0 * d["downlink_bytes"] for d in devices],
-    )
+    up, down = [0.0] * n, [0.0] * n
+    for d in devices:
+        up[d["device"]], down[d["device"]] = 8.0 * d.get("uplink_bytes", 0), 8.0 * d["downlink_bytes"]
+    costs = round_costs(plan.system, plan.devices, up, down)
+    active = [c for k, c in enumerate(costs) if any(d["device"] == k for d in devices)]
     return {
-        "latency_s": max(c[0] for c in costs),
-        "energy_j": sum(c[1] for c in costs),
+        "latency_s": max(c[0] for c in active),
+        "energy_j": sum(c[1] for c in active),
         "device_latency_s": [c[0] for c in costs],
         "device_energy_j": [c[1] for c in costs],
     }
+
+
+# ---------------------------------------------------------------------------- whole runs
 
 
 def initial_state(exp: Experiment) -> ServerState:
     return ServerState(rounds_done=0, global_state=exp.fm.get_state())
 
 
-def run(cfg: RunConfig, out: Path, console=None, show_progress: bool = True) -> dict:
+def make_server(exp: Experiment, state: ServerState) -> Server:
+    return Server(exp.cfg, exp.fm.layout, state, exp.rates, exp.known)
+
+
+def run(cfg: RunConfig, out: Path, console=None, show_progress: bool = True, force: bool = False) -> dict:
     """Prepare (may raise UserError, leaving nothing), then train all rounds into `out`."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"run folder {out} already exists and is not empty; choose another --out")
+    folder = RunFolder(out)
+    folder.check_new(force)
     exp = prepare(cfg)
-    return train(exp, out, console, show_progress)
+    folder.start(cfg, force=force)
+    return train(exp, folder, initial_state(exp), [], console, show_progress)
 
 
-def train(exp: Experiment, out: Path, console=None, show_progress: bool = True) -> dict:
+def resume(run_dir: Path, console=None, show_progress: bool = True) -> dict:
+    """Continue an interrupted run from its last complete round; it ends as an uninterrupted one."""
+    folder = RunFolder(run_dir)
+    cfg = folder.config()
+    if folder.finished:
+        return folder.summary()
+    state = folder.load_checkpoint()
+    exp = prepare(cfg)
+    exp.fm.set_fold(state.fold, state.rounds_done)
+    records = folder.truncate_metrics(state.rounds_done)
+    return train(exp, folder, state, records, console, show_progress)
+
+
+def train(exp: Experiment, folder: RunFolder, state: ServerState, records: list[dict], console=None,
+          show_progress: bool = True) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     cfg = exp.cfg
     console = console or Console(stderr=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    server = Server(cfg, exp.fm.layout, initial_state(exp), exp.rates)
-    t_start = time.perf_counter()
-    records: list[dict] = []
+    server = make_server(exp, state)
     main = exp.task.main_metric
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -264,75 +244,74 @@ def train(exp: Experiment, out: Path, console=None, show_progress: bool = True) 
         disable=not show_progress,
         transient=True,
     )
-    with progress, open(out / "metrics.jsonl", "w") as log:
-        bar = progress.add_task("rounds", total=cfg.federation.rounds)
-        for round_ in range(cfg.federation.rounds):
+    with progress:
+        bar = progress.add_task("rounds", total=cfg.federation.rounds, completed=state.rounds_done)
+        for round_ in range(state.rounds_done, cfg.federation.rounds):
             record = run_round(exp, server, round_)
+            t0 = time.perf_counter()
+            written = folder.write_state(server.state)
+            record["timing"]["checkpoint_s"] = round(time.perf_counter() - t0, 4)
+            folder.append_metrics(record)
+            folder.commit(written, server.state.rounds_done)
             records.append(record)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
             progress.advance(bar)
-            console.print(_round_line(record, main))
-    server.state.save(out)
-    summary = _summary(exp, records, time.perf_counter() - t_start)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
+            console.print(_round_line(record, main), highlight=False)
+    summary = _summary(exp, records)
+    folder.save_final(server.state, exp.fm.layout, summary)
     return summary
 
 
 def _round_line(r: dict, main: str) -> str:
     ev = " ".join(f"{k} {v:.4f}" for k, v in r["eval"].items())
     tr = f"  train {main} {r['train'][main]:.4f}" if main in r["train"] else ""
-    mb = (r["uplink_bytes"] + r["downlink_bytes"]) / 1e6
+    left = f"  ({len(r['failures'])} left out)" if r["failures"] else ""
     return (
-        f"round {r['round']:>3}  train loss {r['train_loss']:.4f}{tr}  "
-        f"eval {ev}  sent {r['uplink_bytes'] / 1e6:.3f} MB up / {r['downlink_bytes'] / 1e6:.3f} MB down "
-        f"({mb:.3f} MB)  {r['wall_s']:.1f}s"
+        f"round {r['round']:>3}  train loss {r['train_loss']:.4f}{tr}  eval {ev}  "
+        f"sent {r['uplink_bytes'] / 1e6:.3f} MB up / {r['downlink_bytes'] / 1e6:.3f} MB down  "
+        f"{r['wall_s']:.1f}s{left}"
     )
 
 
-def _summary(exp: Experiment, records: list[dict], wall_s: float) -> dict:
+def _summary(exp: Experiment, records: list[dict]) -> dict:
+    """The final round and the best round (by the task's main metric, its whole metric dict)."""
     main = exp.task.main_metric
-    best_round = max(records, key=lambda r: r["eval"].get(main, -math.inf))
-    keys = records[-1]["eval"].keys()
+    best = max(records, key=lambda r: r["eval"].get(main, -math.inf))
+    last = records[-1]
     return {
         "task": exp.cfg.task,
         "model": exp.cfg.model,
         "rounds": len(records),
         "devices": exp.cfg.federation.devices,
         "aggregation": exp.cfg.federation.aggregation,
+        "variant": exp.cfg.dropout.variant,
         "rates": exp.rates,
         "main_metric": main,
-        "final": records[-1]["eval"],
-        "best": {k: max(r["eval"][k] for r in records) for k in keys},
-        "best_round": best_round["round"],
-        "final_train": records[-1]["train"],
-        "generalization_gap": {
-            k: records[-1]["train"][k] - records[-1]["eval"][k]
-            for k in keys
-            if k in records[-1]["train"]
-        },
+        "final": last["eval"],
+        "best": best["eval"],
+        "best_round": best["round"],
+        "final_train": last["train"],
+        "generalization_gap": {k: last["train"][k] - last["eval"][k] for k in last["eval"] if k in last["train"]},
         "uplink_bytes_total": sum(r["uplink_bytes"] for r in records),
         "downlink_bytes_total": sum(r["downlink_bytes"] for r in records),
+        "devices_left_out": sum(len(r["failures"]) for r in records),
         "adapter_values": exp.fm.layout.adapter_values,
         "head_values": exp.fm.layout.head_values,
-        "wall_s": round(wall_s, 3),
+        "wall_s": round(sum(r["wall_s"] for r in records), 3),
     }
 
 
-def rescore(run_dir: Path, overrides: list[str] = ()) -> dict:
-    """Rebuild a saved run's global model (backbone + folded deltas + adapter) and score it."""
-    from fedlodrop.config import load_config
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter.safetensors").is_file():
-        raise UserError(f"{run_dir} is not a finished run folder (config.yaml, adapter.safetensors)")
-    cfg = load_config(run_dir / "config.yaml", overrides)
+def load_global(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Experiment, State]:
+    """A finished run's global model loaded into a fresh backbone (fold set, adapter returned)."""
+    folder = RunFolder(run_dir)
+    cfg = folder.config(overrides)
     exp = prepare(cfg, with_training=False)
-    state = ServerState.load(run_dir)
-    exp.fm.add_to_base(state.base_delta)
-    exp.fm.set_state(state.global_state)
-    metrics, loss = evaluate(exp, exp.eval_set)
-    return {"eval": metrics, "eval_loss": loss, "rounds_done": state.rounds_done}
+    adapter, fold = folder.load_final(exp.fm.layout)
+    exp.fm.set_fold(fold, folder.rounds_done())
+    return exp, adapter
 
+
+def rescore(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Rebuild a saved run's global model (backbone + folded deltas + adapter) and score it."""
+    exp, adapter = load_global(run_dir, overrides)
+    metrics, loss = evaluate(exp, exp.eval_set, adapter, RunFolder(run_dir).rounds_done() - 1)
+    return {"eval": metrics, "eval_loss": loss, "rounds_done": RunFolder(run_dir).rounds_done()}

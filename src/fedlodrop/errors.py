@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input from the user (config, data, model name): message is shown as-is, exit 2."""
+
+
+class RoundFailed(Exception):
+    """Too few devices returned a usable update; the last checkpoint is left as it was."""

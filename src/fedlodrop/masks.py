@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
 from fedlodrop.adapter import AdapterLayout, State
 from fedlodrop.rng import numpy_rng
+
+if TYPE_CHECKING:
+    from fedlodrop.config import RunConfig
 
 Sampler = Literal["bernoulli", "exact"]
 
@@ -39,14 +42,14 @@ def draw_keep(n: int, rate: float, sampler: Sampler, rng: np.random.Generator) -
         if not keep.any():
             keep[rng.integers(n)] = True
         return keep
-    drops = min(math.floor(rate * n), n - 1)
+    drops = min(math.floor(rate * n + 1e-9), n - 1)  # 0.29 * 100 is 28.999999999999996
     keep = np.ones(n, dtype=bool)
     keep[rng.choice(n, size=drops, replace=False)] = False
     return keep
 
 
 def draw_masks(
-    layout: AdapterLayout, rate: float, sampler: Sampler, seed: int, round_: int, device: int
+    layout: AdapterLayout, rate: float, sampler: Sampler, seed: int, round_: int, device: int, stream: str = "mask"
 ) -> Masks:
     """Masks of one device for one round; each module's draw has its own named stream."""
     masks: Masks = {}
@@ -54,10 +57,15 @@ def draw_masks(
         if rate == 0.0:
             masks[m.name] = _all_kept(m.n_in, m.n_out)
             continue
-        a = draw_keep(m.n_in, rate, sampler, numpy_rng(seed, "mask-A", round_, device, index))
-        b = draw_keep(m.n_out, rate, sampler, numpy_rng(seed, "mask-B", round_, device, index))
+        a = draw_keep(m.n_in, rate, sampler, numpy_rng(seed, f"{stream}-A", round_, device, index))
+        b = draw_keep(m.n_out, rate, sampler, numpy_rng(seed, f"{stream}-B", round_, device, index))
         masks[m.name] = ModuleMask(torch.from_numpy(a), torch.from_numpy(b))
     return masks
+
+
+def device_masks(cfg: RunConfig, layout: AdapterLayout, rate: float, round_: int, device: int) -> Masks:
+    """A device's masks for a round: the server and the device draw the same ones by name."""
+    return draw_masks(layout, rate, cfg.dropout.sampler, cfg.seed, round_, device)
 
 
 def full_masks(layout: AdapterLayout) -> Masks:

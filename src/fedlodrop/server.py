@@ -1,137 +1,188 @@
-"""The server side of a round: configure devices, receive packed updates, aggregate.
+"""The server's half of a round: `configure` what each device gets, `finish` from the replies.
 
-`ServerState` is everything the server knows between rounds; with the run's seed it determines
-every later mask, so saving it saves the RNG streams too. `Server` owns no model: the engine (or
-the Flower strategy) moves tensors between it and the devices, and folds FedEx residuals into the
-backbone that the devices share.
+`ServerState` is everything the server knows between rounds (global adapter and head, the FedEx
+fold F, the recent per-round folds and which fold each device's base holds); with the run's seed
+it determines every later mask and participant, so saving it saves the RNG state too. `Server`
+owns no model: the engine or the Flower strategy carries its tasks to devices and its replies
+back, and applies each round's fold to whatever backbone evaluates the global model.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from fedlodrop.adapter import AdapterLayout, State, clone_state, to_base_orientation
-from fedlodrop.aggregation import DeviceUpdate, Residual, aggregate, device_weights
+from fedlodrop.adapter import AdapterLayout, State, clone_state
+from fedlodrop.aggregation import DeviceUpdate, device_weights, make_rule
 from fedlodrop.config import RunConfig
-from fedlodrop.masks import Masks, apply_masks, draw_masks, full_masks, pack, payload_bytes, unpack
-
-COMM_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from fedlodrop.errors import RoundFailed
+from fedlodrop.masks import Masks, device_masks, kept_values
+from fedlodrop.messages import (
+    COMM_DTYPES,
+    DeviceReply,
+    DeviceTask,
+    FoldCatchUp,
+    FoldUpdate,
+    apply_fold,
+    decode_adapter,
+    encode_adapter,
+    merge_trained,
+)
+from fedlodrop.rng import numpy_rng
+from fedlodrop.variants import VARIANTS
 
 
 @dataclass
 class ServerState:
     rounds_done: int
     global_state: State
-    base_delta: dict[str, torch.Tensor] = field(default_factory=dict)  # folded FedEx residuals
-
-    def save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.global_state.items()}, str(folder / "adapter.safetensors"))
-        if self.base_delta:
-            save_file({k: v.contiguous() for k, v in self.base_delta.items()}, str(folder / "base_delta.safetensors"))
-        (folder / "server_state.json").write_text(json.dumps({"rounds_done": self.rounds_done}))
-
-    @classmethod
-    def load(cls, folder: Path) -> ServerState:
-        meta = json.loads((folder / "server_state.json").read_text())
-        delta_file = folder / "base_delta.safetensors"
-        return cls(
-            rounds_done=meta["rounds_done"],
-            global_state=load_file(str(folder / "adapter.safetensors")),
-            base_delta=load_file(str(delta_file)) if delta_file.exists() else {},
-        )
+    fold: dict[str, torch.Tensor] = field(default_factory=dict)  # F per module, (out x in), float32
+    fold_log: list[FoldUpdate] = field(default_factory=list)  # the latest rounds' folds, for catch-ups
+    synced: list[int] = field(default_factory=list)  # per device: rounds of folds its base holds
 
 
 @dataclass
-class DeviceTask:
-    """What the server sends one device for one round."""
+class RoundResult:
+    """What `finish` made of a round: the fold to apply and the round's record."""
 
-    device: int
-    round: int
-    rate: float
-    masks: Masks  # drawn by the server; a remote device can redraw them from (seed, round, device)
-    download: State  # the packed tensors that travel down
-
-    @property
-    def downlink_bytes(self) -> int:
-        return payload_bytes(self.download)
+    fold_update: FoldUpdate | None
+    record: dict
 
 
-@dataclass
-class RoundOutcome:
-    residuals: dict[str, Residual]  # fedex only: to fold into every device's base weights
-    base_deltas: dict[str, torch.Tensor]  # the same, dense, in each base weight's orientation
-    residual_downlink_bytes: int  # per device
+def participants(cfg: RunConfig, round_: int) -> list[int]:
+    """The devices that train in `round_`: all, or `devices_per_round` drawn from the seed."""
+    fed = cfg.federation
+    if fed.devices_per_round is None or fed.devices_per_round >= fed.devices:
+        return list(range(fed.devices))
+    rng = numpy_rng(cfg.seed, "participants", round_)
+    return sorted(int(k) for k in rng.choice(fed.devices, size=fed.devices_per_round, replace=False))
 
 
 class Server:
-    def __init__(self, cfg: RunConfig, layout: AdapterLayout, state: ServerState, rates: list[float]):
+    def __init__(self, cfg: RunConfig, layout: AdapterLayout, state: ServerState, rates: list[float], known: State):
+        """`known`: the initial adapter every device builds from the seed (FFA's A never travels)."""
         self.cfg = cfg
         self.layout = layout
         self.state = state
         self.rates = rates
+        self.known = known
+        self.rule = make_rule(cfg.federation.aggregation, cfg.federation.factor_rule)
+        self.variant = VARIANTS[cfg.dropout.variant]
         self.dtype = COMM_DTYPES[cfg.federation.comm_dtype]
-        self.train_a = cfg.federation.aggregation != "ffa"
+        if not state.synced:
+            state.synced = [0] * cfg.federation.devices
 
     # ------------------------------------------------------------------ configure
-    def device_masks(self, device: int, round_: int) -> Masks:
-        d = self.cfg.dropout
-        return draw_masks(self.layout, self.rates[device], d.sampler, self.cfg.seed, round_, device)
-
-    def transport_masks(self, masks: Masks) -> Masks:
-        """What travels: the sub-adapter in persistent mode, full matrices in reset mode."""
-        return masks if self.cfg.dropout.mask_mode == "persistent" else full_masks(self.layout)
-
     def configure(self, round_: int) -> list[DeviceTask]:
+        if round_ != self.state.rounds_done:
+            raise RuntimeError(f"server has done {self.state.rounds_done} rounds, asked to configure round {round_ + 1}")
         tasks = []
-        for k in range(self.cfg.federation.devices):
-            masks = self.device_masks(k, round_)
-            sent = pack(self.state.global_state, self.layout, self.transport_masks(masks), self.dtype)
-            if not self.train_a:  # FFA: A is the shared seeded initialisation, never sent
-                sent = {key: v for key, v in sent.items() if not key.endswith(".lora_A")}
-            tasks.append(DeviceTask(k, round_, self.rates[k], masks, sent))
+        for k in participants(self.cfg, round_):
+            masks = device_masks(self.cfg, self.layout, self.rates[k], round_, k)
+            view = self.variant.view(masks, self.layout)
+            adapter = encode_adapter(self.state.global_state, self.layout, view, self.rule, self.dtype)
+            tasks.append(DeviceTask(k, round_, self.rates[k], adapter, self._catch_up(k)))
         return tasks
 
-    def start_state(self, task: DeviceTask) -> State:
-        """The state a device trains from: what it received, as full matrices."""
-        return apply_masks(self.state.global_state, self.layout, task.masks)
+    def _catch_up(self, device: int) -> FoldCatchUp | None:
+        """The folds device `device` has not seen: per-round updates, or F whole if that is smaller."""
+        held, now = self.state.synced[device], self.state.rounds_done
+        if not self.rule.folds or held == now:
+            return None
+        missing = [u for u in self.state.fold_log if u.round > held]
+        if len(missing) == now - held:
+            catch_up = FoldCatchUp(held, now, missing)
+            if catch_up.nbytes <= _dense_bytes(self.state.fold):
+                return catch_up
+        return FoldCatchUp(held, now, replace={k: v.clone() for k, v in self.state.fold.items()})
 
-    # ------------------------------------------------------------------ receive and aggregate
-    def upload(self, task: DeviceTask, trained: State) -> State:
-        """Device side: pack the trained state for the uplink (kept slices, head, comm dtype)."""
-        sent = pack(trained, self.layout, self.transport_masks(task.masks), self.dtype)
-        if not self.train_a:
-            sent = {key: v for key, v in sent.items() if not key.endswith(".lora_A")}
-        return sent
+    # ------------------------------------------------------------------ finish
+    def finish(self, tasks: list[DeviceTask], replies: list[DeviceReply]) -> RoundResult:
+        """Leave out failed or non-finite replies, aggregate the rest, fold, and record the round."""
+        round_ = self.state.rounds_done
+        by_device = {r.device: r for r in replies if r.round == round_}
+        tasks = sorted(tasks, key=lambda t: t.device)
+        updates, devices, failures = [], [], []
+        for task in tasks:
+            reply = by_device.get(task.device)
+            masks = device_masks(self.cfg, self.layout, task.rate, round_, task.device)
+            problem = "no reply" if reply is None else reply.problem()
+            entry = {"device": task.device, "rate": task.rate, "downlink_bytes": task.nbytes}
+            if reply is not None:
+                entry |= {
+                    "kept_values": kept_values(self.layout, masks),
+                    "samples": reply.num_samples,
+                    "steps": reply.steps,
+                    "train_loss": reply.train_loss,
+                    "uplink_bytes": reply.nbytes,
+                    "train_s": round(reply.train_s, 3),
+                    "lr": [reply.lr_first, reply.lr_last],
+                }
+            if problem is not None:
+                failures.append({"device": task.device, "reason": problem})
+                devices.append(entry | {"status": "left out", "reason": problem})
+                continue
+            devices.append(entry | {"status": "ok"})
+            updates.append(self._update(task, masks, reply))
+        if len(updates) < self.cfg.federation.min_devices:
+            reasons = "; ".join(f"device {f['device']}: {f['reason']}" for f in failures)
+            raise RoundFailed(
+                f"round {round_ + 1}: {len(updates)} of {len(tasks)} devices returned a usable update, "
+                f"federation.min_devices is {self.cfg.federation.min_devices} ({reasons})"
+            )
+        fold_update = self._aggregate(updates)
+        for task, entry in zip(tasks, devices):
+            if entry["status"] == "ok":  # the others may or may not hold the catch-up: resend it
+                self.state.synced[task.device] = round_
+        ok = [d for d in devices if d["status"] == "ok"]
+        total = sum(d["samples"] for d in ok)
+        record = {
+            "round": round_ + 1,
+            "participants": [t.device for t in tasks],
+            "train_loss": sum(d["train_loss"] * d["samples"] for d in ok) / total,
+            "uplink_bytes": sum(d.get("uplink_bytes", 0) for d in devices),
+            "downlink_bytes": sum(d["downlink_bytes"] for d in devices),
+            "fold_bytes": fold_update.nbytes if fold_update else 0,
+            "devices": devices,
+            "failures": failures,
+        }
+        return RoundResult(fold_update, record)
 
-    def receive(self, task: DeviceTask, packed: State, num_samples: int) -> DeviceUpdate:
-        masks = self.transport_masks(task.masks)
-        if not self.train_a:  # A never travelled: the server knows it
-            packed = dict(packed)
-            for m in self.layout.modules:
-                packed[m.key_a] = self.state.global_state[m.key_a][:, masks[m.name].a_cols]
-        return DeviceUpdate(unpack(packed, self.layout, masks), masks, num_samples)
+    def _update(self, task: DeviceTask, masks: Masks, reply: DeviceReply) -> DeviceUpdate:
+        """The device's start and end, rebuilt from what was sent down and what came up."""
+        start = decode_adapter(task.adapter, self.layout, self.variant.view(masks, self.layout), self.known)
+        trained = self.variant.trained(masks, self.layout)
+        end = merge_trained(start, reply.upload, self.layout, trained)
+        return DeviceUpdate(start, end, trained, reply.num_samples)
 
-    def aggregate(self, updates: list[DeviceUpdate]) -> RoundOutcome:
+    def _aggregate(self, updates: list[DeviceUpdate]) -> FoldUpdate | None:
         fed = self.cfg.federation
         weights = device_weights(updates, fed.weighting)
-        new_state, residuals = aggregate(
-            fed.aggregation, self.layout, self.state.global_state, updates, weights, fed.factor_rule
-        )
-        deltas = {}
-        residual_values = 0
-        for name, res in residuals.items():
-            shape = self.layout.module(name)
-            deltas[name] = to_base_orientation(shape, res.dense())
-            residual_values += res.downlink_values()
-            prev = self.state.base_delta.get(name)
-            self.state.base_delta[name] = deltas[name] if prev is None else prev + deltas[name]
+        new_state, residuals = self.rule.aggregate(self.layout, self.state.global_state, updates, weights)
         self.state.global_state = clone_state(new_state)
         self.state.rounds_done += 1
-        elt = torch.empty((), dtype=self.dtype).element_size()
-        return RoundOutcome(residuals, deltas, residual_values * elt)
+        if not self.rule.folds:
+            return None
+        update = FoldUpdate.encode(self.state.rounds_done, residuals, self.dtype)
+        self.state.fold, _ = apply_fold(
+            self.state.fold, self.state.rounds_done - 1, FoldCatchUp(self.state.rounds_done - 1, self.state.rounds_done, [update])
+        )
+        self.state.fold_log.append(update)
+        self._prune_log()
+        return update
+
+    def _prune_log(self) -> None:
+        """Keep the newest folds whose sum is at most F's dense size: a device further behind gets F."""
+        budget, kept = _dense_bytes(self.state.fold), []
+        for update in reversed(self.state.fold_log):
+            budget -= update.nbytes
+            if budget < 0:
+                break
+            kept.append(update)
+        self.state.fold_log = kept[::-1]
+
+
+def _dense_bytes(fold: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * 4 for t in fold.values())
+

@@ -1,0 +1,173 @@
+"""The run folder: the one module that reads and writes it.
+
+    runs/<name>/
+      config.yaml              the resolved configuration
+      metrics.jsonl            one object per round
+      checkpoint.json          the last complete round: {"rounds_done": n, "dir": "checkpoints/round-000n"}
+      checkpoints/round-000n/  server state after round n: state.safetensors, state.json
+      adapter.safetensors      final global LoRA factors (PEFT orientation) and head.*
+      base_delta.safetensors   FedEx: the fold F added to each frozen base weight (its orientation)
+      summary.json             written last: the run is finished
+
+A checkpoint is written into a fresh folder, then `checkpoint.json` is replaced atomically: the
+pointer is the mark that a round is complete, so a run killed at any instant resumes from the
+last round whose pointer was written, and metrics lines past it are dropped on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedlodrop.adapter import AdapterLayout, State, to_base_orientation
+from fedlodrop.config import RunConfig, dump_config, load_config
+from fedlodrop.errors import UserError
+from fedlodrop.messages import FoldUpdate
+from fedlodrop.server import ServerState
+
+CONFIG, METRICS, POINTER, SUMMARY = "config.yaml", "metrics.jsonl", "checkpoint.json", "summary.json"
+ADAPTER, BASE_DELTA = "adapter.safetensors", "base_delta.safetensors"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_tensors(tensors: State, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # ---------------------------------------------------------------- what state is it in
+    @property
+    def finished(self) -> bool:
+        return (self.path / SUMMARY).is_file()
+
+    def rounds_done(self) -> int:
+        pointer = self.path / POINTER
+        return json.loads(pointer.read_text())["rounds_done"] if pointer.is_file() else 0
+
+    def check_new(self, force: bool) -> None:
+        """A fresh run may go here: empty or absent, or `force` to replace what is there."""
+        if self.path.exists() and any(self.path.iterdir()):
+            if not force:
+                what = "a finished run" if self.finished else "a run (resume it with --resume)"
+                raise UserError(f"run folder {self.path} already holds {what}; use --force to overwrite it")
+
+    def start(self, cfg: RunConfig, force: bool = False) -> None:
+        if force and self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.path / CONFIG, dump_config(cfg))
+        (self.path / METRICS).write_text("")
+
+    # ---------------------------------------------------------------- config and metrics
+    def config(self, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+        if not (self.path / CONFIG).is_file():
+            raise UserError(f"{self.path} is not a run folder (no {CONFIG})")
+        return load_config(self.path / CONFIG, overrides)
+
+    def metrics(self) -> list[dict]:
+        path = self.path / METRICS
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.path / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate_metrics(self, rounds: int) -> list[dict]:
+        """Keep the records of the first `rounds` rounds (those a checkpoint covers)."""
+        records = [r for r in self.metrics() if r["round"] <= rounds]
+        _write_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in records))
+        return records
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, state: ServerState, record: dict | None = None) -> None:
+        """The server state, then the round's metrics line, then the pointer that marks it done."""
+        folder = self.write_state(state)
+        if record is not None:
+            self.append_metrics(record)
+        self.commit(folder, state.rounds_done)
+
+    def write_state(self, state: ServerState) -> Path:
+        folder = self.path / "checkpoints" / f"round-{state.rounds_done:04d}"
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        tensors = {f"global/{k}": v for k, v in state.global_state.items()}
+        tensors |= {f"fold/{k}": v for k, v in state.fold.items()}
+        for update in state.fold_log:
+            tensors |= {f"log/{update.round}/{k}": v for k, v in update.tensors.items()}
+        _save_tensors(tensors, folder / "state.safetensors")
+        meta = {"rounds_done": state.rounds_done, "synced": state.synced, "log_rounds": [u.round for u in state.fold_log]}
+        _write_atomic(folder / "state.json", json.dumps(meta))
+        return folder
+
+    def commit(self, folder: Path, rounds_done: int) -> None:
+        pointer = {"rounds_done": rounds_done, "dir": str(folder.relative_to(self.path))}
+        _write_atomic(self.path / POINTER, json.dumps(pointer))
+        for old in (self.path / "checkpoints").iterdir():
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self) -> ServerState:
+        pointer = self.path / POINTER
+        if not pointer.is_file():
+            raise UserError(f"{self.path} holds no complete round to resume from (no {POINTER})")
+        folder = self.path / json.loads(pointer.read_text())["dir"]
+        meta = json.loads((folder / "state.json").read_text())
+        tensors = load_file(str(folder / "state.safetensors"))
+        log: dict[int, State] = {}
+        for key, v in tensors.items():
+            if key.startswith("log/"):
+                _, r, name = key.split("/", 2)
+                log.setdefault(int(r), {})[name] = v
+        return ServerState(
+            rounds_done=meta["rounds_done"],
+            global_state={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("global/")},
+            fold={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("fold/")},
+            fold_log=[FoldUpdate(r, log[r]) for r in meta["log_rounds"]],
+            synced=list(meta["synced"]),
+        )
+
+    # ---------------------------------------------------------------- the finished run
+    def save_final(self, state: ServerState, layout: AdapterLayout, summary: dict) -> None:
+        """The global adapter, the fold in each base weight's orientation, then the summary (last)."""
+        _save_tensors(state.global_state, self.path / ADAPTER)
+        if state.fold:
+            deltas = {name: to_base_orientation(layout.module(name), f) for name, f in state.fold.items()}
+            _save_tensors(deltas, self.path / BASE_DELTA)
+        _write_atomic(self.path / SUMMARY, json.dumps(summary, indent=2))
+
+    def summary(self) -> dict:
+        return json.loads((self.path / SUMMARY).read_text())
+
+    def load_final(self, layout: AdapterLayout) -> tuple[State, dict[str, torch.Tensor]]:
+        """The global adapter and the fold F (out x in) of a finished run."""
+        if not (self.path / ADAPTER).is_file():
+            raise UserError(f"{self.path} is not a finished run folder (no {ADAPTER})")
+        adapter = load_file(str(self.path / ADAPTER))
+        fold = {}
+        if (self.path / BASE_DELTA).is_file():
+            for name, d in load_file(str(self.path / BASE_DELTA)).items():
+                fold[name] = to_base_orientation(layout.module(name), d)  # a transpose is its own inverse
+        return adapter, fold
