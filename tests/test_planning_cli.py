@@ -126,6 +126,45 @@ def test_infeasible_names_device_and_constraint_for_every_method(tmp_path):
         assert f"binding constraint: {reason}" in r.stderr
 
 
+def _solver_raises(monkeypatch):
+    import cvxpy as cp
+
+    def broken(self, *args, **kwargs):
+        raise cp.error.SolverError(f"Solver '{kwargs.get('solver')}' failed. Try another solver.")
+
+    monkeypatch.setattr(cp.Problem, "solve", broken)
+
+
+def _solver_fails_after_first_iteration(monkeypatch):
+    from fedlodrop.planning import psca
+
+    real, calls = psca._Surrogate.solve, []
+
+    def flaky(self):
+        calls.append(1)
+        if len(calls) == 1:
+            return real(self)
+        self.failure = "CLARABEL: status infeasible"
+        return "failed"
+
+    monkeypatch.setattr(psca._Surrogate, "solve", flaky)
+
+
+@pytest.mark.parametrize("break_solver", [_solver_raises, _solver_fails_after_first_iteration])
+def test_psca_solver_failure_is_an_error_not_a_gamma_max_plan(tmp_path, monkeypatch, break_solver):
+    system = system_file(tmp_path)
+    break_solver(monkeypatch)
+    out = tmp_path / "plan.json"
+    r = runner.invoke(app, ["optimize", str(system), "--method", "psca", "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error: P-SCA failed") and len(r.stderr.strip().splitlines()) == 1
+    assert "iteration" in r.stderr and not out.exists()
+    # B&B only uses P-SCA as a warm start: it still plans, on its own
+    r = runner.invoke(app, ["optimize", str(system), "--method", "bnb", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["method"] == "bnb"
+
+
 def make_sweep(root, e0, c, rates, seeds=(0, 1), noise=0.0, key="train_loss"):
     rng = np.random.default_rng(0)
     for rate in rates:

@@ -289,6 +289,7 @@ def calibrate(
 def _sweep(m, methods: list[str], values, make, tol: float, time_limit: float) -> dict:
     from fedlodrop.planning import solve
     from fedlodrop.planning.feasibility import InfeasibleError
+    from fedlodrop.planning.psca import SolverFailedError
 
     rows = {meth: {"x": [], "objective": [], "gamma": []} for meth in methods}
     for x in values:
@@ -297,6 +298,9 @@ def _sweep(m, methods: list[str], values, make, tol: float, time_limit: float) -
             try:
                 res = solve(mx, meth, tol=tol, time_limit=time_limit)
             except InfeasibleError:
+                continue
+            except SolverFailedError as err:  # no made-up point: leave it out and say so
+                err_console.print(f"  warning: {meth} at {x:.5g} left out: {err}", highlight=False)
                 continue
             rows[meth]["x"].append(float(x))
             rows[meth]["objective"].append(float(res.objective))
