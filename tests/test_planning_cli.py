@@ -230,6 +230,58 @@ def test_plot_tradeoff_writes_a_png_and_its_data(tmp_path):
     assert r.exit_code == 2 and not (tmp_path / "x.png").exists()
 
 
+def test_plot_tradeoff_energy_half_has_points_where_g_free_never_fits(tmp_path):
+    import warnings
+
+    system = tmp_path / "s.yaml"
+    r = runner.invoke(app, ["system", "random", "--devices", "10", "--seed", "3", "--out", str(system)])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "trade.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's "invalid value" on an inf range
+        r = runner.invoke(app, ["plot-tradeoff", str(system), "--out", str(out), "--points", "4",
+                                "--methods", "psca"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "warning" not in r.stderr
+    energy = json.loads(out.with_suffix(".json").read_text())["energy"]["psca"]
+    x, objective = np.array(energy["x"]), np.array(energy["objective"])
+    assert len(x) == 4 and np.all(np.isfinite(x)) and np.all(np.isfinite(objective))
+    assert x[0] < 1.0 < x[-1]  # from the tightest budgets to past where energy stops binding
+    assert objective[0] > objective[-1] and np.all(np.diff(objective) <= 1e-6)
+
+
+@pytest.mark.parametrize("error", ["infeasible", "solver"])
+def test_plot_tradeoff_empty_panels_say_why(tmp_path, monkeypatch, error):
+    import matplotlib.figure
+
+    import fedlodrop.planning
+    from fedlodrop.planning.feasibility import InfeasibleError
+    from fedlodrop.planning.psca import SolverFailedError
+
+    def no_point(*args, **kwargs):
+        raise InfeasibleError("no", 0, "latency") if error == "infeasible" else SolverFailedError("P-SCA failed")
+
+    texts = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        texts.extend(t.get_text() for ax in fig.axes for t in ax.texts)
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(fedlodrop.planning, "solve", no_point)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    system = system_file(tmp_path, K=2)
+    out = tmp_path / "trade.png"
+    r = runner.invoke(app, ["plot-tradeoff", str(system), "--out", str(out), "--points", "2", "--methods", "psca"])
+    assert r.exit_code == 0, r.output
+    notes = [line for line in r.stderr.splitlines() if line.startswith("warning: nothing to draw")]
+    assert len(notes) == 2 and "T_max" in notes[0] and "energy" in notes[1]
+    assert len(texts) == 4 and all(t.startswith("nothing to draw") for t in texts)  # in every panel
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if error == "solver":
+        assert r.stderr.count("left out: P-SCA failed") == 4  # 2 points x 2 sweeps
+
+
 def test_calibrate_skips_interrupted_runs(tmp_path):
     make_sweep(tmp_path / "sweep", 0.2, 0.1, [0.0, 0.4])
     short = tmp_path / "sweep" / "broken"

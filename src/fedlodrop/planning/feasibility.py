@@ -362,6 +362,16 @@ def min_latency_limit(m: SystemModel, gamma, rel_tol: float = 1e-6) -> float:
     return hi
 
 
+def energy_free_scale(m: SystemModel) -> float:
+    """A factor on every energy budget at and above which energy never binds.
+
+    Within T_max a device spends at most kappa W f_max^2 computing (W at gamma = 0) and
+    P_max T_max uploading, so with budgets that large only latency and bandwidth limit it.
+    """
+    worst = m.kappa * m.cycles(0.0, slice(None)) * m.fmax**2 + m.P * m.T
+    return 2.0 * float(np.max(worst / m.E))
+
+
 def min_energy_scale(m: SystemModel, gamma, rel_tol: float = 1e-6) -> float:
     """Smallest factor on every energy budget at which the rates `gamma` fit."""
     lo, hi = 0.0, 1.0
