@@ -134,6 +134,23 @@ def test_nearly_infeasible_system_still_fits_at_its_edge():
         check_feasible(m.with_limits(latency_s=t_min * (1 - 1e-4)))
 
 
+@pytest.mark.parametrize("limit", ["latency", "energy"])
+def test_smallest_limit_is_the_edge_of_feasibility(limit):
+    from fedlodrop.planning.feasibility import min_energy_scale, min_latency_limit, system_feasible
+
+    m = build_model(random_system(4, seed=3))
+    search, at = {"latency": (min_latency_limit, lambda x: m.with_limits(latency_s=x)),
+                  "energy": (min_energy_scale, lambda x: m.with_limits(energy_scale=x))}[limit]
+    loose = at(1e3 * (m.T if limit == "latency" else 1.0))  # the swept limit all but lifted
+    for gamma in (m.gamma_max, smallest_common_gamma(loose) + 0.01):
+        edge = search(m, gamma, rel_tol=1e-7)
+        assert 0 < edge < math.inf
+        assert system_feasible(at(edge), gamma) and not system_feasible(at(edge * (1 - 1e-5)), gamma)
+    # energy: a scale past which nothing changes; latency: the energy at gamma = 0 never allows it
+    stuck = m.with_limits(energy_scale=1e-6) if limit == "latency" else m.with_limits(latency_s=1e-3)
+    assert search(stuck, 0.0) == math.inf
+
+
 # ------------------------------------------------------------------------------------------
 # the downlink: its time is taken from T_max, before computing and uploading
 # ------------------------------------------------------------------------------------------
