@@ -53,5 +53,6 @@ def test_run_hides_third_party_deprecations_but_not_ours(tiny_bert, sst2_dir, tm
     assert "final accuracy" in proc.stdout
     assert "fedlodrop-own-notice" in proc.stderr  # our own warnings stay visible
     assert "third-party-notice" not in proc.stderr
-    noise = [line for line in proc.stderr.splitlines() if "Warning" in line and "fedlodrop-own-notice" not in line]
+    noise = [line for line in proc.stderr.splitlines()
+             if "Warning" in line and "fedlodrop-own-notice" not in line]
     assert noise == []  # e.g. transformers' FutureWarning on `is_gradient_checkpointing`

@@ -32,7 +32,8 @@ def test_keep_rate_matches_gamma(sampler):
         assert (keeps.sum(1) == 1000 - 300).all()
 
 
-@pytest.mark.parametrize("n, rate, drops", [(10, 0.25, 2), (7, 0.5, 3), (5, 0.9, 4), (12, 0.7, 8), (3, 0.99, 2)])
+@pytest.mark.parametrize("n, rate, drops",
+                         [(10, 0.25, 2), (7, 0.5, 3), (5, 0.9, 4), (12, 0.7, 8), (3, 0.99, 2)])
 def test_exact_sampler_drops_floor_of_rate_times_n(n, rate, drops):
     # rate * n has a fraction here: floor, not ceil or round (the last case: at least one kept)
     rng = np.random.default_rng(2)

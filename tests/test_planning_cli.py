@@ -259,7 +259,9 @@ def test_plot_tradeoff_empty_panels_say_why(tmp_path, monkeypatch, error):
     from fedlodrop.planning.psca import SolverFailedError
 
     def no_point(*args, **kwargs):
-        raise InfeasibleError("no", 0, "latency") if error == "infeasible" else SolverFailedError("P-SCA failed")
+        if error == "infeasible":
+            raise InfeasibleError("no", 0, "latency")
+        raise SolverFailedError("P-SCA failed")
 
     texts = []
     real_savefig = matplotlib.figure.Figure.savefig
@@ -272,7 +274,8 @@ def test_plot_tradeoff_empty_panels_say_why(tmp_path, monkeypatch, error):
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     system = system_file(tmp_path, K=2)
     out = tmp_path / "trade.png"
-    r = runner.invoke(app, ["plot-tradeoff", str(system), "--out", str(out), "--points", "2", "--methods", "psca"])
+    r = runner.invoke(app, ["plot-tradeoff", str(system), "--out", str(out), "--points", "2",
+                            "--methods", "psca"])
     assert r.exit_code == 0, r.output
     notes = [line for line in r.stderr.splitlines() if line.startswith("warning: nothing to draw")]
     assert len(notes) == 2 and "T_max" in notes[0] and "energy" in notes[1]

@@ -188,7 +188,8 @@ def hand_latencies(tree, plan):
             bdn, ps = cell["downlink_bandwidth_hz"], cell["server_power_w"]
             dl_rate = bdn / K * math.log2(1 + ps * h / (N0_DL * bdn))
             t_dn = (up_bits + pay["downlink_extra_values"] * b) / dl_rate
-        cycles = dev["samples"] * (rnd["cycles_per_sample"] + (1 - d.gamma) * rnd["adapter_cycles_per_sample"])
+        c = rnd["cycles_per_sample"] + (1 - d.gamma) * rnd["adapter_cycles_per_sample"]
+        cycles = dev["samples"] * c
         t_up = up_bits / (d.bandwidth_hz * math.log2(1 + d.power_w * h / (N0_DL * d.bandwidth_hz)))
         out.append((t_dn, cycles / d.frequency_hz, t_up))
     return out

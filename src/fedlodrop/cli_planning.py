@@ -426,7 +426,8 @@ def plot_tradeoff(
         else:
             err_console.print(f"sweeping {name} over [{values[0]:.4g}, {values[-1]:.4g}]", highlight=False)
             rows = _sweep(m, chosen, values, make, tol, time_limit)
-            note = f"nothing to draw: no method found a feasible point for {name} in [{values[0]:.4g}, {values[-1]:.4g}]"
+            note = (f"nothing to draw: no method found a feasible point for {name} "
+                    f"in [{values[0]:.4g}, {values[-1]:.4g}]")
         if not any(r["x"] for r in rows.values()):
             err_console.print(f"warning: {note}", highlight=False)
         sweeps.append((rows, xlabel, mark, note))

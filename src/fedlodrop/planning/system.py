@@ -250,7 +250,9 @@ def validate(model: type[_M], tree: Any, source: str, expected: str) -> _M:
         raise UserError(_format_error(err, source)) from None
 
 
-def load_file(path: str | Path, what: str, fmt: Literal["YAML", "JSON"], make: Callable[[Any, str], _T]) -> _T:
+def load_file(
+    path: str | Path, what: str, fmt: Literal["YAML", "JSON"], make: Callable[[Any, str], _T]
+) -> _T:
     """Read a YAML or JSON file and build it with `make(tree, source)`; a missing file or bad
     syntax is a one-line UserError naming the file (and `make` reports bad content likewise)."""
     path = Path(path)
