@@ -322,6 +322,40 @@ def test_shuffle_order_is_fixed_by_seed(tok):
     assert order(3) != sorted(order(3))
 
 
+def test_grouped_batches_reshuffle_every_epoch_from_the_seed(tok):
+    from torch.utils.data import Sampler
+
+    out = tokenize(sentences(48), tok, TASKS["sst2"], max_length=128)  # row i: i + 3 tokens
+
+    def epochs(seed, n=3):
+        loader = make_loader(out, tok, 4, True, seed, group_by_length=True)
+        assert isinstance(loader.batch_sampler, Sampler) and len(loader) == 12
+        # one iter() per local epoch, as the training loop does; rows recovered from lengths
+        return [[(b["attention_mask"].sum(1) - 3).tolist() for b in loader] for _ in range(n)]
+
+    runs = epochs(BIG_SEED)
+    for epoch in runs:
+        assert len(epoch) == 12
+        assert sorted(r for batch in epoch for r in batch) == list(range(48))  # every row once
+        assert all(max(batch) - min(batch) == 3 for batch in epoch)  # one window: sorted runs of 4
+    assert runs[0] != runs[1] and runs[1] != runs[2] and runs[0] != runs[2]
+    assert epochs(BIG_SEED) == runs  # the same seed gives the same sequence of epochs
+    assert epochs(3)[0] != runs[0]
+
+
+def test_grouped_batches_regroup_rows_every_epoch(tok):
+    from fedlodrop.data.collate import grouped_batches
+
+    out = tokenize(sentences(40), tok, TASKS["sst2"], max_length=128)
+    sampler = grouped_batches(out, 4, seed=7, window=2)  # windows of 8 rows: batch contents vary
+    first, second = list(sampler), list(sampler)
+    assert len(sampler) == len(first) == len(second) == 10
+    assert {tuple(sorted(b)) for b in first} != {tuple(sorted(b)) for b in second}
+    for epoch in (first, second):
+        assert sorted(r for b in epoch for r in b) == list(range(40))
+    assert grouped_batches(out, 4, seed=7, window=2).batches(1) == second
+
+
 def test_length_sorted_eval_restores_row_order(tok):
     out = tokenize(sentences(10), tok, TASKS["sst2"], max_length=64)
     batches = list(make_loader(out, tok, 3, False, 0, sort_by_length=True))

@@ -32,6 +32,17 @@ def test_keep_rate_matches_gamma(sampler):
         assert (keeps.sum(1) == 1000 - 300).all()
 
 
+@pytest.mark.parametrize("n, rate, drops",
+                         [(10, 0.25, 2), (7, 0.5, 3), (5, 0.9, 4), (12, 0.7, 8), (3, 0.99, 2)])
+def test_exact_sampler_drops_floor_of_rate_times_n(n, rate, drops):
+    # rate * n has a fraction here: floor, not ceil or round (the last case: at least one kept)
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        keep = draw_keep(n, rate, "exact", rng)
+        assert keep.dtype == bool and keep.shape == (n,)
+        assert int((~keep).sum()) == drops
+
+
 @pytest.mark.parametrize("sampler", ["bernoulli", "exact"])
 def test_at_least_one_kept_at_extreme_rate(sampler):
     rng = np.random.default_rng(1)

@@ -126,6 +126,45 @@ def test_infeasible_names_device_and_constraint_for_every_method(tmp_path):
         assert f"binding constraint: {reason}" in r.stderr
 
 
+def _solver_raises(monkeypatch):
+    import cvxpy as cp
+
+    def broken(self, *args, **kwargs):
+        raise cp.error.SolverError(f"Solver '{kwargs.get('solver')}' failed. Try another solver.")
+
+    monkeypatch.setattr(cp.Problem, "solve", broken)
+
+
+def _solver_fails_after_first_iteration(monkeypatch):
+    from fedlodrop.planning import psca
+
+    real, calls = psca._Surrogate.solve, []
+
+    def flaky(self):
+        calls.append(1)
+        if len(calls) == 1:
+            return real(self)
+        self.failure = "CLARABEL: status infeasible"
+        return "failed"
+
+    monkeypatch.setattr(psca._Surrogate, "solve", flaky)
+
+
+@pytest.mark.parametrize("break_solver", [_solver_raises, _solver_fails_after_first_iteration])
+def test_psca_solver_failure_is_an_error_not_a_gamma_max_plan(tmp_path, monkeypatch, break_solver):
+    system = system_file(tmp_path)
+    break_solver(monkeypatch)
+    out = tmp_path / "plan.json"
+    r = runner.invoke(app, ["optimize", str(system), "--method", "psca", "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error: P-SCA failed") and len(r.stderr.strip().splitlines()) == 1
+    assert "iteration" in r.stderr and not out.exists()
+    # B&B only uses P-SCA as a warm start: it still plans, on its own
+    r = runner.invoke(app, ["optimize", str(system), "--method", "bnb", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["method"] == "bnb"
+
+
 def make_sweep(root, e0, c, rates, seeds=(0, 1), noise=0.0, key="train_loss"):
     rng = np.random.default_rng(0)
     for rate in rates:
@@ -189,6 +228,61 @@ def test_plot_tradeoff_writes_a_png_and_its_data(tmp_path):
     assert rates[0] >= rates[-1]  # tightest latency limit first: the highest rates
     r = runner.invoke(app, ["plot-tradeoff", str(system), "--out", str(tmp_path / "x.png"), "--methods", "nope"])
     assert r.exit_code == 2 and not (tmp_path / "x.png").exists()
+
+
+def test_plot_tradeoff_energy_half_has_points_where_g_free_never_fits(tmp_path):
+    import warnings
+
+    system = tmp_path / "s.yaml"
+    r = runner.invoke(app, ["system", "random", "--devices", "10", "--seed", "3", "--out", str(system)])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "trade.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's "invalid value" on an inf range
+        r = runner.invoke(app, ["plot-tradeoff", str(system), "--out", str(out), "--points", "4",
+                                "--methods", "psca"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "warning" not in r.stderr
+    energy = json.loads(out.with_suffix(".json").read_text())["energy"]["psca"]
+    x, objective = np.array(energy["x"]), np.array(energy["objective"])
+    assert len(x) == 4 and np.all(np.isfinite(x)) and np.all(np.isfinite(objective))
+    assert x[0] < 1.0 < x[-1]  # from the tightest budgets to past where energy stops binding
+    assert objective[0] > objective[-1] and np.all(np.diff(objective) <= 1e-6)
+
+
+@pytest.mark.parametrize("error", ["infeasible", "solver"])
+def test_plot_tradeoff_empty_panels_say_why(tmp_path, monkeypatch, error):
+    import matplotlib.figure
+
+    import fedlodrop.planning
+    from fedlodrop.planning.feasibility import InfeasibleError
+    from fedlodrop.planning.psca import SolverFailedError
+
+    def no_point(*args, **kwargs):
+        if error == "infeasible":
+            raise InfeasibleError("no", 0, "latency")
+        raise SolverFailedError("P-SCA failed")
+
+    texts = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        texts.extend(t.get_text() for ax in fig.axes for t in ax.texts)
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(fedlodrop.planning, "solve", no_point)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    system = system_file(tmp_path, K=2)
+    out = tmp_path / "trade.png"
+    r = runner.invoke(app, ["plot-tradeoff", str(system), "--out", str(out), "--points", "2",
+                            "--methods", "psca"])
+    assert r.exit_code == 0, r.output
+    notes = [line for line in r.stderr.splitlines() if line.startswith("warning: nothing to draw")]
+    assert len(notes) == 2 and "T_max" in notes[0] and "energy" in notes[1]
+    assert len(texts) == 4 and all(t.startswith("nothing to draw") for t in texts)  # in every panel
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if error == "solver":
+        assert r.stderr.count("left out: P-SCA failed") == 4  # 2 points x 2 sweeps
 
 
 def test_calibrate_skips_interrupted_runs(tmp_path):

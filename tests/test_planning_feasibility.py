@@ -132,3 +132,96 @@ def test_nearly_infeasible_system_still_fits_at_its_edge():
     check_feasible(edge)  # no error
     with pytest.raises(InfeasibleError):
         check_feasible(m.with_limits(latency_s=t_min * (1 - 1e-4)))
+
+
+@pytest.mark.parametrize("limit", ["latency", "energy"])
+def test_smallest_limit_is_the_edge_of_feasibility(limit):
+    from fedlodrop.planning.feasibility import min_energy_scale, min_latency_limit, system_feasible
+
+    m = build_model(random_system(4, seed=3))
+    search, at = {"latency": (min_latency_limit, lambda x: m.with_limits(latency_s=x)),
+                  "energy": (min_energy_scale, lambda x: m.with_limits(energy_scale=x))}[limit]
+    loose = at(1e3 * (m.T if limit == "latency" else 1.0))  # the swept limit all but lifted
+    for gamma in (m.gamma_max, smallest_common_gamma(loose) + 0.01):
+        edge = search(m, gamma, rel_tol=1e-7)
+        assert 0 < edge < math.inf
+        assert system_feasible(at(edge), gamma) and not system_feasible(at(edge * (1 - 1e-5)), gamma)
+    # energy: a scale past which nothing changes; latency: the energy at gamma = 0 never allows it
+    stuck = m.with_limits(energy_scale=1e-6) if limit == "latency" else m.with_limits(latency_s=1e-3)
+    assert search(stuck, 0.0) == math.inf
+
+
+# ------------------------------------------------------------------------------------------
+# the downlink: its time is taken from T_max, before computing and uploading
+# ------------------------------------------------------------------------------------------
+
+N0_DL = 10 ** ((-174.0 - 30) / 10)  # W/Hz
+
+
+def downlink_tree(latency_s=1.0, downlink=True):
+    """Two devices with every SPEC 3 quantity given, so a test can recompute latencies by hand."""
+    cell = {"bandwidth_hz": 10e6, "fading": "none"}
+    if downlink:
+        cell.update(downlink_bandwidth_hz=2e6, server_power_w=10.0)
+    return {
+        "devices": [
+            {"samples": 1000, "channel_gain": 1e-10, "p_max_w": 0.2, "f_max_hz": 2e9, "energy_budget_j": 2.0},
+            {"samples": 1500, "channel_gain": 3e-11, "p_max_w": 0.2, "f_max_hz": 3e9, "energy_budget_j": 2.0},
+        ],
+        "cell": cell,
+        "round": {"latency_s": latency_s, "cycles_per_sample": 1e6, "adapter_cycles_per_sample": 1e5},
+        "payload": {"model": None, "adapter_values": 400_000, "head_values": 100_000, "bits_per_value": 16,
+                    "downlink_extra_values": 20_000},
+    }
+
+
+def hand_latencies(tree, plan):
+    """T_dn + T_cmp + T_up of each device from SPEC 3's formulas and the plan's gamma, B, p, f."""
+    out = []
+    cell, rnd, pay = tree["cell"], tree["round"], tree["payload"]
+    K = len(tree["devices"])
+    for dev, d in zip(tree["devices"], plan.devices):
+        h, b = dev["channel_gain"], pay["bits_per_value"]
+        up_bits = ((1 - d.gamma) * pay["adapter_values"] + pay["head_values"]) * b
+        t_dn = 0.0
+        if "downlink_bandwidth_hz" in cell:
+            bdn, ps = cell["downlink_bandwidth_hz"], cell["server_power_w"]
+            dl_rate = bdn / K * math.log2(1 + ps * h / (N0_DL * bdn))
+            t_dn = (up_bits + pay["downlink_extra_values"] * b) / dl_rate
+        c = rnd["cycles_per_sample"] + (1 - d.gamma) * rnd["adapter_cycles_per_sample"]
+        cycles = dev["samples"] * c
+        t_up = up_bits / (d.bandwidth_hz * math.log2(1 + d.power_w * h / (N0_DL * d.bandwidth_hz)))
+        out.append((t_dn, cycles / d.frequency_hz, t_up))
+    return out
+
+
+@pytest.mark.parametrize("method", ["bnb", "psca", "fixed", "equal-bandwidth"])
+def test_plans_leave_room_for_the_downlink(method):
+    from fedlodrop.planning import optimize
+
+    tree = downlink_tree()
+    plan = optimize(system_from_dict(tree), method)
+    T = tree["round"]["latency_s"]
+    for d, (t_dn, t_cmp, t_up) in zip(plan.devices, hand_latencies(tree, plan)):
+        assert t_dn > 0.1 * T  # a downlink that matters
+        assert d.downlink_s == pytest.approx(t_dn, rel=1e-9)
+        assert t_dn + t_cmp + t_up <= T * (1 + 1e-12)
+        assert d.latency_s == pytest.approx(t_dn + t_cmp + t_up, rel=1e-9)
+    # the rates are forced up by the latency limit: some device uses the whole round
+    assert max(sum(parts) for parts in hand_latencies(tree, plan)) == pytest.approx(T, rel=1e-6)
+
+
+def test_a_system_that_fits_only_without_the_downlink_is_infeasible():
+    from fedlodrop.planning.feasibility import min_latency_limit
+
+    without = build_model(system_from_dict(downlink_tree(downlink=False)))
+    t_dn = build_model(system_from_dict(downlink_tree())).downlink_time(without.gamma_max, np.arange(2))
+    # by hand: the shortest downlink is that of (1 - gamma_max) Q + head + extra values at the
+    # better channel's rate; T_max lies between the tightest limit without it and that plus it
+    by_hand = (0.1 * 400_000 + 100_000 + 20_000) * 16 / (1e6 * math.log2(1 + 10.0 * 1e-10 / (N0_DL * 2e6)))
+    assert t_dn.min() == pytest.approx(by_hand, rel=1e-12)
+    T = min_latency_limit(without, without.gamma_max) + 0.5 * by_hand
+    check_feasible(build_model(system_from_dict(downlink_tree(T, downlink=False))))
+    with pytest.raises(InfeasibleError) as err:
+        check_feasible(build_model(system_from_dict(downlink_tree(T))))
+    assert err.value.constraint == "latency" and "downlink" in str(err.value)

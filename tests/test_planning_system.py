@@ -95,6 +95,55 @@ def test_yaml_round_trip_and_missing_file(tmp_path):
         load_system(tmp_path / "bad.yaml")
 
 
+def _plan_tree():
+    from fedlodrop.planning import optimize
+
+    return json.loads(optimize(random_system(2, seed=1), "fixed").to_json())
+
+
+@pytest.mark.parametrize(
+    "write, needles",
+    [
+        (None, ["cannot read", "plan.json"]),
+        (lambda p: p.write_text("{not json"), ["plan.json", "not valid JSON"]),
+        (lambda p: p.write_text("[1, 2]"), ["plan.json"]),
+        (lambda p: p.write_text(json.dumps({**_plan_tree(), "method": 3})), ["plan.json", "method"]),
+        (lambda p: p.write_text(json.dumps(_edit(_plan_tree(), "devices", 1, "gamma", 1.5))),
+         ["plan.json", "devices.1.gamma"]),
+        (lambda p: p.write_text(json.dumps(_edit(_plan_tree(), "system", "round", "latency_s", -1))),
+         ["plan.json", "system.round.latency_s"]),
+    ],
+)
+def test_bad_plan_file_is_one_line_user_error_naming_file_and_key(tmp_path, write, needles):
+    from fedlodrop.planning import load_plan
+
+    path = tmp_path / "plan.json"
+    if write:
+        write(path)
+    with pytest.raises(UserError) as err:
+        load_plan(path)
+    message = str(err.value)
+    assert "\n" not in message and all(n in message for n in needles), message
+
+
+def test_plan_file_round_trip(tmp_path):
+    from fedlodrop.planning import load_plan
+
+    tree = _plan_tree()
+    (tmp_path / "plan.json").write_text(json.dumps(tree))
+    plan = load_plan(tmp_path / "plan.json")
+    assert json.loads(plan.to_json()) == tree
+
+
+def _edit(tree, *keys_and_value):
+    *keys, last, value = keys_and_value
+    node = tree
+    for key in keys:
+        node = node[key]
+    node[last] = value
+    return tree
+
+
 def test_channel_gain_is_path_loss_times_seeded_fading():
     tree = small_tree()
     tree["cell"] = {"seed": 3}

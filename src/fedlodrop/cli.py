@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -163,7 +164,20 @@ app.command("calibrate")(calibrate)
 app.command("plot-tradeoff")(plot_tradeoff)
 
 
+def _hide_third_party_deprecations() -> None:
+    """Other packages' deprecation notices (PEFT reading `is_gradient_checkpointing`, which
+    transformers deprecated, prints a FutureWarning on every run) tell a user nothing they can act
+    on. Hide them for the command only; fedlodrop's own warnings, and any -W or PYTHONWARNINGS the
+    user gave, still apply."""
+    if sys.warnoptions:
+        return
+    for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("default", category=category, module=r"fedlodrop(\.|$)")  # checked first
+
+
 def main() -> None:
+    _hide_third_party_deprecations()
     try:
         app()
     except KeyboardInterrupt:

@@ -289,6 +289,7 @@ def calibrate(
 def _sweep(m, methods: list[str], values, make, tol: float, time_limit: float) -> dict:
     from fedlodrop.planning import solve
     from fedlodrop.planning.feasibility import InfeasibleError
+    from fedlodrop.planning.psca import SolverFailedError
 
     rows = {meth: {"x": [], "objective": [], "gamma": []} for meth in methods}
     for x in values:
@@ -298,6 +299,9 @@ def _sweep(m, methods: list[str], values, make, tol: float, time_limit: float) -
                 res = solve(mx, meth, tol=tol, time_limit=time_limit)
             except InfeasibleError:
                 continue
+            except SolverFailedError as err:  # no made-up point: leave it out and say so
+                err_console.print(f"  warning: {meth} at {x:.5g} left out: {err}", highlight=False)
+                continue
             rows[meth]["x"].append(float(x))
             rows[meth]["objective"].append(float(res.objective))
             rows[meth]["gamma"].append([float(g) for g in res.gamma])
@@ -305,9 +309,10 @@ def _sweep(m, methods: list[str], values, make, tol: float, time_limit: float) -
     return rows
 
 
-def _plot(sweeps: list[tuple[dict, str, float]], weights, path: Path) -> None:
+def _plot(sweeps: list[tuple[dict, str, float, str]], weights, path: Path) -> None:
     """One figure: per sweep, the optimal bound (left) and the rates (right: weighted mean, band
-    from the smallest to the largest device rate), one line style per method."""
+    from the smallest to the largest device rate), one line style per method. A sweep with no
+    point gets its note (why not) written across both panels instead of empty axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -317,26 +322,56 @@ def _plot(sweeps: list[tuple[dict, str, float]], weights, path: Path) -> None:
     styles = {"bnb": ("-", "o", "B&B"), "psca": ("--", "x", "P-SCA"), "fixed": (":", "s", "fixed"),
               "equal-bandwidth": ("-.", "^", "equal bandwidth"), "none": (":", "v", "no dropout")}
     fig, axes = plt.subplots(len(sweeps), 2, figsize=(11, 4.0 * len(sweeps)), squeeze=False)
-    for (rows, xlabel, mark), (ax1, ax2) in zip(sweeps, axes):
+    for (rows, xlabel, mark, note), (ax1, ax2) in zip(sweeps, axes):
+        drawn = False
         for meth, r in rows.items():
             if not r["x"]:
                 continue
+            drawn = True
             ls, mk, label = styles.get(meth, ("-", ".", meth))
             ax1.plot(r["x"], r["objective"], ls, marker=mk, label=label)
             G = np.array(r["gamma"])
             line = ax2.plot(r["x"], G @ weights, ls, marker=mk, lw=2, label=f"{label}: weighted mean")[0]
             ax2.fill_between(r["x"], G.min(axis=1), G.max(axis=1), alpha=0.12, color=line.get_color())
         for ax in (ax1, ax2):
-            ax.axvline(mark, color="grey", lw=0.8)
+            if drawn:
+                ax.axvline(mark, color="grey", lw=0.8)
+            else:
+                ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", wrap=True,
+                        color="firebrick", fontsize=10)
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
         ax1.set_ylabel("optimal bound G")
         ax2.set_ylabel("dropout rate (mean; band: min to max)")
-        ax1.legend()
-        ax2.legend(fontsize=8)
+        if drawn:
+            ax1.legend()
+            ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _sweep_values(lo: float, hi: float, at: float, points: int):
+    """From just above the tightest feasible limit `lo` to past `hi`, where every rate is as free as
+    the other limit allows, and past the system's own limit `at`; None if an end is not finite."""
+    import math
+
+    import numpy as np
+
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    return np.linspace(lo * 1.001, max(hi + 0.5 * (hi - lo), at * 1.05, lo * 1.01), points)
+
+
+def _best_common_that_fits(relaxed, g_free: float) -> float:
+    """The best common rate once the swept limit no longer binds: G is convex in a common rate and
+    larger rates fit more easily, so it is g_free or the smallest common rate that fits."""
+    import math
+
+    from fedlodrop.planning.feasibility import smallest_common_gamma
+
+    g = smallest_common_gamma(relaxed)
+    return max(g_free, g) if math.isfinite(g) else relaxed.gamma_max
 
 
 @_user_errors
@@ -354,7 +389,12 @@ def plot_tradeoff(
 
     from fedlodrop.planning import METHODS, build_model, load_system
     from fedlodrop.planning.bound import Bound
-    from fedlodrop.planning.feasibility import check_feasible, min_energy_scale, min_latency_limit
+    from fedlodrop.planning.feasibility import (
+        check_feasible,
+        energy_free_scale,
+        min_energy_scale,
+        min_latency_limit,
+    )
 
     chosen = [x.strip() for x in methods.split(",") if x.strip()]
     bad = [x for x in chosen if x not in METHODS]
@@ -368,17 +408,32 @@ def plot_tradeoff(
     m = build_model(spec)
     check_feasible(m)
     g_free = Bound.of(m).best_common(0.0, m.gamma_max)
-    t_lo, t_hi = min_latency_limit(m, m.gamma_max), min_latency_limit(m, g_free)
-    e_lo, e_hi = min_energy_scale(m, m.gamma_max), min_energy_scale(m, g_free)
-    # from just above the tightest feasible limit to past the one where every rate is free
-    t_vals = np.linspace(t_lo * 1.001, max(t_hi + 0.5 * (t_hi - t_lo), m.T * 1.05, t_lo * 1.01), points)
-    e_vals = np.linspace(e_lo * 1.001, max(e_hi + 0.5 * (e_hi - e_lo), 1.05, e_lo * 1.01), points)
-    err_console.print(f"sweeping T_max over [{t_vals[0]:.4g}, {t_vals[-1]:.4g}] s", highlight=False)
-    lat = _sweep(m, chosen, t_vals, lambda x: m.with_limits(latency_s=x), tol, time_limit)
-    err_console.print(f"sweeping the energy budgets x [{e_vals[0]:.4g}, {e_vals[-1]:.4g}]", highlight=False)
-    en = _sweep(m, chosen, e_vals, lambda x: m.with_limits(energy_scale=x), tol, time_limit)
+    # each sweep ends past the limit at which the best common rate fits once that limit no longer
+    # binds; the other limit stays as given (g_free itself may never fit under it)
+    g_lat = _best_common_that_fits(m.with_limits(latency_s=1e3 * m.T), g_free)
+    g_en = _best_common_that_fits(m.with_limits(energy_scale=energy_free_scale(m)), g_free)
+    t_vals = _sweep_values(min_latency_limit(m, m.gamma_max), min_latency_limit(m, g_lat), m.T, points)
+    e_vals = _sweep_values(min_energy_scale(m, m.gamma_max), min_energy_scale(m, g_en), 1.0, points)
+    sweeps = []
+    for name, values, make, xlabel, mark in (
+        ("T_max", t_vals, lambda x: m.with_limits(latency_s=x), "latency limit T_max [s]", m.T),
+        ("the energy budgets x", e_vals, lambda x: m.with_limits(energy_scale=x),
+         "energy budgets (factor on every E_k^max)", 1.0),
+    ):
+        if values is None:
+            rows, note = {meth: {"x": [], "objective": [], "gamma": []} for meth in chosen}, (
+                f"nothing to draw: no finite range of {name} found")
+        else:
+            err_console.print(f"sweeping {name} over [{values[0]:.4g}, {values[-1]:.4g}]", highlight=False)
+            rows = _sweep(m, chosen, values, make, tol, time_limit)
+            note = (f"nothing to draw: no method found a feasible point for {name} "
+                    f"in [{values[0]:.4g}, {values[-1]:.4g}]")
+        if not any(r["x"] for r in rows.values()):
+            err_console.print(f"warning: {note}", highlight=False)
+        sweeps.append((rows, xlabel, mark, note))
+    lat, en = sweeps[0][0], sweeps[1][0]
     out.parent.mkdir(parents=True, exist_ok=True)
-    _plot([(lat, "latency limit T_max [s]", m.T), (en, "energy budgets (factor on every E_k^max)", 1.0)], m.w, out)
+    _plot(sweeps, m.w, out)
     data = {"latency": lat, "energy": en, "weights": m.w.tolist(), "latency_limit_s": m.T}
     _write_text(out.with_suffix(".json"), json.dumps(data, indent=1))
     err_console.print(f"wrote {out} and {out.with_suffix('.json')}", highlight=False)

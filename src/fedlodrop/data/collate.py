@@ -7,13 +7,15 @@ example to `max_length`. Labels travel inside each batch, so metrics are right w
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
+from torch.utils.data import Sampler
 
 from fedlodrop.data.loaders import quiet_datasets
 from fedlodrop.data.tasks import Task
 from fedlodrop.errors import UserError
+from fedlodrop.rng import numpy_rng
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -94,19 +96,49 @@ def make_loader(
     )
 
 
-def grouped_batches(ds: Dataset, batch_size: int, seed: int, window: int = 32) -> list[list[int]]:
-    """Shuffled batches of similar lengths: shuffle, sort within windows of `window` batches,
-    cut, shuffle the batches. Dynamic padding then pads little, which is most of a CPU's time."""
-    rng = np.random.default_rng(seed)
-    lengths = np.asarray([len(ids) for ids in ds["input_ids"]])
-    order = rng.permutation(len(lengths))
-    span = batch_size * window
-    batches: list[list[int]] = []
-    for start in range(0, len(order), span):
-        chunk = order[start : start + span]
-        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        batches.extend(chunk[i : i + batch_size].tolist() for i in range(0, len(chunk), batch_size))
-    return [batches[i] for i in rng.permutation(len(batches))]
+class GroupedBatchSampler(Sampler[list[int]]):
+    """Shuffled batches of similar lengths, a new order on every pass over the data.
+
+    Each pass (one `iter()`, i.e. one local epoch) draws its order from the stream
+    ("group-batches", pass) of `seed`: shuffle, sort within windows of `window` batches, cut,
+    shuffle the batches. Dynamic padding then pads little, which is most of a CPU's time.
+    The same seed gives the same sequence of epochs; `len()` is the batches of one epoch.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, window: int = 32):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.window = window
+        self.passes = 0  # iterations started so far; the next one is pass `passes`
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def batches(self, pass_index: int) -> list[list[int]]:
+        """The batches of pass `pass_index` (what the `pass_index`-th `iter()` yields)."""
+        rng = numpy_rng(self.seed, "group-batches", pass_index)
+        order = rng.permutation(len(self.lengths))
+        span = self.batch_size * self.window
+        out: list[list[int]] = []
+        for start in range(0, len(order), span):
+            chunk = order[start : start + span]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            out.extend(chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size))
+        return [out[i] for i in rng.permutation(len(out))]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        pass_index = self.passes
+        self.passes += 1
+        return iter(self.batches(pass_index))
+
+
+def grouped_batches(ds: Dataset, batch_size: int, seed: int, window: int = 32) -> GroupedBatchSampler:
+    """A `GroupedBatchSampler` over the input lengths of a tokenised set."""
+    lengths = [len(ids) for ids in ds["input_ids"]]
+    return GroupedBatchSampler(lengths, batch_size, seed, window)
 
 
 def _silence_fast_pad_warning(tokenizer: Any) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy.special import lambertw
@@ -349,27 +350,37 @@ def system_feasible(m: SystemModel, gamma) -> bool:
     return bool(min_bandwidth(m, np.arange(m.K), g).sum() <= m.B_tot)
 
 
-def min_latency_limit(m: SystemModel, gamma, rel_tol: float = 1e-6) -> float:
-    """Smallest T_max at which the rates `gamma` fit (feasibility is monotone in T_max)."""
-    lo, hi = 0.0, max(m.T, 1e-3)
-    while not system_feasible(m.with_limits(latency_s=hi), gamma):
+def _smallest_fitting(fits: Callable[[float], bool], start: float, rel_tol: float, cap: float = 1e9) -> float:
+    """Smallest x > 0 with fits(x), for fits monotone (false ... true) in x: double from `start`
+    until it fits (inf once past `cap`), then bisect to a relative `rel_tol`."""
+    lo, hi = 0.0, start
+    while not fits(hi):
         lo, hi = hi, 2.0 * hi
-        if hi > 1e9:
+        if hi > cap:
             return math.inf
     while hi - lo > rel_tol * hi:
         mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if system_feasible(m.with_limits(latency_s=mid), gamma) else (mid, hi)
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
     return hi
+
+
+def min_latency_limit(m: SystemModel, gamma, rel_tol: float = 1e-6) -> float:
+    """Smallest T_max at which the rates `gamma` fit (feasibility is monotone in T_max)."""
+    fits = lambda T: system_feasible(m.with_limits(latency_s=T), gamma)  # noqa: E731
+    return _smallest_fitting(fits, max(m.T, 1e-3), rel_tol)
+
+
+def energy_free_scale(m: SystemModel) -> float:
+    """A factor on every energy budget at and above which energy never binds.
+
+    Within T_max a device spends at most kappa W f_max^2 computing (W at gamma = 0) and
+    P_max T_max uploading, so with budgets that large only latency and bandwidth limit it.
+    """
+    worst = m.kappa * m.cycles(0.0, slice(None)) * m.fmax**2 + m.P * m.T
+    return 2.0 * float(np.max(worst / m.E))
 
 
 def min_energy_scale(m: SystemModel, gamma, rel_tol: float = 1e-6) -> float:
     """Smallest factor on every energy budget at which the rates `gamma` fit."""
-    lo, hi = 0.0, 1.0
-    while not system_feasible(m.with_limits(energy_scale=hi), gamma):
-        lo, hi = hi, 2.0 * hi
-        if hi > 1e9:
-            return math.inf
-    while hi - lo > rel_tol * hi:
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if system_feasible(m.with_limits(energy_scale=mid), gamma) else (mid, hi)
-    return hi
+    fits = lambda s: system_feasible(m.with_limits(energy_scale=s), gamma)  # noqa: E731
+    return _smallest_fitting(fits, 1.0, rel_tol)

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from fedlodrop.errors import UserError
 from fedlodrop.planning.bound import Bound
 from fedlodrop.planning.feasibility import allocate, min_bandwidth
-from fedlodrop.planning.system import SystemModel, SystemSpec, as_model, build_model
+from fedlodrop.planning.system import SystemModel, SystemSpec, as_model, build_model, load_file, validate
 
 _BIND_TOL = 1e-6  # a constraint counts as binding within this relative distance of its limit
 
@@ -84,19 +83,7 @@ class Plan(BaseModel):
 
 def load_plan(path: str | Path) -> Plan:
     """Read plan.json (from `fedlodrop optimize`); a bad file is a one-line UserError."""
-    path = Path(path)
-    try:
-        tree = json.loads(path.read_text())
-    except OSError as err:
-        raise UserError(f"cannot read plan {path}: {err.strerror or err}") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"plan {path} is not valid JSON: {err}") from None
-    try:
-        return Plan.model_validate(tree)
-    except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"plan {path}: {loc}: {first['msg']}") from None
+    return load_file(path, "plan", "JSON", lambda tree, source: validate(Plan, tree, source, "a plan object"))
 
 
 def _binding(m: SystemModel, k: int, gamma: float, p: float, f: float, lat: float, en: float) -> list[str]:

@@ -29,10 +29,18 @@ from dataclasses import dataclass
 import cvxpy as cp
 import numpy as np
 
+from fedlodrop.errors import UserError
 from fedlodrop.planning.bound import Bound
 from fedlodrop.planning.feasibility import allocate, check_feasible, gamma_lower, min_bandwidth, radial_fit
 from fedlodrop.planning.plan import SolverStats
 from fedlodrop.planning.system import LN2, SAFETY_MARGIN, SystemModel
+
+
+class SolverFailedError(UserError):
+    """P-SCA's convex solvers found no solution of a surrogate: there are no P-SCA rates to give.
+
+    Falling back to some other rates (gamma_max) would hand back a plan that was not asked for.
+    """
 
 
 @dataclass
@@ -140,15 +148,18 @@ class _Surrogate:
             {"solver": cp.CLARABEL, "max_iter": 500, "static_regularization_constant": 1e-7},
             {"solver": cp.SCS, "eps": 1e-9, "max_iters": 50000},
         ]
+        self.failure = ""
         for opts in attempts:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
                     self.problem.solve(**opts)
-            except cp.error.SolverError:
+            except cp.error.SolverError as err:
+                self.failure = f"{opts['solver']}: {str(err).splitlines()[0] if str(err) else 'solver error'}"
                 continue
             if self.problem.status in ("optimal", "optimal_inaccurate") and self.g.value is not None:
                 return self.problem.status
+            self.failure = f"{opts['solver']}: status {self.problem.status}"
         return "failed"
 
 
@@ -187,7 +198,11 @@ def solve_psca(
 ) -> PscaResult:
     """P-SCA from `start` (see _start_point). Stops when G changes by less than `tol` (relative)
     and every slack is below `slack_tol`. The rates are then checked with the exact formulas and,
-    if the solver's tolerance left them marginally outside, raised just enough (`repair`)."""
+    if the solver's tolerance left them marginally outside, raised just enough (`repair`).
+    Raises InfeasibleError for an infeasible system and SolverFailedError when a surrogate
+    cannot be solved (no rates are made up then)."""
+    if max_iterations < 1:
+        raise ValueError(f"max_iterations must be at least 1 (got {max_iterations})")
     t0 = time.perf_counter()
     check_feasible(m)
     bound = Bound.of(m)
@@ -200,8 +215,10 @@ def solve_psca(
         sur.set_point(y0, rho)
         st = sur.solve()
         if st == "failed":
-            status = "solver_failed"
-            break
+            raise SolverFailedError(
+                f"P-SCA failed: no convex solver (Clarabel, then SCS) solved the surrogate problem of "
+                f"iteration {it} (last: {sur.failure}); no rates to plan with. Try --method bnb"
+            )
         inaccurate += st != "optimal"
         g = np.clip(sur.g.value, 0.0, m.gamma_max)
         y0 = np.maximum(sur.B.value * sur.tu.value, 1e-12)  # where y <= B t_u is tight
@@ -212,8 +229,6 @@ def solve_psca(
             break
         prev = val
         rho = min(rho * rho_growth, rho_max)
-    if g is None:
-        g = np.full(m.K, m.gamma_max)
     g, repair = _make_feasible(m, g, fixed_bandwidth)
     stats = SolverStats(
         iterations=it, nodes=0, gap=0.0, rel_gap=0.0, lower_bound=None,

@@ -10,13 +10,16 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedlodrop.errors import UserError
+
+_M = TypeVar("_M", bound=BaseModel)
+_T = TypeVar("_T")
 
 LN2 = math.log(2.0)
 # The solvers work on limits shrunk by this relative margin, so that a returned plan meets the
@@ -237,26 +240,41 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{source}: {loc}: {msg}{tail}{more}"
 
 
-def system_from_dict(tree: Any, source: str = "system") -> SystemSpec:
+def validate(model: type[_M], tree: Any, source: str, expected: str) -> _M:
+    """`model` from a parsed file; anything else than a valid mapping is a one-line UserError."""
     if not isinstance(tree, dict):
-        raise UserError(f"{source}: expected a mapping with devices, cell, round, payload, bound")
+        raise UserError(f"{source}: expected {expected}")
     try:
-        spec = SystemSpec.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as err:
         raise UserError(_format_error(err, source)) from None
+
+
+def load_file(
+    path: str | Path, what: str, fmt: Literal["YAML", "JSON"], make: Callable[[Any, str], _T]
+) -> _T:
+    """Read a YAML or JSON file and build it with `make(tree, source)`; a missing file or bad
+    syntax is a one-line UserError naming the file (and `make` reports bad content likewise)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    try:
+        tree = yaml.safe_load(text) if fmt == "YAML" else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not valid {fmt}: {str(err).splitlines()[0]}") from None
+    return make(tree, str(path))
+
+
+def system_from_dict(tree: Any, source: str = "system") -> SystemSpec:
+    spec = validate(SystemSpec, tree, source, "a mapping with devices, cell, round, payload, bound")
     resolve_payload(spec)  # unknown models and modules fail here, at load time
     return spec
 
 
 def load_system(path: str | Path) -> SystemSpec:
-    path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise UserError(f"cannot read system file {path}: {err.strerror or err}") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-    return system_from_dict(tree, str(path))
+    return load_file(path, "system file", "YAML", system_from_dict)
 
 
 def dump_system(spec: SystemSpec) -> str:
