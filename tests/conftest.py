@@ -55,6 +55,41 @@ def tiny_gpt2(tmp_path_factory, tokenizer_dir) -> str:
     return str(_save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2", tokenizer_dir))
 
 
+def _save_tiny_decoder(folder: Path, kind: str, tokenizer_dir: str) -> Path:
+    """A 2-layer BLOOM or LLaMA with the MiniLM tokenizer (LLaMA ships none we could use offline).
+
+    initializer_range 0.1 instead of 0.02: the last token of every input is [SEP], and with
+    near-uniform attention its state barely depends on the words, so a 2-round test could not
+    learn. The LLaMA config names no pad token, so `build_model` must take the tokenizer's."""
+    from transformers import AutoTokenizer, BloomConfig, BloomModel, LlamaConfig, LlamaModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    if kind == "bloom":
+        cfg = BloomConfig(vocab_size=tok.vocab_size, hidden_size=32, n_layer=2, n_head=4,
+                          initializer_range=0.1, pad_token_id=tok.pad_token_id)
+        model = BloomModel(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          initializer_range=0.1)
+        assert cfg.pad_token_id is None
+        model = LlamaModel(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bloom(tmp_path_factory, tokenizer_dir) -> str:
+    return str(_save_tiny_decoder(tmp_path_factory.mktemp("tiny-bloom"), "bloom", tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir) -> str:
+    return str(_save_tiny_decoder(tmp_path_factory.mktemp("tiny-llama"), "llama", tokenizer_dir))
+
+
 def write_sst2(folder: Path, n_train: int = 96, n_dev: int = 32, seed: int = 0) -> Path:
     """A GLUE-layout SST-2 folder whose labels a small model can learn (word polarity)."""
     rng = random.Random(seed)

@@ -87,3 +87,23 @@ def test_default_yaml_is_up_to_date():
     assert (CONFIGS / "default.yaml").read_text() == module.render(), (
         "configs/default.yaml is out of date: run python configs/make_default.py"
     )
+
+
+GPU_RECIPES = {"gpu/bloom-560m-sst2.yaml": ("bigscience/bloom-560m", "bloom"),
+               "gpu/llama-2-7b-rte.yaml": ("meta-llama/Llama-2-7b-hf", "llama")}
+
+
+@pytest.mark.parametrize("name", sorted(GPU_RECIPES))
+def test_gpu_recipe(name):
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    model, arch = GPU_RECIPES[name]
+    cfg = load_config(CONFIGS / name)
+    assert cfg.model == model and cfg.task in GLUE_SIX and cfg.data.source == "hub"
+    t = cfg.train
+    assert (t.precision, t.gradient_checkpointing, t.device) == ("bf16", True, "cuda")
+    assert cfg.lora.target_modules == PEFT_TARGETS[arch]  # what PEFT would pick for the architecture
+    assert cfg.lora.alpha / cfg.lora.r == 2 and 1e-4 <= t.lr <= 1e-3
+    assert cfg.dropout.rate == 0.3 and cfg.federation.aggregation == "fedex"
+    text = (CONFIGS / name).read_text()
+    assert f"fedlodrop run --config configs/{name}" in text

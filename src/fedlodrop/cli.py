@@ -156,6 +156,74 @@ def report(
     build_report(folder, out_prefix, console=out_console)
 
 
+@app.command()
+@user_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run folder")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder to create (must not exist, or be empty)")],
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="merged: a transformers model folder, everything folded in (always exact); "
+            "peft: adapter_config.json + adapter_model.safetensors for the original backbone "
+            "(FedEx runs: an exact LoRA of higher rank)",
+        ),
+    ] = "merged",
+    device: Annotated[str, typer.Option(help="where to rebuild and merge the model: cpu, cuda, auto")] = "cpu",
+) -> None:
+    """Export a run's global model for use without fedlodrop (AutoModelForSequenceClassification or PEFT)."""
+    from fedlodrop.export import export as export_run
+
+    _offline_env()
+    result = export_run(run_dir, out, format_, device)
+    ranks = ""
+    if result.ranks:
+        values = sorted(result.ranks.values())
+        ranks = f"; FedEx deltas as LoRA of rank {values[0]}..{values[-1]} per module"
+    out_console.print(
+        f"exported {result.format} to {result.folder} ({result.bytes / 1e6:.2f} MB){ranks}", highlight=False
+    )
+
+
+@app.command()
+@user_errors
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run folder")],
+    input_: Annotated[
+        Path,
+        typer.Option(
+            "--input",
+            "-i",
+            help="a .csv, .tsv or .jsonl file with the task's text columns (sst2: sentence; mrpc, rte: "
+            "sentence1, sentence2; qnli: question, sentence; rotten_tomatoes: text)",
+        ),
+    ],
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            "-o",
+            help="CSV file to write (default: CSV on stdout): the input's columns, prediction "
+            "(label index, or the score for regression) and prob_<label> per label",
+        ),
+    ] = None,
+    device: Annotated[
+        Optional[str], typer.Option(help="cpu, cuda, auto (default: the run's train.device)")
+    ] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="default: 2 x the run's batch size")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Predict labels (or scores) for new text with a run's global model; progress on stderr."""
+    from fedlodrop.predict import predict_file
+
+    _offline_env()
+    n = predict_file(run_dir, input_, out, device, batch_size, console=err_console, show_progress=not quiet)
+    if out is not None:
+        err_console.print(f"{n} predictions -> {out}", highlight=False)
+
+
 from fedlodrop.cli_planning import calibrate, optimize, plot_tradeoff, system_app  # noqa: E402
 
 app.add_typer(system_app, name="system")

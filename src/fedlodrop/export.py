@@ -1,0 +1,211 @@
+"""Take a finished run out of fedlodrop: a plain transformers model folder, or a PEFT adapter.
+
+`load_global_model` is the one place that rebuilds a run's global model (backbone, FedEx deltas
+folded into it, global adapter and head set); `export` and `predict` both start from it.
+
+Formats:
+
+* `merged`: `merge_and_unload` of that model, so the folded FedEx deltas, s * B @ A and the
+  trained head are all in the weights; loads with `AutoModelForSequenceClassification` alone.
+* `peft`: `adapter_config.json` + `adapter_model.safetensors` for the ORIGINAL backbone, head in
+  `modules_to_save`. For FedEx runs the base weights moved too (base_delta), which a LoRA adapter
+  on the original backbone can only carry as a larger LoRA: per module, the SVD of
+  `base_delta + s * B @ A` truncated at float32 round-off, so `B' @ A'` equals the whole change to
+  float tolerance, with the rank of each module in `rank_pattern` (alpha = rank, scaling 1). Its
+  size is rank * (n_in + n_out) per module, up to 2x the dense matrix when the accumulated delta
+  is full rank (many rounds); `merged` is never larger than the backbone.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedlodrop.config import RunConfig
+from fedlodrop.data.tasks import TASKS, Task
+from fedlodrop.errors import UserError
+from fedlodrop.model import FedModel
+from fedlodrop.server import ServerState
+
+FORMATS = ("merged", "peft")
+RUN_FILES = ("config.yaml", "adapter.safetensors", "server_state.json")
+
+
+@dataclass
+class LoadedRun:
+    """A run's global model, ready for inference, with what produced it."""
+
+    cfg: RunConfig
+    task: Task
+    fm: FedModel  # base weights + base_delta, global adapter and head set, eval mode
+    state: ServerState
+
+
+def check_run_dir(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
+    if missing:
+        raise UserError(f"{run_dir} is not a finished run folder (missing {', '.join(missing)})")
+    return run_dir
+
+
+def load_global_model(run_dir: Path, device: str | None = None) -> LoadedRun:
+    """Backbone of the run's config + folded FedEx deltas + global adapter and head.
+
+    Builds the model with `load_tokenizer`/`build_model` rather than `engine.prepare`, which also
+    loads the run's data splits: exporting or predicting must not need the training data.
+    `device` overrides `train.device` (a run trained on a GPU can be exported on a laptop).
+    """
+    from fedlodrop.config import load_config
+    from fedlodrop.model import build_model, load_tokenizer
+    from fedlodrop.rng import stream_seed
+
+    run_dir = check_run_dir(run_dir)
+    cfg = load_config(run_dir / "config.yaml", [f"train.device={device}"] if device else [])
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    task = TASKS[cfg.task]
+    state = ServerState.load(run_dir)
+    fm = build_model(cfg, task, load_tokenizer(cfg), stream_seed(cfg.seed, "init"))
+    expected = {k for m in fm.layout.modules for k in (m.key_a, m.key_b)} | set(fm.layout.head_keys)
+    if set(state.global_state) != expected or not set(state.base_delta) <= {m.name for m in fm.layout.modules}:
+        odd = sorted(set(state.global_state) ^ expected) or sorted(set(state.base_delta))
+        raise UserError(f"{run_dir}/adapter.safetensors does not fit model {cfg.model} (e.g. key {odd[0]!r})")
+    fm.add_to_base(state.base_delta)
+    fm.set_state(state.global_state)
+    fm.net.eval()
+    return LoadedRun(cfg, task, fm, state)
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    format: str
+    bytes: int
+    ranks: dict[str, int] = field(default_factory=dict)  # peft of a FedEx run: rank per module
+
+
+def export(run_dir: Path, out: Path, fmt: str = "merged", device: str | None = "cpu") -> ExportResult:
+    """Write `fmt` of the run's global model to `out`, all or nothing (temp folder, then rename)."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_run_dir(run_dir)
+    out = Path(out)
+    _check_out(out)
+    run = load_global_model(run_dir, device)
+    with _staged(out) as tmp:
+        ranks = write_merged(run, tmp) if fmt == "merged" else write_peft(run, tmp)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return ExportResult(out, fmt, size, ranks or {})
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out} already exists and is not empty; choose another folder")
+
+
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A temp folder beside `out`, renamed to `out` only when everything was written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        _check_out(out)  # nobody filled it meanwhile
+        if out.is_dir():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def label_config(config, task: Task, pad_token_id: int | None) -> None:
+    """What `from_pretrained` needs to rebuild the head and name the labels without fedlodrop."""
+    config.num_labels = task.num_labels  # resets id2label: set the names after it
+    config.problem_type = "regression" if task.is_regression else "single_label_classification"
+    if task.label_names:
+        config.id2label = dict(enumerate(task.label_names))
+        config.label2id = {name: i for i, name in enumerate(task.label_names)}
+    if config.pad_token_id is None:
+        config.pad_token_id = pad_token_id
+
+
+def write_merged(run: LoadedRun, folder: Path) -> None:
+    """PEFT folds s * B @ A into each weight and puts the trained head in place of the original."""
+    model = run.fm.net.merge_and_unload(safe_merge=True)
+    label_config(model.config, run.task, run.fm.tokenizer.pad_token_id)
+    model.save_pretrained(folder, safe_serialization=True)
+    run.fm.tokenizer.save_pretrained(folder)
+
+
+def base_model_id(cfg: RunConfig) -> str:
+    """What `from_pretrained` should load the backbone from: a hub name, or an absolute folder."""
+    from fedlodrop.model import resolve_model_path
+
+    path = resolve_model_path(cfg.model)
+    return str(Path(path).resolve()) if os.path.isdir(path) else path
+
+
+def write_peft(run: LoadedRun, folder: Path) -> dict[str, int]:
+    """The adapter and head in PEFT's own layout; a FedEx run's deltas as an exact larger LoRA."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    net = run.fm.net
+    config = copy.deepcopy(net.peft_config["default"])
+    config.base_model_name_or_path = base_model_id(run.cfg)
+    config.inference_mode = True
+    weights = get_peft_model_state_dict(net, save_embedding_layers=False)
+    ranks = _fold_deltas_into_lora(run, config, weights) if run.state.base_delta else {}
+    weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(folder))
+    run.fm.tokenizer.save_pretrained(folder)  # decoders: the pad token fedlodrop trained with
+    return ranks
+
+
+def exact_factors(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with B @ A == delta up to float32 round-off, of the smallest such rank (>= 1)."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    tol = s[0] * max(delta.shape) * torch.finfo(torch.float32).eps if s.numel() else 0.0
+    k = max(1, int((s > tol).sum()))
+    root = s[:k].sqrt()
+    return (u[:, :k] * root).float(), (root[:, None] * vh[:k]).float()
+
+
+def _fold_deltas_into_lora(run: LoadedRun, config, weights: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Replace each module's (B, A) by exact factors of base_delta + s * B @ A; scaling 1."""
+    ranks: dict[str, int] = {}
+    for m in run.fm.modules:
+        shape = m.shape
+        key_a = f"base_model.model.{shape.name}.lora_A.weight"
+        key_b = f"base_model.model.{shape.name}.lora_B.weight"
+        if key_a not in weights or key_b not in weights:  # PEFT changed its layout: fail loudly
+            raise RuntimeError(f"PEFT state dict has no {key_a}")
+        a = run.state.global_state[shape.key_a].double()
+        b = run.state.global_state[shape.key_b].double()
+        delta = shape.scaling * (b @ a)
+        if shape.name in run.state.base_delta:
+            folded = run.state.base_delta[shape.name].double()
+            delta = delta + (folded.T if shape.fan_in_fan_out else folded)
+        weights[key_b], weights[key_a] = exact_factors(delta)
+        ranks[shape.name] = weights[key_a].shape[0]
+    pattern = {re.escape(name): k for name, k in ranks.items()}
+    config.r = max(ranks.values())
+    config.lora_alpha = config.r
+    config.rank_pattern = dict(pattern)
+    config.alpha_pattern = dict(pattern)  # alpha = r: scaling 1, the factors carry the scale
+    config.use_rslora = False
+    return ranks
