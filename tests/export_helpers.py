@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 from fedlodrop.config import load_config
-from fedlodrop.engine import prepare
-from fedlodrop.server import ServerState
+from fedlodrop.engine import load_global
 
 # Loads every job with transformers (merged) or PEFT (peft) and prints logits as JSON. The first
 # lines make `import fedlodrop` fail, whatever PYTHONPATH or an editable install would allow.
@@ -88,15 +87,14 @@ def job(folder: Path, kind: str, cfg, a: list[str], b: list[str] | None = None) 
 def reference_logits(
     run_dir: Path, a: list[str], b: list[str] | None = None, fold: bool = True, adapter: bool = True
 ) -> np.ndarray:
-    """Logits of the run's global model rebuilt the way `fedlodrop evaluate` does (engine.prepare,
-    ServerState, add_to_base, set_state), independently of fedlodrop.export. `fold=False` skips
+    """Logits of the run's global model rebuilt the way `fedlodrop evaluate` does
+    (engine.load_global: prepare, the fold, the adapter), independently of fedlodrop.export. `fold=False` skips
     the FedEx deltas and `adapter=False` zeroes every B: both show that a test would notice."""
     cfg = load_config(Path(run_dir) / "config.yaml")
-    exp = prepare(cfg, with_training=False)
-    state = ServerState.load(Path(run_dir))
-    if fold:
-        exp.fm.add_to_base(state.base_delta)
-    gs = dict(state.global_state)
+    exp, gs = load_global(Path(run_dir))
+    if not fold:
+        exp.fm.set_fold({}, 0)
+    exp.fm.set_view(None)
     if not adapter:
         gs = {k: torch.zeros_like(v) if k.endswith(".lora_B") else v for k, v in gs.items()}
     exp.fm.set_state(gs)

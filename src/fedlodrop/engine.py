@@ -135,23 +135,23 @@ def evaluate(exp: Experiment, data, global_state: State, round_: int = 0) -> tup
 
 
 def run_round(exp: Experiment, server: Server, round_: int, order: list[int] | None = None) -> dict:
-    """One round; returns its metrics record. `order` is the order devices train in (as replies
-    may arrive over a network); the server aggregates in device order, so it cannot matter."""
-    cfg, fm = exp.cfg, exp.fm
+    """One in-process round; returns its metrics record. `order` is the order devices train in (as
+    replies may arrive over a network); the server aggregates in device order, so it cannot matter."""
     t_round = time.perf_counter()
-    t0 = time.perf_counter()
     tasks = server.configure(round_)
-    configure_s = time.perf_counter() - t0
     run_order = tasks if order is None else [t for k in order for t in tasks if t.device == k]
-    replies, devices_s = [], 0.0
-    for task in run_order:
-        t0 = time.perf_counter()
-        replies.append(device_step(fm, task, exp.shards[task.device], cfg, exp.known))
-        devices_s += time.perf_counter() - t0
+    replies = [device_step(exp.fm, task, exp.shards[task.device], exp.cfg, exp.known) for task in run_order]
+    return finish_round(exp, server, tasks, replies, t_round)
+
+
+def finish_round(exp: Experiment, server: Server, tasks: list, replies: list, t_round: float) -> dict:
+    """The server's half after the replies, in every engine: aggregate and fold (`server.finish`),
+    bring the evaluating backbone's fold up to date, score the global model, build the record."""
+    round_ = server.state.rounds_done
     t0 = time.perf_counter()
     result = server.finish(tasks, replies)
     if result.fold_update is not None:  # the server's own copy of the backbone evaluates
-        fm.sync_fold(FoldCatchUp(round_, round_ + 1, [result.fold_update]))
+        exp.fm.sync_fold(FoldCatchUp(round_, round_ + 1, [result.fold_update]))
     aggregate_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     eval_metrics, eval_loss = evaluate(exp, exp.eval_set, server.state.global_state, round_)
@@ -159,20 +159,21 @@ def run_round(exp: Experiment, server: Server, round_: int, order: list[int] | N
     eval_s = time.perf_counter() - t0
     record = result.record
     train_s = sum(r.train_s for r in replies)
+    wall_s = time.perf_counter() - t_round
     record |= {
         "train": train_metrics,
         "eval": eval_metrics,
         "eval_loss": eval_loss,
-        "wall_s": round(time.perf_counter() - t_round, 3),
+        "wall_s": round(wall_s, 3),
         "timing": {
             "train_s": round(train_s, 4),
-            "pack_s": round(configure_s + devices_s - train_s, 4),
+            "other_device_s": round(wall_s - train_s - aggregate_s - eval_s, 4),
             "aggregate_s": round(aggregate_s, 4),
             "eval_s": round(eval_s, 4),
         },
     }
     if exp.plan is not None:
-        record["model"] = _model_costs(exp.plan, record["devices"], cfg.federation.devices)
+        record["model"] = _model_costs(exp.plan, record["devices"], exp.cfg.federation.devices)
     return record
 
 
@@ -227,7 +228,10 @@ def resume(run_dir: Path, console=None, show_progress: bool = True) -> dict:
 
 
 def train(exp: Experiment, folder: RunFolder, state: ServerState, records: list[dict], console=None,
-          show_progress: bool = True) -> dict:
+          show_progress: bool = True, round_fn=run_round) -> dict:
+    """The loop over rounds every engine shares: `round_fn(exp, server, round)` runs one round
+    (in-process devices here, Flower messages in `fedlodrop.flower`) and returns its record;
+    each record is logged and checkpointed before the next round starts."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -247,7 +251,7 @@ def train(exp: Experiment, folder: RunFolder, state: ServerState, records: list[
     with progress:
         bar = progress.add_task("rounds", total=cfg.federation.rounds, completed=state.rounds_done)
         for round_ in range(state.rounds_done, cfg.federation.rounds):
-            record = run_round(exp, server, round_)
+            record = round_fn(exp, server, round_)
             t0 = time.perf_counter()
             written = folder.write_state(server.state)
             record["timing"]["checkpoint_s"] = round(time.perf_counter() - t0, 4)

@@ -30,14 +30,14 @@ from pathlib import Path
 
 import torch
 
+from fedlodrop.adapter import State
 from fedlodrop.config import RunConfig
 from fedlodrop.data.tasks import TASKS, Task
 from fedlodrop.errors import UserError
 from fedlodrop.model import FedModel
-from fedlodrop.server import ServerState
+from fedlodrop.runs import RunFolder
 
 FORMATS = ("merged", "peft")
-RUN_FILES = ("config.yaml", "adapter.safetensors", "server_state.json")
 
 
 @dataclass
@@ -46,15 +46,15 @@ class LoadedRun:
 
     cfg: RunConfig
     task: Task
-    fm: FedModel  # base weights + base_delta, global adapter and head set, eval mode
-    state: ServerState
+    fm: FedModel  # base weights + fold, global adapter and head set, eval mode
+    adapter: State  # the global adapter and head
+    fold: dict[str, torch.Tensor]  # FedEx: the fold F of each module, (out x in)
 
 
 def check_run_dir(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
-    missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
-    if missing:
-        raise UserError(f"{run_dir} is not a finished run folder (missing {', '.join(missing)})")
+    if not RunFolder(run_dir).finished:
+        raise UserError(f"{run_dir} is not a finished run folder (no config.yaml and summary.json)")
     return run_dir
 
 
@@ -65,25 +65,21 @@ def load_global_model(run_dir: Path, device: str | None = None) -> LoadedRun:
     loads the run's data splits: exporting or predicting must not need the training data.
     `device` overrides `train.device` (a run trained on a GPU can be exported on a laptop).
     """
-    from fedlodrop.config import load_config
     from fedlodrop.model import build_model, load_tokenizer
     from fedlodrop.rng import stream_seed
 
-    run_dir = check_run_dir(run_dir)
-    cfg = load_config(run_dir / "config.yaml", [f"train.device={device}"] if device else [])
+    folder = RunFolder(check_run_dir(run_dir))
+    cfg = folder.config([f"train.device={device}"] if device else [])
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     task = TASKS[cfg.task]
-    state = ServerState.load(run_dir)
     fm = build_model(cfg, task, load_tokenizer(cfg), stream_seed(cfg.seed, "init"))
-    expected = {k for m in fm.layout.modules for k in (m.key_a, m.key_b)} | set(fm.layout.head_keys)
-    if set(state.global_state) != expected or not set(state.base_delta) <= {m.name for m in fm.layout.modules}:
-        odd = sorted(set(state.global_state) ^ expected) or sorted(set(state.base_delta))
-        raise UserError(f"{run_dir}/adapter.safetensors does not fit model {cfg.model} (e.g. key {odd[0]!r})")
-    fm.add_to_base(state.base_delta)
-    fm.set_state(state.global_state)
+    adapter, fold = folder.load_final(fm.layout)
+    fm.set_fold(fold, folder.rounds_done())
+    fm.set_view(None)
+    fm.set_state(adapter)
     fm.net.eval()
-    return LoadedRun(cfg, task, fm, state)
+    return LoadedRun(cfg, task, fm, adapter, fold)
 
 
 @dataclass
@@ -168,7 +164,7 @@ def write_peft(run: LoadedRun, folder: Path) -> dict[str, int]:
     config.base_model_name_or_path = base_model_id(run.cfg)
     config.inference_mode = True
     weights = get_peft_model_state_dict(net, save_embedding_layers=False)
-    ranks = _fold_deltas_into_lora(run, config, weights) if run.state.base_delta else {}
+    ranks = _fold_deltas_into_lora(run, config, weights) if run.fold else {}
     weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(str(folder))
@@ -186,7 +182,7 @@ def exact_factors(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fold_deltas_into_lora(run: LoadedRun, config, weights: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Replace each module's (B, A) by exact factors of base_delta + s * B @ A; scaling 1."""
+    """Replace each module's (B, A) by exact factors of F + s * B @ A; scaling 1."""
     ranks: dict[str, int] = {}
     for m in run.fm.modules:
         shape = m.shape
@@ -194,12 +190,11 @@ def _fold_deltas_into_lora(run: LoadedRun, config, weights: dict[str, torch.Tens
         key_b = f"base_model.model.{shape.name}.lora_B.weight"
         if key_a not in weights or key_b not in weights:  # PEFT changed its layout: fail loudly
             raise RuntimeError(f"PEFT state dict has no {key_a}")
-        a = run.state.global_state[shape.key_a].double()
-        b = run.state.global_state[shape.key_b].double()
+        a = run.adapter[shape.key_a].double()
+        b = run.adapter[shape.key_b].double()
         delta = shape.scaling * (b @ a)
-        if shape.name in run.state.base_delta:
-            folded = run.state.base_delta[shape.name].double()
-            delta = delta + (folded.T if shape.fan_in_fan_out else folded)
+        if shape.name in run.fold:
+            delta = delta + run.fold[shape.name].double()  # both (out x in)
         weights[key_b], weights[key_a] = exact_factors(delta)
         ranks[shape.name] = weights[key_a].shape[0]
     pattern = {re.escape(name): k for name, k in ranks.items()}
