@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -171,11 +172,113 @@ def test_decoder_model_runs(tiny_gpt2, sst2_dir, tmp_path):
     assert 0.0 <= summary["final"]["accuracy"] <= 1.0
 
 
-def test_evaluate_rescores_saved_run(tiny_bert, sst2_dir, tmp_path):
-    summary = run(tiny_cfg(tiny_bert, sst2_dir), tmp_path / "r", show_progress=False)
+def test_each_round_scores_the_global_model(mini2, polarity_dir, tmp_path):
+    """The logged eval loss is the saved global model's (not, say, the last device's adapter):
+    re-scoring the run folder gives the same loss, on a model that learned something."""
+    from conftest import learning_cfg
+
+    cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.3})
+    run(cfg, tmp_path / "r", show_progress=False)
+    last = read_metrics(tmp_path / "r")[-1]
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["eval"]["accuracy"] == pytest.approx(summary["final"]["accuracy"])
+    rescored = json.loads(result.stdout)
+    assert last["eval_loss"] < 0.6  # it learned: a wrong model would score differently
+    assert rescored["eval_loss"] == pytest.approx(last["eval_loss"], abs=1e-6)
+    assert rescored["eval"] == pytest.approx(last["eval"])
+
+
+def test_learning_rate_spans_the_federation(tiny_bert, sst2_dir, tmp_path):
+    """Warm-up over the first half of the whole federation, then linear decay to 0: each device's
+    first and last step of every round sit where the schedule says, not restarted each round."""
+    rounds, base = 4, 1e-2
+    cfg = tiny_cfg(tiny_bert, sst2_dir, **{"federation.rounds": rounds, "train.lr": base,
+                                          "train.warmup_ratio": 0.5, "train.batch_size": 16})
+    run(cfg, tmp_path / "r", show_progress=False)
+
+    def lr(p):
+        return base * p / 0.5 if p < 0.5 else base * (1 - p) / 0.5
+
+    for i, row in enumerate(read_metrics(tmp_path / "r")):
+        for d in row["devices"]:
+            steps = d["steps"]
+            assert steps == 2  # 32 examples per device, batch 16
+            first, last = d["lr"]
+            assert first == pytest.approx(lr(i / rounds)) and last == pytest.approx(lr((i + 0.5) / rounds))
+    assert [r["devices"][0]["lr"][0] for r in read_metrics(tmp_path / "r")] == pytest.approx(
+        [0.0, 0.005, 0.01, 0.005])
+
+
+def test_devices_are_weighted_by_their_sample_counts(tiny_bert, tmp_path):
+    """Unequal Dirichlet shards: the head moves by the samples-weighted mean of the changes."""
+    from conftest import write_sst2
+    from fedlodrop.engine import initial_state, make_server, run_round
+    from fedlodrop.server import Server
+
+    glue = write_sst2(tmp_path / "glue", n_train=96)
+    cfg = tiny_cfg(tiny_bert, glue, **{"federation.rounds": 1, "federation.partition": "dirichlet",
+                                       "federation.dirichlet_alpha": 0.3})
+    exp = prepare(cfg)
+    seen = {}
+    finish = Server.finish
+
+    def spy(self, tasks, replies):
+        seen["replies"] = replies
+        return finish(self, tasks, replies)
+
+    Server.finish = spy
+    try:
+        server = make_server(exp, initial_state(exp))
+        before = {k: v.clone() for k, v in server.state.global_state.items()}
+        run_round(exp, server, 0)
+    finally:
+        Server.finish = finish
+    sizes = [len(s) for s in exp.shards]
+    assert max(sizes) - min(sizes) >= 10, sizes
+    replies = sorted(seen["replies"], key=lambda r: r.device)
+    assert [r.num_samples for r in replies] == sizes
+    w = torch.tensor(sizes, dtype=torch.float64)
+    w = w / w.sum()
+    key = exp.fm.layout.head_keys[0]
+    expected = before[key] + sum(float(wk) * (r.upload[key] - before[key]) for wk, r in zip(w, replies))
+    assert torch.allclose(server.state.global_state[key], expected, atol=1e-6)
+    uniform = before[key] + sum((r.upload[key] - before[key]) / 3 for r in replies)
+    assert not torch.allclose(server.state.global_state[key], uniform, atol=1e-6)
+
+
+def test_test_time_ensemble(mini2, polarity_dir, tmp_path):
+    """dropout.test_ensemble N: the mean of N sub-adapter models. Without dropout every member is the
+    full model (same scores as N = 0); with dropout the members differ and the mean is what is scored."""
+    from conftest import learning_cfg
+    from fedlodrop.engine import evaluate, load_global
+    from fedlodrop.masks import apply_masks, draw_masks
+    from fedlodrop.client import predict_outputs
+
+    cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.5, "federation.aggregation": "masked"})
+    run(cfg, tmp_path / "r", show_progress=False)
+    exp, adapter = load_global(tmp_path / "r")
+    full = evaluate(exp, exp.eval_set, adapter)
+    exp.rates = [0.0] * 3
+    exp.cfg = exp.cfg.model_copy(update={"dropout": exp.cfg.dropout.model_copy(update={"test_ensemble": 3})})
+    same = evaluate(exp, exp.eval_set, adapter)
+    assert full[0]["accuracy"] > 0.7 and same[0] == full[0] and same[1] == pytest.approx(full[1], rel=1e-5)
+    exp.rates = [0.5] * 3
+    ensemble = evaluate(exp, exp.eval_set, adapter, round_=1)
+    # by hand: three masked models, mean probabilities
+    loader = make_loader(exp.eval_set, exp.fm.tokenizer, exp.cfg.train.batch_size * 2, False, 0, sort_by_length=True)
+    probs = []
+    for i in range(3):
+        masks = draw_masks(exp.fm.layout, 0.5, "bernoulli", exp.cfg.seed, 1, i, stream="test-mask")
+        exp.fm.set_view(masks)
+        exp.fm.set_state(apply_masks(adapter, exp.fm.layout, masks))
+        out, labels, _ = predict_outputs(exp.fm, loader, probabilities=True)
+        probs.append(out)
+    assert not all((p.argmax(-1) == probs[0].argmax(-1)).all() for p in probs[1:]) or not all(
+        abs(p - probs[0]).max() < 1e-6 for p in probs[1:])
+    mean = sum(probs) / 3
+    assert ensemble[0]["accuracy"] == pytest.approx(float((mean.argmax(-1) == labels).mean()))
+    nll = -np.log(mean[np.arange(len(labels)), labels.astype(int)]).mean()
+    assert ensemble[1] == pytest.approx(float(nll), rel=1e-6)
 
 
 @pytest.mark.parametrize(
