@@ -1,11 +1,10 @@
 """SPEC 2, as amended in docs/dropout.md: the aggregation rules, pure functions on adapter states.
 
-Every rule moves the global model by what the devices' training changed, never by what their
-masks removed. A device's update is `end - start`: its trained slices minus what it received;
-slices it did not train are unchanged and count as "no change", not as zero weights.
+Every rule moves the global model by what the devices trained, never by what their masks removed:
+a slice a device did not train counts as "no change", not as a zero weight.
 
-* `fedit`  - each factor moves by the weighted mean of the devices' factor changes.
-* `masked` - each row of B / column of A moves by the mean over the devices that trained it.
+* `fedit`  - each factor moves by the weighted mean of its trained slices' changes.
+* `masked` - each row of B / column of A moves to the mean over the devices that trained it.
 * `fedex`  - factors as `federation.factor_rule`, then the residual that makes the global
              effective weight exact is returned for folding into the frozen base:
                  W' = W + sum_k w_k (W_k^end - W_k^start)
@@ -110,11 +109,13 @@ def make_rule(aggregation: str, factor_rule: FactorRule = "masked") -> Aggregati
 def _move(
     key: str, trained_of, prev: State, updates: list[DeviceUpdate], w: torch.Tensor, rule: FactorRule
 ) -> torch.Tensor:
-    """The factor plus the mean change; `masked` averages each slice over those who trained it."""
-    change = torch.stack([u.end[key] - u.start[key] for u in updates])  # K x rows x cols, 0 if untrained
+    """The factor plus the mean change of its trained slices, measured from the global value
+    (for `reset`, whose dropped slices restart from zero, that is the mean of what devices sent);
+    `masked` averages each slice over the devices that trained it, untrained slices stay."""
+    kept = torch.stack([trained_of(u) for u in updates]).to(prev[key].dtype)  # K x (broadcast)
+    change = torch.stack([u.end[key] - prev[key] for u in updates]) * kept
     if rule == "fedit":
         return prev[key] + torch.einsum("k,kij->ij", w, change)
-    kept = torch.stack([trained_of(u) for u in updates]).to(change.dtype)
     wk = w.view(-1, 1, 1) * kept
     total = wk.sum(0)
     mean = (wk * change).sum(0) / total.clamp_min(torch.finfo(change.dtype).tiny)
