@@ -446,6 +446,7 @@ def test_tiny_sweep_reruns_an_interrupted_run(tiny_sweep, tmp_path, monkeypatch)
     copy = shutil.copytree(out, tmp_path / "sweep")
     victim = copy / "dropout.rate=0.5__seed=1"
     (victim / "summary.json").unlink()
+    (victim / "checkpoint.json").unlink()  # killed before its first round was checkpointed
     calls = []
     real = engine.run
 
@@ -464,6 +465,47 @@ def test_tiny_sweep_reruns_an_interrupted_run(tiny_sweep, tmp_path, monkeypatch)
     again = json.loads((victim / "summary.json").read_text())
     first = json.loads((out / victim.name / "summary.json").read_text())
     assert again["final"] == first["final"] and again["uplink_bytes_total"] == first["uplink_bytes_total"]
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing between the engine and the test catches it."""
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tiny_bert, tmp_path, monkeypatch):
+    from fedlodrop.runs import RunFolder
+
+    glue = write_sst2(tmp_path / "glue")
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "task": "sst2", "model": tiny_bert, "federation": {"devices": 2, "rounds": 3},
+        "train": {"batch_size": 16, "max_length": 32, "threads": 1},
+        "data": {"source": "glue_dir", "glue_dir": str(glue), "max_train_samples": 48,
+                 "max_eval_samples": 16, "train_eval_samples": 16},
+    }))
+    args = ("sweep", "--config", cfg_path, "--rates", "0.5", "--quiet")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    threads = torch.get_num_threads()
+    assert _cli(*args, "--out", whole).exit_code == 0
+    commit = RunFolder.commit
+
+    def dies_at_round_2(self, folder, rounds_done):
+        commit(self, folder, rounds_done)
+        if rounds_done == 2:
+            raise Killed
+
+    monkeypatch.setattr(RunFolder, "commit", dies_at_round_2)
+    with pytest.raises(Killed):
+        runner.invoke(app, [str(a) for a in (*args, "--out", cut)], catch_exceptions=False)
+    monkeypatch.setattr(RunFolder, "commit", commit)
+    monkeypatch.setattr(engine, "run", lambda *a, **k: pytest.fail("a run with a checkpoint was started over"))
+    result = _cli(*args, "--out", cut)
+    torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    assert "interrupted after round 2, resuming" in result.output
+    name = "dropout.rate=0.5__seed=0"
+    a = json.loads((whole / name / "summary.json").read_text())
+    b = json.loads((cut / name / "summary.json").read_text())
+    assert {k: v for k, v in a.items() if k != "wall_s"} == {k: v for k, v in b.items() if k != "wall_s"}
 
 
 def test_run_sweep_api_returns_outcomes(tmp_path, fake_engine):

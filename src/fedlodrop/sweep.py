@@ -10,8 +10,8 @@ grid is the product of the axes. `--rates` is shorthand for `--vary dropout.rate
 Every grid point is validated before anything is written. Each run goes to
 `DIR/<key>=<value>__...__seed=<s>` (readable, filesystem-safe). A folder holding `summary.json`
 is a finished run and is reused (after checking that its config is the one this sweep asks for),
-so an interrupted sweep continues where it stopped; a folder without it is an interrupted run and
-is removed and run again. `DIR/sweep.json` records the grid, so `fedlodrop report DIR` knows which
+so an interrupted sweep continues where it stopped; an interrupted run continues from its last
+checkpointed round (`engine.resume`), and one killed before its first round is run again. `DIR/sweep.json` records the grid, so `fedlodrop report DIR` knows which
 key is the x axis.
 """
 
@@ -31,6 +31,7 @@ import yaml
 
 from fedlodrop.config import RunConfig, parse_override, with_overrides
 from fedlodrop.errors import UserError
+from fedlodrop.runs import RunFolder
 
 MANIFEST = "sweep.json"
 RATE_KEY = "dropout.rate"
@@ -245,6 +246,11 @@ def is_finished(path: Path) -> bool:
     return (path / "summary.json").is_file()
 
 
+def is_resumable(path: Path) -> bool:
+    """An interrupted run with at least one complete round checkpointed."""
+    return not is_finished(path) and RunFolder(path).rounds_done() > 0
+
+
 def check_folders(out: Path, points: list[Point]) -> None:
     """Before any run: finished folders must hold this sweep's config; others must be run folders."""
     for p in points:
@@ -253,17 +259,18 @@ def check_folders(out: Path, points: list[Point]) -> None:
             continue
         if not path.is_dir():
             raise UserError(f"{path} exists and is not a folder; remove it or choose another --out")
-        if is_finished(path):
+        if is_finished(path) or is_resumable(path):
+            what = "finished run" if is_finished(path) else "interrupted run"
             try:
                 saved = yaml.safe_load((path / "config.yaml").read_text())
             except (OSError, yaml.YAMLError):
-                msg = f"finished run {path} has no readable config.yaml; remove it to re-run"
+                msg = f"{what} {path} has no readable config.yaml; remove it to re-run"
                 raise UserError(msg) from None
             diff = config_differences(saved, p.cfg)
             if diff:
                 shown = ", ".join(diff[:5]) + (" ..." if len(diff) > 5 else "")
                 raise UserError(
-                    f"finished run {path} was made with another configuration (differs in {shown}); "
+                    f"{what} {path} was made with another configuration (differs in {shown}); "
                     "remove it or choose another --out"
                 )
         elif any(path.iterdir()) and not (path / "config.yaml").is_file():
@@ -321,7 +328,7 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out, axes, points, sorted({p.seed for p in points}))
     try:
-        return _run_points(points, out, console, show_progress, engine.run)
+        return _run_points(points, out, console, show_progress, engine.run, engine.resume)
     except UserError:
         # e.g. the data or the model is missing: found by the first run's preparation, before it
         # wrote anything. Leave no empty sweep folder behind.
@@ -330,7 +337,7 @@ def run_sweep(
         raise
 
 
-def _run_points(points: list[Point], out: Path, console, show_progress: bool, run) -> list[Outcome]:
+def _run_points(points: list[Point], out: Path, console, show_progress: bool, run, resume) -> list[Outcome]:
     outcomes: list[Outcome] = []
     width = len(str(len(points)))
     for i, p in enumerate(points, 1):
@@ -341,12 +348,17 @@ def _run_points(points: list[Point], out: Path, console, show_progress: bool, ru
             console.print(f"{tag}: finished earlier, reused", highlight=False)
             outcomes.append(Outcome(p, path, summary, reused=True))
             continue
-        if path.exists():
-            console.print(f"{tag}: interrupted earlier, removing and running again", highlight=False)
-            shutil.rmtree(path)
+        if is_resumable(path):
+            done = RunFolder(path).rounds_done()
+            console.print(f"{tag}: interrupted after round {done}, resuming", highlight=False)
+            summary = resume(path, console=console, show_progress=show_progress)
         else:
-            console.print(f"{tag}: running", highlight=False)
-        summary = run(p.cfg, path, console=console, show_progress=show_progress)
+            if path.exists():
+                console.print(f"{tag}: interrupted before its first round, running again", highlight=False)
+                shutil.rmtree(path)
+            else:
+                console.print(f"{tag}: running", highlight=False)
+            summary = run(p.cfg, path, console=console, show_progress=show_progress)
         main = summary.get("main_metric")
         final = summary.get("final", {}).get(main, math.nan)
         console.print(f"{tag}: final {main} {final:.4f}", highlight=False)
