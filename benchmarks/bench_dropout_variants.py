@@ -2,7 +2,7 @@
 on real SST-2 in a regime where rate 0 overfits (a few hundred examples per device, several epochs).
 
 Regime: the configs/cpu/sst2.yaml setting (MiniLM, LoRA r 4 alpha 8 on query/value, 3 IID devices)
-with 600 training examples (200 per device), 3 local epochs x 4 rounds, batch 16, 400 validation
+with 600 training examples (200 per device), 3 local epochs x 4 rounds, batch 16, lr 5e-3, 400 validation
 examples (a fixed subset), train metric on 300 training examples. Rate 0 is the same run for every
 variant, so it is run once per rule. 42 runs; about 1 hour with 2 processes x 1 thread on this 2-core
 CPU. Writes docs/benchmarks/dropout-variants.{md,csv,png}; run folders in bench_out/.
@@ -20,7 +20,8 @@ from _grid import GLUE, Point, header, markdown, plot, run_points, table, write_
 ROOT = Path(__file__).resolve().parents[1]
 REGIME = ["task=sst2", "lora.r=4", "lora.alpha=8", "lora.target_modules=[query,value]",
           "data.max_train_samples=600", "data.max_eval_samples=400", "data.train_eval_samples=300",
-          "federation.devices=3", "federation.rounds=4", "federation.local_epochs=3", "train.batch_size=16"]
+          "federation.devices=3", "federation.rounds=4", "federation.local_epochs=3", "train.batch_size=16",
+          "train.lr=5e-3", "train.warmup_ratio=0.06", "train.schedule=linear"]
 
 
 def points(seeds: int, glue: Path) -> list[Point]:
