@@ -1,6 +1,7 @@
 """The aggregation rules on random states: each factor moves by the devices' changes, dropped or
 untrained slices count as unchanged, and fedex's residual makes the product exact."""
 
+import pytest
 import torch
 
 from fedlodrop.aggregation import DeviceUpdate, device_weights, make_rule
@@ -113,3 +114,21 @@ def test_head_moves_by_the_weighted_mean_change_for_every_rule():
         for key in LAYOUT.head_keys:
             expected = glob[key] + sum(wk * (u.end[key] - u.start[key]) for wk, u in zip(w, ups))
             assert torch.allclose(new[key], expected, atol=1e-6)
+
+
+def test_truncated_fold_is_the_best_rank_k_approximation():
+    from fedlodrop.aggregation import Residual
+
+    g = torch.Generator().manual_seed(0)
+    res = Residual(torch.randn(40, 12, generator=g), torch.randn(12, 30, generator=g))
+    dense = res.dense().double()
+    u, s, vh = torch.linalg.svd(dense)
+    for k in (1, 3, 11):
+        t, err, norm = res.truncated(k)
+        best = (u[:, :k] * s[:k]) @ vh[:k]
+        assert t.u.shape == (40, k) and t.v.shape == (k, 30)
+        assert torch.allclose(t.dense().double(), best, atol=1e-4)
+        assert err == pytest.approx(float(torch.linalg.matrix_norm(dense - best)), rel=1e-6)
+        assert norm == pytest.approx(float(torch.linalg.matrix_norm(dense)), rel=1e-6)
+    same, err, _ = res.truncated(12)
+    assert same is res and err == 0.0

@@ -47,6 +47,22 @@ class Residual:
     def dense(self) -> torch.Tensor:
         return self.u @ self.v
 
+    def truncated(self, rank: int) -> tuple[Residual, float, float]:
+        """The best rank-`rank` approximation (Eckart-Young) with |R - R_k|_F and |R|_F.
+
+        From the factors, never the dense matrix: QR of U and V^T, then the SVD of the small
+        R x R core, so a 4096 x 4096 module costs O(4096 R^2)."""
+        qu, ru = torch.linalg.qr(self.u.double())
+        qv, rv = torch.linalg.qr(self.v.double().T)
+        p, sing, qh = torch.linalg.svd(ru @ rv.T)
+        norm = float(sing.norm())
+        if rank >= int((sing > 0).sum()):
+            return self, 0.0, norm
+        root = sing[:rank].sqrt()
+        u = (qu @ p[:, :rank]) * root
+        v = root[:, None] * (qh[:rank] @ qv.T)
+        return Residual(u.float(), v.float()), float(sing[rank:].norm()), norm
+
     @property
     def factored(self) -> bool:
         """Send the factors when they are fewer values than the dense matrix."""

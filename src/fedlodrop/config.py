@@ -49,6 +49,12 @@ class FederationConfig(_Section):
     comm_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="dtype of every tensor that travels; bytes are counted in it"
     )
+    residual_rank: int | None = Field(
+        None,
+        ge=1,
+        description="fedex: send each round's fold as its best rank-k approximation (SVD) instead of exactly; "
+        "null: exact. Logged per round: fold_error, fold_error_rel = |R - R_k| / |R|",
+    )
     devices_per_round: int | None = Field(
         None, ge=1, description="devices sampled (from the seed) to train each round; null: all of them"
     )

@@ -131,7 +131,7 @@ class Server:
                 f"round {round_ + 1}: {len(updates)} of {len(tasks)} devices returned a usable update, "
                 f"federation.min_devices is {self.cfg.federation.min_devices} ({reasons})"
             )
-        fold_update = self._aggregate(updates)
+        fold_update, fold_stats = self._aggregate(updates)
         for task, entry in zip(tasks, devices):
             if entry["status"] == "ok":  # the others may or may not hold the catch-up: resend it
                 self.state.synced[task.device] = round_
@@ -144,6 +144,7 @@ class Server:
             "uplink_bytes": sum(d.get("uplink_bytes", 0) for d in devices),
             "downlink_bytes": sum(d["downlink_bytes"] for d in devices),
             "fold_bytes": fold_update.nbytes if fold_update else 0,
+            **fold_stats,
             "devices": devices,
             "failures": failures,
         }
@@ -156,21 +157,28 @@ class Server:
         end = merge_trained(start, reply.upload, self.layout, trained)
         return DeviceUpdate(start, end, trained, reply.num_samples)
 
-    def _aggregate(self, updates: list[DeviceUpdate]) -> FoldUpdate | None:
+    def _aggregate(self, updates: list[DeviceUpdate]) -> tuple[FoldUpdate | None, dict]:
+        """Aggregate; for a folding rule also the fold that travels, and what truncating it cost."""
         fed = self.cfg.federation
         weights = device_weights(updates, fed.weighting)
         new_state, residuals = self.rule.aggregate(self.layout, self.state.global_state, updates, weights)
         self.state.global_state = clone_state(new_state)
         self.state.rounds_done += 1
         if not self.rule.folds:
-            return None
+            return None, {}
+        stats = {}
+        if fed.residual_rank is not None:  # send the best rank-k fold: smaller, no longer exact
+            lost = total = 0.0
+            for name, res in residuals.items():
+                residuals[name], err, norm = res.truncated(fed.residual_rank)
+                lost, total = lost + err**2, total + norm**2
+            stats = {"fold_error": lost**0.5, "fold_error_rel": (lost / total) ** 0.5 if total else 0.0}
         update = FoldUpdate.encode(self.state.rounds_done, residuals, self.dtype)
-        self.state.fold, _ = apply_fold(
-            self.state.fold, self.state.rounds_done - 1, FoldCatchUp(self.state.rounds_done - 1, self.state.rounds_done, [update])
-        )
+        done = self.state.rounds_done
+        self.state.fold, _ = apply_fold(self.state.fold, done - 1, FoldCatchUp(done - 1, done, [update]))
         self.state.fold_log.append(update)
         self._prune_log()
-        return update
+        return update, stats
 
     def _prune_log(self) -> None:
         """Keep the newest folds whose sum is at most F's dense size: a device further behind gets F."""
