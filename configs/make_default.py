@@ -70,6 +70,7 @@ NOTES: dict[str, str] = {
     "train.precision": "auto: bf16 autocast on a CUDA GPU that supports it, else fp32",
     "train.gradient_checkpointing": "recompute activations in the backward pass to save memory",
     "data": "where the task's data comes from and how much of it is used",
+    "log": "run logs to watch while training; metrics.jsonl is always written and is the source of truth",
     "data.glue_dir": "folder in the classic GLUE layout (<glue_dir>/SST-2/train.tsv, dev.tsv, ...)",
     "data.max_train_samples": "use a random subset of the training split of this size; null: all",
     "data.max_eval_samples": "use a fixed random subset of the validation split of this size; null: all",

@@ -127,6 +127,15 @@ class DataConfig(_Section):
         return "glue_dir" if self.glue_dir is not None else "hub"
 
 
+class LogConfig(_Section):
+    tensorboard: bool = Field(False, description="write TensorBoard event files to <run>/tensorboard/")
+    wandb: bool = Field(False, description="log to Weights & Biases (needs `pip install wandb`)")
+    wandb_project: str = Field("fedlodrop", description="the W&B project")
+    wandb_mode: Literal["online", "offline"] = Field(
+        "offline", description="offline: no network, write to <run>/wandb (upload later with `wandb sync`)"
+    )
+
+
 class RunConfig(_Section):
     task: str = "rotten_tomatoes"
     model: str = DEFAULT_MODEL
@@ -137,6 +146,7 @@ class RunConfig(_Section):
     dropout: DropoutConfig = DropoutConfig()
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
+    log: LogConfig = LogConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

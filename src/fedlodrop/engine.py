@@ -235,9 +235,12 @@ def train(exp: Experiment, folder: RunFolder, state: ServerState, records: list[
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from fedlodrop.logs import RunLogs
+
     cfg = exp.cfg
     console = console or Console(stderr=True)
     server = make_server(exp, state)
+    logs = RunLogs(cfg, folder.path, state.rounds_done)
     main = exp.task.main_metric
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -248,18 +251,22 @@ def train(exp: Experiment, folder: RunFolder, state: ServerState, records: list[
         disable=not show_progress,
         transient=True,
     )
-    with progress:
-        bar = progress.add_task("rounds", total=cfg.federation.rounds, completed=state.rounds_done)
-        for round_ in range(state.rounds_done, cfg.federation.rounds):
-            record = round_fn(exp, server, round_)
-            t0 = time.perf_counter()
-            written = folder.write_state(server.state)
-            record["timing"]["checkpoint_s"] = round(time.perf_counter() - t0, 4)
-            folder.append_metrics(record)
-            folder.commit(written, server.state.rounds_done)
-            records.append(record)
-            progress.advance(bar)
-            console.print(_round_line(record, main), highlight=False)
+    try:
+        with progress:
+            bar = progress.add_task("rounds", total=cfg.federation.rounds, completed=state.rounds_done)
+            for round_ in range(state.rounds_done, cfg.federation.rounds):
+                record = round_fn(exp, server, round_)
+                t0 = time.perf_counter()
+                written = folder.write_state(server.state)
+                record["timing"]["checkpoint_s"] = round(time.perf_counter() - t0, 4)
+                folder.append_metrics(record)
+                folder.commit(written, server.state.rounds_done)
+                records.append(record)
+                logs.round(record)
+                progress.advance(bar)
+                console.print(_round_line(record, main), highlight=False)
+    finally:
+        logs.close()
     summary = _summary(exp, records)
     folder.save_final(server.state, exp.fm.layout, summary)
     return summary
