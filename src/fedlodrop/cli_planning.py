@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedlodrop.cli_common import err_console, fail as _fail, user_errors as _user_errors
+from fedlodrop.cli_common import err_console, user_errors as _user_errors
 from fedlodrop.errors import UserError
 
 
@@ -385,7 +385,6 @@ def plot_tradeoff(
     time_limit: Annotated[float, typer.Option(help="B&B seconds per point")] = 120.0,
 ) -> None:
     """PNG of the optimal bound and rates against T_max and against the energy budgets."""
-    import numpy as np
 
     from fedlodrop.planning import METHODS, build_model, load_system
     from fedlodrop.planning.bound import Bound
