@@ -332,3 +332,21 @@ def test_per_device_rates_set_each_devices_upload(tiny_bert, sst2_dir, tmp_path)
     assert devices[0]["uplink_bytes"] == 4 * (q + head)
     assert devices[1]["uplink_bytes"] == 4 * (q // 2 + head)
     assert devices[0]["uplink_bytes"] > devices[1]["uplink_bytes"] > devices[2]["uplink_bytes"]
+
+
+def test_head_learning_rate_scale(tiny_bert, sst2_dir):
+    """Adam's first step moves every parameter with a gradient by exactly its learning rate: the
+    head by head_lr_scale x lr, the adapter by lr."""
+    cfg = tiny_cfg(tiny_bert, sst2_dir, **{"train.head_lr_scale": 10.0})
+    exp = prepare(cfg)
+    start = exp.fm.get_state()
+    for m in exp.fm.layout.modules:  # B != 0 so that A has gradients too
+        start[m.key_b] = torch.randn_like(start[m.key_b]) * 0.1
+    loader = make_loader(exp.shards[0], exp.fm.tokenizer, 32, True, 0)
+    lr = 1e-3
+    cfg_train = cfg.train.model_copy(update={"max_grad_norm": None})
+    end = train_local(exp.fm, start, None, loader, cfg_train, 1 / len(loader), lambda f: lr).state
+    head = torch.cat([(end[k] - start[k]).flatten() for k in exp.fm.layout.head_keys]).abs()
+    lora = torch.cat([(end[m.key_b] - start[m.key_b]).flatten() for m in exp.fm.layout.modules]).abs()
+    # |step| = lr |g| / (|g| + eps): lr itself wherever the gradient is not tiny
+    assert head.max() == pytest.approx(10 * lr, rel=1e-3) and lora.max() == pytest.approx(lr, rel=1e-3)

@@ -127,7 +127,12 @@ def train_local(
     fm.set_state(start)
     fm.set_a_trainable(train_a)
     params = fm.trainable(train_a)
-    optim = torch.optim.AdamW(params, lr=lr_at(0.0), weight_decay=train.weight_decay)
+    head = list(fm.head.values())
+    lora = [p for p in params if all(p is not h for h in head)]
+    scales = [1.0, train.head_lr_scale]
+    optim = torch.optim.AdamW(
+        [{"params": lora}, {"params": head}], lr=lr_at(0.0), weight_decay=train.weight_decay
+    )
     grad_masks = _grad_masks(fm, trained) if trained is not None else []
     steps = local_steps(len(loader), local_epochs, train.grad_accum)
     fm.net.train()
@@ -135,8 +140,8 @@ def train_local(
     batches = _cycle(loader)
     rates = [lr_at(step / steps) for step in range(steps)]
     for step in range(steps):
-        for group in optim.param_groups:
-            group["lr"] = rates[step]
+        for group, scale in zip(optim.param_groups, scales):
+            group["lr"] = rates[step] * scale
         for _ in range(train.grad_accum):
             batch = _to_device(next(batches), fm.device)
             with _autocast(fm):
