@@ -13,6 +13,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
+SRC = Path(__file__).resolve().parents[1] / "src"  # this checkout's fedlodrop
 SUPERLINK_NODE = 1  # the node id Flower's SuperLink signs its own error replies with
 
 
@@ -122,16 +123,18 @@ def assert_same_run(a: Path, b: Path) -> None:
 # ---------------------------------------------------------------------------- Flower processes
 
 
-def subprocess_env(tmp: Path, **extra: str) -> dict[str, str]:
-    """For `python -m fedlodrop flower ...` in a test: offline, this checkout's code, and its
-    temporary files (the CLI's FLWR_HOME workspace) under `tmp`, so that every process it
-    starts can be found afterwards by that path."""
+def subprocess_env(tmp: Path, pythonpath: bool = True, **extra: str) -> dict[str, str]:
+    """For `python -m fedlodrop flower ...` in a test: offline, and its temporary files (the CLI's
+    FLWR_HOME workspace) under `tmp`, so that every process it starts can be found afterwards by
+    that path. `pythonpath`: this checkout on PYTHONPATH; without it, run the command with
+    cwd=SRC (`python -m` then imports this checkout, and the CLI must pass it on to Flower)."""
     import os
 
-    from fedlodrop.flower.launch import flower_env
-
     (tmp / "tmp").mkdir(parents=True, exist_ok=True)
-    env = flower_env(base=dict(os.environ))
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = str(SRC)
     # Ray would put its session (and socket paths, limited to 107 characters) under TMPDIR
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TMPDIR=str(tmp / "tmp"), RAY_TMPDIR="/tmp", **extra)
     return env

@@ -160,3 +160,17 @@ def test_default_yaml_documents_the_flower_section():
     assert set(tree["flower"]) == {"round_timeout_s", "discovery_timeout_s", "poll_interval_s", "client_cpus",
                                    "client_gpus", "simulation_cpus", "pack_arrays"}
     assert "fedlodrop run` ignores this section" in text.replace("\n# ", " ")
+
+
+def test_run_without_a_superlink_fails_in_one_line(tmp_path, tmpdir_here):
+    """Flower's own failure (`flwr run` answers "success": false) is one line and exit 1."""
+    launch.make_certificates(tmp_path / "certs", ["127.0.0.1"])
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"task": "sst2", "data": {"glue_dir": str(tmp_path)}}))
+    result = _invoke("flower", "run", "--superlink", f"127.0.0.1:{launch.free_port()}", "--ca",
+                     tmp_path / "certs" / "ca.crt", "--config", cfg, "--out", tmp_path / "r")
+    assert result.exit_code == 1
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "`flwr run` failed" in errors[0] and "SuperLink is unavailable" in errors[0]
+    assert result.output.rstrip().endswith(errors[0]) and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists() and list(tmpdir_here.iterdir()) == []

@@ -54,11 +54,10 @@ def _cli(*args):
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     ws = launch.Workspace.create(root)
-    ws.env.update(subprocess_env(root))
-    ws.env["FLWR_HOME"] = str(ws.flwr_home)
+    ws.env = launch.flower_env(ws.flwr_home, base=subprocess_env(root))
     try:
         _cli("flower", "certs", "--out", root / "certs", "--host", "127.0.0.1")
-        _cli("flower", "keys", "--out", root / "keys", "--devices", 2)
+        _cli("flower", "keys", "--out", root / "keys", "--devices", 3)  # device2_key is never registered
         port = launch.free_port()
         link = ws.spawn("superlink", fedlodrop_cmd("flower", "superlink", "--certs", root / "certs",
                                                    "--host", "127.0.0.1", "--port", port))
@@ -101,9 +100,23 @@ def test_deployment_with_tls_and_supernode_auth_equals_fedlodrop_run(federation,
     rows = metrics(tmp_path / "flower")
     assert all(r["flower"]["uplink_count_bytes"] > r["uplink_bytes"] > 0 for r in rows)
     assert "submitted run" in res.stderr and "final accuracy" in res.stdout
-    # the nodes connected over TLS with their registered keys
-    link_log = next(p for p in federation.ws.procs if p.name == "superlink").log.read_text()
-    assert "--enable-supernode-auth" in link_log and "--ssl-certfile" in link_log
+
+
+def test_only_registered_supernodes_may_join(federation):
+    """SuperNode authentication is on: a SuperNode with a key the SuperLink does not know, or with
+    no key, is turned away (the two registered ones are serving the other tests)."""
+    expected = {"unregistered": "Failed to activate SuperNode",
+                "keyless": "SuperNode authentication is enabled. All SuperNodes must be registered"}
+    for name, key in (("unregistered", federation.root / "keys" / "device2_key"), ("keyless", None)):
+        cmd = launch.supernode_command(federation.address, 0, 2, launch.free_port(), federation.ca, key,
+                                       max_retries=1)
+        stranger = federation.ws.spawn(name, cmd)
+        try:
+            stranger.popen.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the {name} SuperNode stayed connected")
+        log = stranger.log.read_text()
+        assert stranger.popen.returncode != 0 and expected[name] in log, log
 
 
 def _wait_for(text: str, log: Path, start: int, timeout: float = 300) -> None:
@@ -142,6 +155,7 @@ def test_a_killed_supernode_is_left_out_then_too_few_devices_fail(federation, ti
     assert r2["failures"] == [{"device": 1, "reason": "no reply within flower.round_timeout_s=15 s"}]
     assert [d["status"] for d in r2["devices"]] == ["ok", "left out"]
     assert r2["uplink_bytes"] == r2["devices"][0]["uplink_bytes"] > 0
+    assert r2["wall_s"] < 15.0 + 25.0  # the round ended at its timeout (plus evaluation), not later
     assert json.loads((tmp_path / "flower" / "summary.json").read_text())["devices_left_out"] == 1
 
     strict = write_config(_cfg(tiny_bert, polarity_dir, **{"federation.min_devices": 2,

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from conftest import learning_cfg
 from fedlodrop.cli import app
 from flower_helpers import (
+    SRC,
     assert_no_processes_left,
     assert_same_run,
     fedlodrop_cmd,
@@ -39,8 +40,11 @@ def _in_process(cfg_file, out):
 
 def _simulate(tmp_path, cfg_file, out, timeout=420, **env):
     t0 = time.monotonic()
+    # no PYTHONPATH: `python -m` imports this checkout from the working directory, and the
+    # command must hand it on to every Flower process (the venv's fedlodrop may be another copy)
     res = subprocess.run(fedlodrop_cmd("flower", "simulate", "--config", cfg_file, "--out", out),
-                         env=subprocess_env(tmp_path, **env), capture_output=True, text=True, timeout=timeout)
+                         env=subprocess_env(tmp_path, pythonpath=False, **env), cwd=SRC,
+                         capture_output=True, text=True, timeout=timeout)
     print(f"simulate took {time.monotonic() - t0:.1f} s")
     assert_no_processes_left(tmp_path)
     assert not list((tmp_path / "tmp").glob("fedlodrop-flower-*")), "the Flower workspace was not removed"

@@ -203,6 +203,7 @@ def _announce(what: str, cfg, out: Path) -> None:
         f"{cfg.federation.rounds} rounds, {cfg.federation.aggregation}, dropout {cfg.dropout.rate} "
         f"({cfg.dropout.variant}) -> {out}",
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -346,13 +347,11 @@ def register(
     try:
         ws.add_connection(launch.CONNECTION, superlink, ca)
         for key in public_keys:
-            res = ws.flwr("supernode", "register", str(key.resolve()), launch.CONNECTION, "--format", "json",
-                          check=False, timeout=120)
             try:
-                node = launch._json_in(res.stdout)["node-id"]
-            except (ValueError, KeyError):
-                raise UserError(f"{key}: {launch._last_line(res.stdout + res.stderr)}") from None
-            err_console.print(f"registered {key} as SuperNode {node}", highlight=False)
+                node = ws.flwr_json("supernode", "register", str(key.resolve()), launch.CONNECTION, timeout=120)
+            except launch.FlowerError as err:
+                raise _Failure(f"{key}: {err}") from None
+            err_console.print(f"registered {key} as SuperNode {node.get('node-id')}", highlight=False)
     except launch.FlowerError as err:
         raise _Failure(str(err)) from None
     finally:
@@ -369,6 +368,9 @@ def supernode(
     devices: Annotated[int, typer.Option("--devices", min=1, help="federation.devices (num-partitions)")],
     port: Annotated[int, typer.Option(min=1, max=65535, help="this SuperNode's own Runtime API port")] = 9094,
     host: Annotated[str, typer.Option(help="address of this SuperNode's Runtime API")] = "127.0.0.1",
+    max_retries: Annotated[
+        Optional[int], typer.Option(min=0, help="give up after this many failed connection attempts (default: never)")
+    ] = None,
 ) -> None:
     """flower-supernode for device K (runs in the foreground). Its ClientApp builds the model and
     its data shard from the run's config, so the model and data must be readable here."""
@@ -378,7 +380,7 @@ def supernode(
     _need_file(key, "--key")
     if device >= devices:
         raise UserError(f"--device {device} is not below --devices {devices}")
-    _exec(launch.supernode_command(superlink, device, devices, port, ca.resolve(), key.resolve(), host))
+    _exec(launch.supernode_command(superlink, device, devices, port, ca.resolve(), key.resolve(), host, max_retries))
 
 
 def _exec(cmd: list[str]) -> None:

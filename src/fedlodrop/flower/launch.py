@@ -130,14 +130,17 @@ def superlink_command(
 
 def supernode_command(
     superlink: str, device: int, devices: int, port: int, ca: Path | None, key: Path | None,
-    host: str = "127.0.0.1",
+    host: str = "127.0.0.1", max_retries: int | None = None,
 ) -> list[str]:
-    """flower-supernode for device `device` of `devices`, its Runtime API on host:port."""
+    """flower-supernode for device `device` of `devices`, its Runtime API on host:port;
+    `max_retries`: give up after that many failed connection attempts (None: never)."""
     cmd = [str(VENV_BIN / "flower-supernode"), "--superlink", superlink, "--host", host, "--port", str(port),
            "--node-config", f"partition-id={device} num-partitions={devices}"]
     cmd += ["--insecure"] if ca is None else ["--root-certificates", str(ca)]
     if key is not None:
         cmd += ["--auth-supernode-private-key", str(key)]
+    if max_retries is not None:
+        cmd += ["--max-retries", str(max_retries)]
     return cmd
 
 
@@ -181,6 +184,19 @@ class Workspace:
             raise FlowerError(f"`flwr {' '.join(args[:2])}` failed: {_last_line(res.stdout + res.stderr)}")
         return res
 
+    def flwr_json(self, *args: str, timeout: float = 300) -> dict:
+        """A `flwr ... --format json` command's answer; FlowerError with Flower's message if it
+        failed (it exits 0 and says `"success": false`)."""
+        res = self.flwr(*args, "--format", "json", timeout=timeout, check=False)
+        try:
+            answer = _json_in(res.stdout)
+        except ValueError:
+            raise FlowerError(f"`flwr {args[0]}` failed: {_last_line(res.stdout + res.stderr)}") from None
+        if answer.get("success") is False or res.returncode != 0:
+            text = " ".join(ln.strip() for ln in str(answer.get("error-message", "")).splitlines() if ln.strip())
+            raise FlowerError(f"`flwr {args[0]}` failed: {text[:400] or _last_line(res.stdout + res.stderr)}")
+        return answer
+
     def spawn(self, name: str, cmd: list[str], cwd: Path | None = None) -> Proc:
         log = self.dir / f"{name}.log"
         with open(log, "ab") as fh:
@@ -206,18 +222,17 @@ class Workspace:
 
         rc = self.dir / f"run-config-{time.time_ns()}.toml"
         rc.write_text(tomli_w.dumps(run_config))
-        args = ["run", str(app), conn, "--run-config", str(rc), "--format", "json"]
+        args = ["run", str(app), conn, "--run-config", str(rc)]
         if federation_config:
             args += ["--federation-config", " ".join(f"{k}={_toml(v)}" for k, v in federation_config.items())]
-        res = self.flwr(*args)
+        answer = self.flwr_json(*args)
         try:
-            return int(_json_in(res.stdout)["run-id"])
-        except (ValueError, KeyError):
-            raise FlowerError(f"`flwr run` did not return a run id: {_last_line(res.stdout + res.stderr)}") from None
+            return int(answer["run-id"])
+        except (KeyError, TypeError, ValueError):
+            raise FlowerError(f"`flwr run` returned no run id: {answer}") from None
 
     def run_status(self, conn: str, run_id: int) -> dict:
-        res = self.flwr("ls", conn, "--run-id", str(run_id), "--format", "json")
-        return _json_in(res.stdout)["runs"][0]
+        return self.flwr_json("ls", conn, "--run-id", str(run_id))["runs"][0]
 
     def wait_run(self, conn: str, run_id: int, poll_s: float = 2.0,
                  tick: Callable[[], bool] | None = None) -> dict:
