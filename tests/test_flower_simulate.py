@@ -98,3 +98,30 @@ def test_a_raising_clientapp_is_left_out(tiny_bert, polarity_dir, tmp_path):
     assert r2["uplink_bytes"] == r2["devices"][0]["uplink_bytes"]
     assert "(1 left out)" in res.stderr
     assert json.loads((tmp_path / "flower" / "summary.json").read_text())["devices_left_out"] == 1
+
+
+def test_interrupting_simulate_stops_every_process(tiny_bert, polarity_dir, tmp_path):
+    """Ctrl-C (SIGINT) once round 1 is written: the command ends, no Flower or Ray process stays."""
+    import signal
+
+    cfg_file = write_config(_cfg(tiny_bert, polarity_dir, **{"federation.rounds": 50}), tmp_path / "cfg.yaml")
+    out = tmp_path / "flower"
+    proc = subprocess.Popen(fedlodrop_cmd("flower", "simulate", "--config", cfg_file, "--out", out),
+                            env=subprocess_env(tmp_path, pythonpath=False), cwd=SRC,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted: stopping the Flower processes" in err and "Traceback" not in err, err
+    assert_no_processes_left(tmp_path)
+    assert not list((tmp_path / "tmp").glob("fedlodrop-flower-*"))
+    assert not (out / "summary.json").exists()

@@ -107,6 +107,9 @@ def simulate(
             log = "" if _succeeded(status) else ws.run_log(launch.SIM_CONNECTION, run_id)
     except launch.FlowerError as err:
         raise _Failure(str(err)) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted: stopping the Flower processes", highlight=False)
+        raise
     finally:
         left = ws.close()
         if left:
@@ -146,6 +149,7 @@ def run(
             try:
                 status = _wait(ws, launch.CONNECTION, run_id, cfg, out, quiet)
             except KeyboardInterrupt:
+                err_console.print(f"interrupted: stopping run {run_id} on the SuperLink", highlight=False)
                 ws.flwr("stop", str(run_id), launch.CONNECTION, check=False, timeout=60)
                 raise
             log = "" if _succeeded(status) else ws.run_log(launch.CONNECTION, run_id)
