@@ -73,7 +73,7 @@ class FakeGrid(Grid):
             else:
                 try:
                     reply = self.client_app(msg, self.contexts[node])
-                except Exception as err:  # what the SuperNode makes of a raising ClientApp
+                except Exception as err:  # noqa: BLE001 - what a SuperNode makes of a raising ClientApp
                     reply = Message(Error(2, f"<class '{type(err).__name__}'>:<'{err}'>"), reply_to=msg)
             reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self.replies[mid] = reply

@@ -8,8 +8,9 @@ import math
 
 import pytest
 import torch
-
 from conftest import learning_cfg
+from flower_helpers import FakeGrid, assert_same_run, metrics
+
 from fedlodrop import engine
 from fedlodrop.config import validate
 from fedlodrop.errors import RoundFailed
@@ -17,7 +18,6 @@ from fedlodrop.flower import app as flower_app
 from fedlodrop.flower import strategy as flower_strategy
 from fedlodrop.flower.records import payload_bytes
 from fedlodrop.flower.transport import Discovery, DiscoveryError
-from flower_helpers import FakeGrid, assert_same_run, metrics
 
 
 def _cfg(model, glue, **over):

@@ -67,6 +67,8 @@ class _LogFile(io.TextIOBase):
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
+    """The ServerApp. A user error or a failed round fails the Flower run with a prefixed one-line
+    text (Flower shows it as the run's status details), which the CLI turns back into exit 2 / 1."""
     try:
         serve(grid, dict(context.run_config))
     except (UserError, DiscoveryError) as err:

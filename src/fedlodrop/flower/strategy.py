@@ -69,7 +69,7 @@ class FedLoDropStrategy(FedAvg):
         for i in unsent:
             device = next(k for k, m in state.sent.items() if m is messages[i])
             state.problems[device] = "the SuperLink did not take the message"
-            del state.sent[device]
+            del state.sent[device], state.down[device]  # nothing went down
         self.aggregate_train(server_round, list(replies.values()))
         return self._rounds.pop(server_round).record
 

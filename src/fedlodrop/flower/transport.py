@@ -38,7 +38,7 @@ _ERROR_NAMES = {
 }
 
 
-_CLASS_REASON = re.compile(r"^<class '([^']+)'>:<'(.*)'>$", re.S)  # a SuperNode's: type and str()
+_CLASS_REASON = re.compile(r"^<class '([^']+)'>:<'(.*)'>$", re.DOTALL)  # a SuperNode's: type and str()
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): (.+)$")
 
 
