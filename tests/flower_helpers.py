@@ -22,7 +22,8 @@ class FakeGrid(Grid):
     `fedlodrop.flower.app.client_app` with that node's Context (node_config, a persistent
     state), and its reply waits to be pulled. `offline` nodes take TRAIN messages and never answer;
     `unavailable` nodes' TRAIN messages get the SuperLink's NODE_UNAVAILABLE error (signed by node
-    1, as Flower does); `hidden` nodes are not listed by get_node_ids at all."""
+    1, as Flower does); `hidden` nodes are not listed by get_node_ids at all; `refused` nodes' TRAIN messages
+    are not taken (push returns no id for them)."""
 
     def __init__(self, devices: int, run_config: dict, node_ids: list[int] | None = None):
         from fedlodrop.flower.app import client_app
@@ -37,6 +38,7 @@ class FakeGrid(Grid):
         self.offline: set[int] = set()
         self.unavailable: set[int] = set()
         self.hidden: set[int] = set()
+        self.refused: set[int] = set()  # nodes whose TRAIN messages the SuperLink does not take
         self.pushed: list[Message] = []
         self.replies: dict[str, Message] = {}
 
@@ -62,9 +64,12 @@ class FakeGrid(Grid):
         for msg in messages:
             mid = uuid.uuid4().hex
             msg.metadata.__dict__["_message_id"] = mid
+            node, train = msg.metadata.dst_node_id, msg.metadata.message_type == "train"
+            if train and node in self.refused:
+                ids.append("")
+                continue
             self.pushed.append(msg)
             ids.append(mid)
-            node, train = msg.metadata.dst_node_id, msg.metadata.message_type == "train"
             if train and node in self.offline:
                 continue
             if train and node in self.unavailable:

@@ -90,12 +90,14 @@ def test_bytes_are_counted_from_the_messages(tiny_bert, polarity_dir, tmp_path, 
 
 def test_failed_devices_are_left_out_with_their_reason(tiny_bert, polarity_dir, tmp_path, monkeypatch):
     """Round 1: device 1's node never answers, device 2's is gone (the SuperLink's error, signed by
-    the SuperLink's node id), device 3 raises; round 2: device 3's node is not listed at all."""
-    cfg = _cfg(tiny_bert, polarity_dir, **{"federation.devices": 4, "federation.rounds": 2})
+    the SuperLink's node id), device 3 raises, device 4's message is refused; round 2: device 3's
+    node is not listed at all."""
+    cfg = _cfg(tiny_bert, polarity_dir, **{"federation.devices": 5, "federation.rounds": 2})
     rc = {"config-json": cfg.model_dump_json(), "run-dir": str(tmp_path / "flower")}
-    grid = FakeGrid(4, rc, node_ids=[50, 40, 30, 20])
+    grid = FakeGrid(5, rc, node_ids=[50, 40, 30, 20, 10])
     grid.offline.add(40)
     grid.unavailable.add(30)
+    grid.refused.add(10)
     monkeypatch.setenv(flower_app.TEST_RAISE_ENV, "3@1")
     real = grid.push_messages
 
@@ -112,16 +114,18 @@ def test_failed_devices_are_left_out_with_their_reason(tiny_bert, polarity_dir, 
     assert reasons[1] == "no reply within flower.round_timeout_s=1 s"
     assert reasons[2].startswith("SuperNode unavailable")
     assert reasons[3] == "ClientApp raised an exception: RuntimeError: test fault: device 3 raises in round 1"
+    assert reasons[4] == "the SuperLink did not take the message"
     assert {f["device"]: f["reason"] for f in r2["failures"]}[3] == "no SuperNode online for this device"
     for r in (r1, r2):
-        assert [d["status"] for d in r["devices"]] == ["ok", "left out", "left out", "left out"]
+        assert [d["status"] for d in r["devices"]] == ["ok"] + ["left out"] * 4
+        assert r["devices"][4]["downlink_bytes"] == 0
         ok, *left = r["devices"]
         assert ok["uplink_bytes"] > 0 and r["uplink_bytes"] == ok["uplink_bytes"]
         for d in left:
             assert set(d) == {"device", "rate", "downlink_bytes", "status", "reason"}
         assert math.isfinite(r["train_loss"]) and r["train_loss"] == ok["train_loss"]
     assert r2["devices"][3]["downlink_bytes"] == 0  # nothing was sent to a node that is not there
-    assert json.loads((tmp_path / "flower" / "summary.json").read_text())["devices_left_out"] == 6
+    assert json.loads((tmp_path / "flower" / "summary.json").read_text())["devices_left_out"] == 8
 
 
 def test_too_few_devices_fail_the_run_with_the_reasons(tiny_bert, polarity_dir, tmp_path, monkeypatch):
