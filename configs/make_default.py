@@ -74,6 +74,8 @@ NOTES: dict[str, str] = {
     "data.glue_dir": "folder in the classic GLUE layout (<glue_dir>/SST-2/train.tsv, dev.tsv, ...)",
     "data.max_train_samples": "use a random subset of the training split of this size; null: all",
     "data.max_eval_samples": "use a fixed random subset of the validation split of this size; null: all",
+    "flower": "the Flower engine (`fedlodrop flower simulate`, `fedlodrop flower run`; docs/flower.md); "
+    "`fedlodrop run` ignores this section",
 }
 
 

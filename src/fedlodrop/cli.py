@@ -71,6 +71,11 @@ def run(
             highlight=False,
         )
         summary = run_engine(cfg, out, console=err_console, show_progress=not quiet, force=force)
+    print_summary(summary, out)
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    """The last line of a run (in-process or on Flower): final and best metric, bytes, time."""
     main = summary["main_metric"]
     out_console.print(
         f"final {main} {summary['final'][main]:.4f}, best {summary['best'][main]:.4f} "
@@ -226,7 +231,10 @@ def predict(
 
 from fedlodrop.cli_planning import calibrate, optimize, plot_tradeoff, system_app  # noqa: E402
 
+from fedlodrop.cli_flower import flower_app  # noqa: E402
+
 app.add_typer(system_app, name="system")
+app.add_typer(flower_app, name="flower")
 app.command("optimize")(optimize)
 app.command("calibrate")(calibrate)
 app.command("plot-tradeoff")(plot_tradeoff)

@@ -139,6 +139,34 @@ class LogConfig(_Section):
     )
 
 
+class FlowerConfig(_Section):
+    """Settings of the Flower engine (`fedlodrop flower ...`); `fedlodrop run` ignores them."""
+
+    round_timeout_s: float = Field(
+        600.0, gt=0, description="how long a round waits for replies; a device whose reply has not come "
+        "by then is left out of the round"
+    )
+    discovery_timeout_s: float = Field(
+        120.0, gt=0, description="how long the ServerApp waits at the start for a SuperNode to answer "
+        "for every device; devices still missing are left out of the rounds they are sampled for"
+    )
+    poll_interval_s: float = Field(
+        0.2, gt=0, le=10, description="seconds between the ServerApp's pulls for replies"
+    )
+    client_cpus: int = Field(
+        1, ge=1, description="simulate: CPUs per simulated device (a Ray actor); Ray runs "
+        "simulation_cpus / client_cpus devices at a time, each with its own copy of the backbone"
+    )
+    client_gpus: float = Field(0.0, ge=0, description="simulate: GPUs per simulated device (0.5: two share one)")
+    simulation_cpus: int | None = Field(
+        None, ge=1, description="simulate: CPUs Ray may use in all; null: every CPU of the machine"
+    )
+    pack_arrays: bool = Field(
+        True, description="send each message's tensors as one byte buffer instead of one Flower Array "
+        "per tensor (an Array costs ~0.7 KB on the wire); the logged bytes are the same either way"
+    )
+
+
 class RunConfig(_Section):
     task: str = "rotten_tomatoes"
     model: str = DEFAULT_MODEL
@@ -150,6 +178,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     log: LogConfig = LogConfig()
+    flower: FlowerConfig = FlowerConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

@@ -35,8 +35,11 @@ from fedlodrop.runs import RunFolder
 
 MANIFEST = "sweep.json"
 RATE_KEY = "dropout.rate"
-# Keys that may differ between a finished run and the sweep that reuses it (they do not change results).
+# Keys that may differ between a finished run and the sweep that reuses it (they do not change results):
+# torch's thread count, and the Flower engine's section (sweeps run in-process; runs saved before the
+# section existed lack it).
 REUSE_IGNORED = frozenset({"train.threads"})
+REUSE_IGNORED_PREFIXES = ("flower.",)
 
 _SAFE = re.compile(r"[^A-Za-z0-9._+=-]")
 _MAX_VALUE_CHARS = 40
@@ -239,7 +242,11 @@ def config_differences(saved: dict, cfg: RunConfig) -> list[str]:
     want = flatten(cfg.model_dump(mode="json"))
     have = flatten(saved if isinstance(saved, dict) else {})
     keys = sorted(set(want) | set(have))
-    return [k for k in keys if k not in REUSE_IGNORED and want.get(k, "<absent>") != have.get(k, "<absent>")]
+    return [
+        k for k in keys
+        if k not in REUSE_IGNORED and not k.startswith(REUSE_IGNORED_PREFIXES)
+        and want.get(k, "<absent>") != have.get(k, "<absent>")
+    ]
 
 
 def is_finished(path: Path) -> bool:

@@ -1,0 +1,173 @@
+"""The round as a Flower strategy: `configure_train` and `aggregate_train` around fedlodrop's Server.
+
+No algorithm lives here. `configure_train` asks `Server.configure` for the round's tasks and puts
+each in a Message for its device's SuperNode; `aggregate_train` turns what came back into
+`DeviceReply`s and hands them to `engine.finish_round` (which calls `Server.finish`, syncs the
+evaluating backbone's fold, evaluates and builds the round's record), exactly as the in-process
+round does. A device the round could not reach (no online SuperNode, an error reply, no reply in
+time, a malformed reply) reaches the Server as a reply with `error` set, so it is left out and
+logged under `failures` with the reason, and `federation.min_devices` decides whether the round
+stands. Bytes in the record are measured from the messages that travelled.
+
+Driven by `run_round` (from `engine.train`'s loop), not by `Strategy.start`: the run folder,
+checkpoints and evaluation belong to the engine, and rounds wait with our own fast polling.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedlodrop.config import FlowerConfig
+from fedlodrop.engine import Experiment, finish_round
+from fedlodrop.flower.records import content_bytes, content_reply, task_content
+from fedlodrop.flower.transport import Discovery, error_reason, send_and_receive
+from fedlodrop.messages import DeviceReply, DeviceTask
+from fedlodrop.server import Server
+
+log = logging.getLogger("flwr")
+
+# what the Server puts in a device's entry only when the device reported it
+_REPORTED = ("kept_values", "samples", "steps", "train_loss", "uplink_bytes", "train_s", "lr")
+
+
+@dataclass
+class _Round:
+    t_round: float
+    tasks: list[DeviceTask]
+    sent: dict[int, Message] = field(default_factory=dict)  # device -> the message pushed
+    down: dict[int, tuple[int, int]] = field(default_factory=dict)  # device -> (payload, count_bytes)
+    problems: dict[int, str] = field(default_factory=dict)  # device -> why it has no reply
+    record: dict | None = None
+
+
+class FedLoDropStrategy(FedAvg):
+    def __init__(self, exp: Experiment, discovery: Discovery, settings: FlowerConfig):
+        super().__init__(min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=1)
+        self.exp = exp
+        self.discovery = discovery
+        self.settings = settings
+        self.server: Server | None = None  # engine.train makes it; `run_round` binds it
+        self._rounds: dict[int, _Round] = {}
+
+    # ------------------------------------------------------------------ one round
+    def run_round(self, grid: Grid, exp: Experiment, server: Server, round_: int) -> dict:
+        """engine.train's round function: configure, push and pull, aggregate; the round's record."""
+        self.exp, self.server = exp, server
+        server_round = round_ + 1
+        messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+        replies, unsent = send_and_receive(
+            grid, messages, self.settings.round_timeout_s, self.settings.poll_interval_s
+        )
+        state = self._rounds[server_round]
+        for i in unsent:
+            device = next(k for k, m in state.sent.items() if m is messages[i])
+            state.problems[device] = "the SuperLink did not take the message"
+            del state.sent[device], state.down[device]  # nothing went down
+        self.aggregate_train(server_round, list(replies.values()))
+        return self._rounds.pop(server_round).record
+
+    # ------------------------------------------------------------------ train
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """One TRAIN message per task of `Server.configure`, to the device's SuperNode
+        (`arrays` and `config` are unused: the Server holds the global model)."""
+        t_round = time.perf_counter()
+        online = self.discovery.online(grid)
+        self.discovery.refresh(grid, online)
+        tasks = self.server.configure(server_round - 1)
+        state = _Round(t_round, tasks)
+        nodes = self.discovery.nodes_for([t.device for t in tasks], online)
+        for task in tasks:
+            node = nodes[task.device]
+            if node is None:
+                state.problems[task.device] = "no SuperNode online for this device"
+                continue
+            content = task_content(task, self.settings.pack_arrays)
+            state.sent[task.device] = Message(content, node, MessageType.TRAIN, group_id=str(server_round))
+            state.down[task.device] = content_bytes(content)
+        self._rounds[server_round] = state
+        log.info("round %d: devices %s to SuperNodes %s", server_round, [t.device for t in tasks],
+                 [nodes[t.device] for t in tasks])
+        return list(state.sent.values())
+
+    def aggregate_train(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Replies (matched to what was sent by message id) -> DeviceReply, then the engine's
+        `finish_round`; a device without a usable reply becomes an error reply, which the
+        Server leaves out. The round's record is kept for `run_round`."""
+        state = self._rounds[server_round]
+        round_ = server_round - 1
+        device_of = {m.metadata.message_id: k for k, m in state.sent.items()}
+        up: dict[int, tuple[int, int]] = {}
+        got: dict[int, DeviceReply] = {}
+        for msg in replies:
+            device = device_of.get(msg.metadata.reply_to_message_id)
+            if device is None:
+                log.warning("round %d: a reply to a message this round did not send", server_round)
+                continue
+            if msg.has_error():
+                state.problems[device] = error_reason(msg)
+                continue
+            try:
+                reply = content_reply(msg.content)
+            except (KeyError, TypeError, ValueError) as err:
+                state.problems[device] = f"malformed reply: {err}"
+                continue
+            if (reply.device, reply.round) != (device, round_):
+                state.problems[device] = (
+                    f"its SuperNode answered for device {reply.device}, round {reply.round + 1}"
+                )
+                continue
+            got[device] = reply
+            up[device] = content_bytes(msg.content)
+        for device in state.sent:
+            if device not in got and device not in state.problems:
+                state.problems[device] = f"no reply within flower.round_timeout_s={self.settings.round_timeout_s:g} s"
+        for device, problem in state.problems.items():
+            got[device] = DeviceReply(device, round_, {}, 0, math.nan, 0, 0.0, error=problem)
+        if state.problems:
+            log.warning("round %d: left out %s", server_round, state.problems)
+        record = finish_round(self.exp, self.server, state.tasks, [got[k] for k in sorted(got)], state.t_round)
+        state.record = self._measured(record, state, up)
+        ok = sum(d["status"] == "ok" for d in record["devices"])
+        return None, MetricRecord({"devices-ok": ok, "devices-left-out": len(record["devices"]) - ok})
+
+    def _measured(self, record: dict, state: _Round, up: dict[int, tuple[int, int]]) -> dict:
+        """The record with the bytes of the messages that travelled, and the Flower details."""
+        for entry in record["devices"]:
+            k = entry["device"]
+            entry["downlink_bytes"] = state.down.get(k, (0, 0))[0]
+            if k in state.problems:  # the device reported nothing: the shape of a missing reply
+                for key in _REPORTED:
+                    entry.pop(key, None)
+            else:
+                entry["uplink_bytes"] = up[k][0]
+        record["uplink_bytes"] = sum(e.get("uplink_bytes", 0) for e in record["devices"])
+        record["downlink_bytes"] = sum(e["downlink_bytes"] for e in record["devices"])
+        record["flower"] = {
+            "uplink_count_bytes": sum(c for _, c in up.values()),
+            "downlink_count_bytes": sum(c for _, c in state.down.values()),
+            "nodes": {str(k): m.metadata.dst_node_id for k, m in sorted(state.sent.items())},
+        }
+        return record
+
+    # ------------------------------------------------------------------ evaluate
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Nothing to send: the global model is evaluated centrally on the server, inside
+        `engine.finish_round`, exactly as the in-process engine does."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: list[Message]) -> MetricRecord | None:
+        """No device evaluates (see `configure_evaluate`): nothing to aggregate."""
+        return None

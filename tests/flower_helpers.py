@@ -1,0 +1,170 @@
+"""Test helpers for the Flower engine: a Grid that runs the ClientApp in this process, and what
+the end-to-end tests compare between two run folders."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
+
+SRC = Path(__file__).resolve().parents[1] / "src"  # this checkout's fedlodrop
+SUPERLINK_NODE = 1  # the node id Flower's SuperLink signs its own error replies with
+
+
+class FakeGrid(Grid):
+    """A SuperLink and its SuperNodes in one process: a pushed message is handled at once by
+    `fedlodrop.flower.app.client_app` with that node's Context (node_config, a persistent
+    state), and its reply waits to be pulled. `offline` nodes take TRAIN messages and never answer;
+    `unavailable` nodes' TRAIN messages get the SuperLink's NODE_UNAVAILABLE error (signed by node
+    1, as Flower does); `hidden` nodes are not listed by get_node_ids at all; `refused` nodes' TRAIN messages
+    are not taken (push returns no id for them)."""
+
+    def __init__(self, devices: int, run_config: dict, node_ids: list[int] | None = None):
+        from fedlodrop.flower.app import client_app
+
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, SUPERLINK_NODE, 1
+        self.client_app = client_app
+        self.node_ids = node_ids or [1000 + 17 * k for k in range(devices)]
+        self.contexts = {
+            n: Context(7, n, {"partition-id": k, "num-partitions": devices}, RecordDict(), dict(run_config))
+            for k, n in enumerate(self.node_ids)
+        }
+        self.offline: set[int] = set()
+        self.unavailable: set[int] = set()
+        self.hidden: set[int] = set()
+        self.refused: set[int] = set()  # nodes whose TRAIN messages the SuperLink does not take
+        self.pushed: list[Message] = []
+        self.replies: dict[str, Message] = {}
+
+    # the abstract parts of Grid this engine does not use
+    def set_run(self, run) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def run(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, *args, **kwargs):  # pragma: no cover
+        raise NotImplementedError
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self.node_ids if n not in self.hidden]
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for msg in messages:
+            mid = uuid.uuid4().hex
+            msg.metadata.__dict__["_message_id"] = mid
+            node, train = msg.metadata.dst_node_id, msg.metadata.message_type == "train"
+            if train and node in self.refused:
+                ids.append("")
+                continue
+            self.pushed.append(msg)
+            ids.append(mid)
+            if train and node in self.offline:
+                continue
+            if train and node in self.unavailable:
+                reply = Message(Error(5, "Node is unavailable."), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE
+            else:
+                try:
+                    reply = self.client_app(msg, self.contexts[node])
+                except Exception as err:  # noqa: BLE001 - what a SuperNode makes of a raising ClientApp
+                    reply = Message(Error(2, f"<class '{type(err).__name__}'>:<'{err}'>"), reply_to=msg)
+            reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self.replies[mid] = reply
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        return [self.replies.pop(m) for m in list(message_ids) if m in self.replies]
+
+
+# ---------------------------------------------------------------------------- comparing runs
+
+VOLATILE = ("wall_s", "timing", "flower")  # time, and Flower's own details (node ids, count_bytes)
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Metrics lines without what may differ between two runs of the same config."""
+    out = []
+    for r in rows:
+        r = {k: v for k, v in r.items() if k not in VOLATILE}
+        r["devices"] = [{k: v for k, v in d.items() if k != "train_s"} for d in r["devices"]]
+        out.append(r)
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run folders hold the same model (bit for bit) and the same metrics."""
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter.safetensors", "checkpoint.json"):
+        assert (Path(b) / name).is_file(), name
+    for name in ("adapter.safetensors", "base_delta.safetensors"):
+        if not (Path(a) / name).is_file():
+            assert not (Path(b) / name).is_file(), name
+            continue
+        x, y = load_file(str(Path(a) / name)), load_file(str(Path(b) / name))
+        assert x.keys() == y.keys(), name
+        for key in x:
+            assert torch.equal(x[key], y[key]), f"{name}: {key} differs (max {(x[key] - y[key]).abs().max()})"
+    assert comparable(metrics(a)) == comparable(metrics(b))
+    sa, sb = (json.loads((Path(f) / "summary.json").read_text()) for f in (a, b))
+    sa.pop("wall_s"), sb.pop("wall_s")
+    assert sa == sb
+
+
+# ---------------------------------------------------------------------------- Flower processes
+
+
+def subprocess_env(tmp: Path, pythonpath: bool = True, **extra: str) -> dict[str, str]:
+    """For `python -m fedlodrop flower ...` in a test: offline, and its temporary files (the CLI's
+    FLWR_HOME workspace) under `tmp`, so that every process it starts can be found afterwards by
+    that path. `pythonpath`: this checkout on PYTHONPATH; without it, run the command with
+    cwd=SRC (`python -m` then imports this checkout, and the CLI must pass it on to Flower)."""
+    import os
+
+    (tmp / "tmp").mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = str(SRC)
+    # Ray would put its session (and socket paths, limited to 107 characters) under TMPDIR
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TMPDIR=str(tmp / "tmp"), RAY_TMPDIR="/tmp", **extra)
+    return env
+
+
+def fedlodrop_cmd(*args) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "fedlodrop", *(str(a) for a in args)]
+
+
+def write_config(cfg, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def assert_no_processes_left(tmp: Path, timeout: float = 20.0) -> None:
+    """No process (or descendant of one) mentions `tmp` in its command line or environment."""
+    import time
+
+    from fedlodrop.flower.launch import processes_of
+
+    deadline = time.monotonic() + timeout
+    while (left := processes_of(str(tmp))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left running: {left}"

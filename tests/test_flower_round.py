@@ -1,0 +1,165 @@
+"""The Flower round without Flower's processes: the ServerApp's `serve` over a Grid that runs the
+ClientApp in this process. The same run as `fedlodrop run`, bit for bit, and faults left out."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import learning_cfg
+from flower_helpers import FakeGrid, assert_same_run, metrics
+
+from fedlodrop import engine
+from fedlodrop.config import validate
+from fedlodrop.errors import RoundFailed
+from fedlodrop.flower import app as flower_app
+from fedlodrop.flower import strategy as flower_strategy
+from fedlodrop.flower.records import payload_bytes
+from fedlodrop.flower.transport import Discovery, DiscoveryError
+
+
+def _cfg(model, glue, **over):
+    base = {"train.threads": 1, "federation.rounds": 3, "federation.local_epochs": 1,
+            "federation.aggregation": "fedex", "dropout.rate": 0.3, "data.train_eval_samples": 16,
+            "flower.discovery_timeout_s": 1.0, "flower.round_timeout_s": 1.0, "flower.poll_interval_s": 0.01}
+    return learning_cfg(model, glue, **(base | over))
+
+
+def _serve(cfg, out, grid=None, **grid_kw):
+    rc = {"config-json": cfg.model_dump_json(), "run-dir": str(out)}
+    grid = grid or FakeGrid(cfg.federation.devices, rc, **grid_kw)
+    flower_app.serve(grid, rc)
+    return grid
+
+
+@pytest.fixture(autouse=True)
+def _fresh_client_cache():
+    flower_app._CACHE.clear()
+    threads = torch.get_num_threads()
+    yield
+    flower_app._CACHE.clear()
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("pack,dtype", [(True, "bfloat16"), (False, "float16")])
+def test_partial_participation_fedex_equals_in_process(tiny_bert, polarity_dir, tmp_path, pack, dtype):
+    """3 devices, 2 a round, 3 rounds: a device that sat out gets a two-round catch-up of folds, so
+    its fold F must have persisted in context.state; node ids do not follow device order."""
+    cfg = _cfg(tiny_bert, polarity_dir, **{"federation.devices_per_round": 2, "federation.comm_dtype": dtype,
+                                          "flower.pack_arrays": pack})
+    engine.run(cfg, tmp_path / "inproc", show_progress=False)
+    grid = _serve(cfg, tmp_path / "flower", node_ids=[9_000_000_001, 42, 7_777])
+    assert_same_run(tmp_path / "inproc", tmp_path / "flower")
+    rows = metrics(tmp_path / "flower")
+    assert [len(r["participants"]) for r in rows] == [2, 2, 2]
+    assert any(d["downlink_bytes"] > rows[0]["devices"][0]["downlink_bytes"] for r in rows[1:] for d in r["devices"])
+    # the bytes logged are those of the messages pushed (one TRAIN message per participant)
+    train = [m for m in grid.pushed if m.metadata.message_type == "train"]
+    assert sum(r["downlink_bytes"] for r in rows) == sum(payload_bytes(m.content["arrays"]) for m in train)
+    arrays_per_msg = {len(m.content["arrays"]) for m in train}
+    assert arrays_per_msg == {1} if pack else min(arrays_per_msg) > 1
+    for r in rows:
+        assert r["flower"]["downlink_count_bytes"] > r["downlink_bytes"]
+        assert r["flower"]["uplink_count_bytes"] > r["uplink_bytes"]
+
+
+def test_bytes_are_counted_from_the_messages(tiny_bert, polarity_dir, tmp_path, monkeypatch):
+    """Whatever a message carries is counted, not what the task holds: add a tensor to each
+    TRAIN message (the device ignores it) and the downlink grows by its bytes."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedlodrop.flower.records import ARRAYS, LAYOUT, TASK, to_records
+
+    def with_extra(task, pack):
+        tensors, scalars = task.to_flat()
+        tensors["index/extra"] = torch.zeros(10)
+        arrays, layout = to_records(tensors, pack)
+        return RecordDict({ARRAYS: arrays, LAYOUT: layout, TASK: ConfigRecord(scalars)})
+
+    monkeypatch.setattr(flower_strategy, "task_content", with_extra)
+    cfg = _cfg(tiny_bert, polarity_dir, **{"federation.rounds": 1})
+    engine.run(cfg, tmp_path / "inproc", show_progress=False)
+    _serve(cfg, tmp_path / "flower")
+    a, b = metrics(tmp_path / "inproc")[0], metrics(tmp_path / "flower")[0]
+    assert [d["downlink_bytes"] for d in b["devices"]] == [d["downlink_bytes"] + 40 for d in a["devices"]]
+    assert b["downlink_bytes"] == a["downlink_bytes"] + 40 * len(a["devices"])
+    assert b["uplink_bytes"] == a["uplink_bytes"]
+
+
+def test_failed_devices_are_left_out_with_their_reason(tiny_bert, polarity_dir, tmp_path, monkeypatch):
+    """Round 1: device 1's node never answers, device 2's is gone (the SuperLink's error, signed by
+    the SuperLink's node id), device 3 raises, device 4's message is refused; round 2: device 3's
+    node is not listed at all."""
+    cfg = _cfg(tiny_bert, polarity_dir, **{"federation.devices": 5, "federation.rounds": 2})
+    rc = {"config-json": cfg.model_dump_json(), "run-dir": str(tmp_path / "flower")}
+    grid = FakeGrid(5, rc, node_ids=[50, 40, 30, 20, 10])
+    grid.offline.add(40)
+    grid.unavailable.add(30)
+    grid.refused.add(10)
+    monkeypatch.setenv(flower_app.TEST_RAISE_ENV, "3@1")
+    real = grid.push_messages
+
+    def push(messages):  # after round 1's messages, device 3's node is no longer listed
+        ids = real(messages)
+        if any(m.metadata.group_id == "1" for m in messages):
+            grid.hidden.add(20)
+        return ids
+
+    grid.push_messages = push
+    _serve(cfg, tmp_path / "flower", grid=grid)
+    r1, r2 = metrics(tmp_path / "flower")
+    reasons = {f["device"]: f["reason"] for f in r1["failures"]}
+    assert reasons[1] == "no reply within flower.round_timeout_s=1 s"
+    assert reasons[2].startswith("SuperNode unavailable")
+    assert reasons[3] == "ClientApp raised an exception: RuntimeError: test fault: device 3 raises in round 1"
+    assert reasons[4] == "the SuperLink did not take the message"
+    assert {f["device"]: f["reason"] for f in r2["failures"]}[3] == "no SuperNode online for this device"
+    for r in (r1, r2):
+        assert [d["status"] for d in r["devices"]] == ["ok"] + ["left out"] * 4
+        assert r["devices"][4]["downlink_bytes"] == 0
+        ok, *left = r["devices"]
+        assert ok["uplink_bytes"] > 0 and r["uplink_bytes"] == ok["uplink_bytes"]
+        for d in left:
+            assert set(d) == {"device", "rate", "downlink_bytes", "status", "reason"}
+        assert math.isfinite(r["train_loss"]) and r["train_loss"] == ok["train_loss"]
+    assert r2["devices"][3]["downlink_bytes"] == 0  # nothing was sent to a node that is not there
+    assert json.loads((tmp_path / "flower" / "summary.json").read_text())["devices_left_out"] == 8
+
+
+def test_too_few_devices_fail_the_run_with_the_reasons(tiny_bert, polarity_dir, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_bert, polarity_dir, **{"federation.devices": 2, "federation.min_devices": 2})
+    monkeypatch.setenv(flower_app.TEST_RAISE_ENV, "1@2")
+    with pytest.raises(RoundFailed, match=r"round 2: 1 of 2 devices .*federation.min_devices is 2 .*device 1: ClientApp raised"):
+        _serve(cfg, tmp_path / "flower")
+    assert json.loads((tmp_path / "flower" / "checkpoint.json").read_text())["rounds_done"] == 1
+
+
+def _answer(partition, parts):
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({"partition-id": partition, "num-partitions": parts})
+
+
+def test_discovery_rejects_contradicting_supernodes():
+    d = Discovery(3)
+    d._learn(11, _answer(0, 3), {11, 12})
+    with pytest.raises(DiscoveryError, match="both say partition-id=0"):
+        d._learn(12, _answer(0, 3), {11, 12})
+    d._learn(13, _answer(0, 3), {13})  # the first node is gone: the device moved
+    assert d.node_of == {0: 13}
+    with pytest.raises(DiscoveryError, match="outside 0..2"):
+        d._learn(14, _answer(3, 3), {14})
+    with pytest.raises(DiscoveryError, match="num-partitions=4"):
+        d._learn(15, _answer(1, 4), {15})
+
+
+def test_the_serverapp_refuses_a_relative_run_dir(tmp_path):
+    from fedlodrop.errors import UserError
+
+    cfg = validate({"task": "sst2", "data": {"glue_dir": str(tmp_path)}})
+    with pytest.raises(UserError, match="absolute"):
+        flower_app.serve(None, {"config-json": cfg.model_dump_json(), "run-dir": "runs/x"})
+    with pytest.raises(UserError, match="config-json"):
+        flower_app.serve(None, {"run-dir": str(tmp_path)})
