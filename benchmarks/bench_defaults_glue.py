@@ -1,0 +1,99 @@
+"""Do the defaults leave the majority class? Each GLUE task here from its classic folder, as a new
+user would run it: 1,500 training examples, 3 devices, 3 rounds, every other key at its default.
+
+Per task: the main metric after each round, and for the final model the Matthews correlation and
+the share of validation examples predicted positive (MCC 0 with everything on one side = stuck at
+the majority class). QNLI ships only its dev split here, so its first 3,000 shuffled examples
+(seed 0) serve as the training file and the other 2,463 as validation. CoLA and STS-B are not in
+../shared/data/glue, so they are not measured.
+
+    python benchmarks/bench_defaults_glue.py [--tasks sst2,rte,mrpc,qnli] [--jobs 2] [--threads 1] [--set k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from _grid import GLUE, header
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def qnli_folder(glue: Path, into: Path) -> Path:
+    rows = (glue / "QNLI" / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    head, body = rows[0], rows[1:]
+    random.Random(0).shuffle(body)
+    (into / "QNLI").mkdir(parents=True, exist_ok=True)
+    (into / "QNLI" / "train.tsv").write_text("\n".join([head] + body[:3000]) + "\n", encoding="utf-8")
+    (into / "QNLI" / "dev.tsv").write_text("\n".join([head] + body[3000:]) + "\n", encoding="utf-8")
+    return into
+
+
+def one(args) -> dict:
+    task, glue, out, threads, extra = args
+    import numpy as np
+    import torch
+    from sklearn.metrics import matthews_corrcoef
+
+    torch.set_num_threads(threads)
+    from fedlodrop.client import predict
+    from fedlodrop.config import load_config
+    from fedlodrop.data import make_loader
+    from fedlodrop.engine import load_global, run
+
+    cfg = load_config(None, [f"task={task}", f"data.glue_dir={glue}", "data.max_train_samples=1500",
+                             "federation.rounds=3", f"train.threads={threads}", *extra])
+    t0 = time.perf_counter()
+    summary = run(cfg, Path(out) / task, show_progress=False, force=True)
+    rows = [json.loads(line) for line in (Path(out) / task / "metrics.jsonl").read_text().splitlines()]
+    exp, adapter = load_global(Path(out) / task)
+    exp.fm.set_view(None)
+    exp.fm.set_state(adapter)
+    loader = make_loader(exp.eval_set, exp.fm.tokenizer, 64, False, 0, sort_by_length=True)
+    preds, labels, _ = predict(exp.fm, loader, False)
+    main = summary["main_metric"]
+    return {"task": task, "main": main, "by_round": [r["eval"][main] for r in rows],
+            "mcc": float(matthews_corrcoef(labels, preds)), "predicted_positive": float(np.mean(preds)),
+            "positive": float(np.mean(labels)), "s": time.perf_counter() - t0}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="sst2,rte,mrpc,qnli")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--glue", type=Path, default=GLUE)
+    p.add_argument("--set", dest="extra", action="append", default=[], help="another config override")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "defaults-glue.md")
+    args = p.parse_args()
+    tasks = args.tasks.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        extra_glue = qnli_folder(args.glue.resolve(), Path(tmp) / "glue-qnli")
+        work = [(t, str(extra_glue if t == "qnli" else args.glue.resolve()), str(Path(tmp) / "runs"), args.threads,
+                 args.extra) for t in tasks]
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(one, work))
+    lines = ["| task | metric | round 1 | round 2 | round 3 | MCC (final) | predicted positive | positive | left the majority class |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        left = r["mcc"] > 0.05 and 0.02 < r["predicted_positive"] < 0.98
+        lines.append(f"| {r['task']} | {r['main']} | " + " | ".join(f"{x:.4f}" for x in r["by_round"]) +
+                     f" | {r['mcc']:.4f} | {r['predicted_positive']:.3f} | {r['positive']:.3f} | {'yes' if left else 'NO'} |")
+    overrides = " ".join(f"--set {e}" for e in args.extra) or "none"
+    md = (f"# `python benchmarks/bench_defaults_glue.py`\n\n1,500 training examples, 3 devices, 3 rounds, defaults "
+          f"otherwise (extra overrides: {overrides}). {header(args.threads, args.jobs)}.\n\n" + "\n".join(lines) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(md)
+    print(md)
+    sys.exit(0 if all("| yes |" in line for line in lines[2:]) else 1)
+
+
+if __name__ == "__main__":
+    main()
