@@ -89,9 +89,10 @@ class DropoutConfig(_Section):
 class TrainConfig(_Section):
     lr: float = Field(5e-3, gt=0, le=1)
     head_lr_scale: float = Field(
-        1.0, gt=0, le=1000, description="the classifier head's learning rate as a multiple of train.lr"
+        10.0, gt=0, le=1000, description="the classifier head's learning rate as a multiple of train.lr: "
+        "a new head starts from nothing while the adapter only adjusts the backbone"
     )
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1, description="examples per step: 16 gives a small device twice the steps of 32")
     max_length: int = Field(128, ge=8, le=8192)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     schedule: Literal["linear", "constant"] = Field(
