@@ -161,7 +161,8 @@ def learning_cfg(model: str, glue_dir: Path, **over):
         "task": "sst2", "model": model, "seed": 0,
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "federation": {"devices": 3, "rounds": 5, "local_epochs": 2},
-        "train": {"batch_size": 16, "max_length": 32, "lr": 2e-2, "warmup_ratio": 0.0},
+        # lr 2e-2 for the adapter and the head alike (the default 10x head rate is for lr 5e-3)
+        "train": {"batch_size": 16, "max_length": 32, "lr": 2e-2, "warmup_ratio": 0.0, "head_lr_scale": 1.0},
         "data": {"source": "glue_dir", "glue_dir": str(glue_dir), "train_eval_samples": 64},
     }
     for key, value in over.items():

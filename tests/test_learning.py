@@ -45,9 +45,17 @@ def test_dropout_learns_with_every_variant(mini2, polarity_dir, tmp_path, varian
     check_learns(cfg, tmp_path / "r")
 
 
-@pytest.mark.parametrize("aggregation", ["fedit", "ffa"])
-def test_other_rules_learn_with_dropout(mini2, polarity_dir, tmp_path, aggregation):
-    cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.3, "federation.aggregation": aggregation})
+def test_fedit_learns_with_dropout(mini2, polarity_dir, tmp_path):
+    cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.3, "federation.aggregation": "fedit"})
+    check_learns(cfg, tmp_path / "r")
+
+
+def test_ffa_learns_with_dropout(mini2, polarity_dir, tmp_path):
+    # FFA-LoRA trains only B on a frozen random A (a rank-r random input subspace), and learns
+    # more slowly: it does not leave chance here in 5 rounds at alpha 8 even without dropout; its
+    # paper scales the adapter up, as this does (alpha 32), with 8 rounds
+    cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.3, "federation.aggregation": "ffa",
+                                                "lora.alpha": 32, "federation.rounds": 8})
     check_learns(cfg, tmp_path / "r")
 
 
