@@ -9,9 +9,10 @@
   decoders     the same pipeline on tiny BLOOM and LLaMA models built from configs (random
                weights, MiniLM's tokenizer), a learnable polarity task: loss falls, accuracy rises.
 
-Setting of aggregation and rank: 1,200 training examples, 5 rounds x 1 local epoch, batch 16,
-MiniLM r 8 on query/value (PEFT's default), 400 validation examples (RTE: its 277). Run folders
-under bench_out/, tables and plots in docs/benchmarks/study-<name>.{md,csv,png}.
+Setting of aggregation and rank: 800 training examples, 4 rounds x 1 local epoch, defaults
+otherwise (MiniLM r 8 on query/value, batch 16), 300 validation examples (RTE: its 277); sized so
+that all three studies finish in under 3 hours with 2 processes x 1 thread on this 2-core CPU.
+Run folders under bench_out/, tables and plots in docs/benchmarks/study-<name>.{md,csv,png}.
 
     python benchmarks/bench_studies.py aggregation|rank|decoders [--jobs 2] [--threads 1] [--seeds 3]
 """
@@ -29,8 +30,8 @@ from _grid import GLUE, Point, header, markdown, plot, run_points, table, write_
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks"
-SETTING = ["data.max_train_samples=1200", "data.max_eval_samples=400", "data.train_eval_samples=300",
-           "federation.rounds=5", "federation.local_epochs=1", "train.batch_size=16"]
+SETTING = ["data.max_train_samples=800", "data.max_eval_samples=300", "data.train_eval_samples=200",
+           "federation.rounds=4", "federation.local_epochs=1"]
 RULES = ("fedit", "fedex", "ffa", "masked")
 PARTITIONS = (("iid", None), ("dirichlet", 0.5), ("dirichlet", 0.1))
 
@@ -78,7 +79,7 @@ def aggregation(args) -> None:
     for r in rows:  # the plot's x axis: partitions in order of skew
         r["skew"] = {"centralised": 0, "iid": 1, "dirichlet 0.5": 2, "dirichlet 0.1": 3}[r["setting"]]
     _finish("aggregation", rows, keys, "main metric", "Aggregation rules against centralised LoRA (x: 0 centralised, "
-            "1 IID, 2 Dirichlet 0.5, 3 Dirichlet 0.1); 1,200 examples, 3 devices, 5 rounds", args, "skew", ["rule"],
+            "1 IID, 2 Dirichlet 0.5, 3 Dirichlet 0.1); 800 examples, 3 devices, 4 rounds", args, "skew", ["rule"],
             facet="task", extra=extra)
 
 
