@@ -17,7 +17,7 @@ from fedlodrop.adapter import AdapterLayout, State, clone_state
 from fedlodrop.aggregation import DeviceUpdate, device_weights, make_rule
 from fedlodrop.config import RunConfig
 from fedlodrop.errors import RoundFailed
-from fedlodrop.masks import Masks, device_masks, kept_values
+from fedlodrop.masks import Masks, device_masks, full_masks, kept_values
 from fedlodrop.messages import (
     COMM_DTYPES,
     DeviceReply,
@@ -77,11 +77,17 @@ class Server:
     def configure(self, round_: int) -> list[DeviceTask]:
         if round_ != self.state.rounds_done:
             raise RuntimeError(f"server has done {self.state.rounds_done} rounds, asked to configure round {round_ + 1}")
-        tasks = []
+        tasks, whole = [], None
         for k in participants(self.cfg, round_):
             masks = device_masks(self.cfg, self.layout, self.rates[k], round_, k)
-            view = self.variant.view(masks, self.layout)
-            adapter = encode_adapter(self.state.global_state, self.layout, view, self.rule, self.dtype)
+            if self.variant.masks_view:
+                view = self.variant.view(masks, self.layout)
+                adapter = encode_adapter(self.state.global_state, self.layout, view, self.rule, self.dtype)
+            else:  # every device gets the whole adapter: pack it once, share it (read-only)
+                whole = whole or encode_adapter(
+                    self.state.global_state, self.layout, full_masks(self.layout), self.rule, self.dtype
+                )
+                adapter = whole
             tasks.append(DeviceTask(k, round_, self.rates[k], adapter, self._catch_up(k)))
         return tasks
 
@@ -95,7 +101,7 @@ class Server:
             catch_up = FoldCatchUp(held, now, missing)
             if catch_up.nbytes <= _dense_bytes(self.state.fold):
                 return catch_up
-        return FoldCatchUp(held, now, replace={k: v.clone() for k, v in self.state.fold.items()})
+        return FoldCatchUp(held, now, replace=self.state.fold)  # shared, read-only: never copied per device
 
     # ------------------------------------------------------------------ finish
     def finish(self, tasks: list[DeviceTask], replies: list[DeviceReply]) -> RoundResult:
@@ -103,7 +109,7 @@ class Server:
         round_ = self.state.rounds_done
         by_device = {r.device: r for r in replies if r.round == round_}
         tasks = sorted(tasks, key=lambda t: t.device)
-        updates, devices, failures = [], [], []
+        updates, devices, failures, decoded = [], [], [], {}
         for task in tasks:
             reply = by_device.get(task.device)
             masks = device_masks(self.cfg, self.layout, task.rate, round_, task.device)
@@ -124,7 +130,7 @@ class Server:
                 devices.append(entry | {"status": "left out", "reason": problem})
                 continue
             devices.append(entry | {"status": "ok"})
-            updates.append(self._update(task, masks, reply))
+            updates.append(self._update(task, masks, reply, decoded))
         if len(updates) < self.cfg.federation.min_devices:
             reasons = "; ".join(f"device {f['device']}: {f['reason']}" for f in failures)
             raise RoundFailed(
@@ -150,9 +156,13 @@ class Server:
         }
         return RoundResult(fold_update, record)
 
-    def _update(self, task: DeviceTask, masks: Masks, reply: DeviceReply) -> DeviceUpdate:
-        """The device's start and end, rebuilt from what was sent down and what came up."""
-        start = decode_adapter(task.adapter, self.layout, self.variant.view(masks, self.layout), self.known)
+    def _update(self, task: DeviceTask, masks: Masks, reply: DeviceReply, decoded: dict) -> DeviceUpdate:
+        """The device's start and end, rebuilt from what was sent down and what came up; devices
+        sent the same (shared) adapter share one decoded start."""
+        key = id(task.adapter)
+        if key not in decoded:
+            decoded[key] = decode_adapter(task.adapter, self.layout, self.variant.view(masks, self.layout), self.known)
+        start = decoded[key]
         trained = self.variant.trained(masks, self.layout)
         end = merge_trained(start, reply.upload, self.layout, trained)
         return DeviceUpdate(start, end, trained, reply.num_samples)
