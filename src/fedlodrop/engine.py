@@ -233,24 +233,15 @@ def train(exp: Experiment, folder: RunFolder, state: ServerState, records: list[
     (in-process devices here, Flower messages in `fedlodrop.flower`) and returns its record;
     each record is logged and checkpointed before the next round starts."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fedlodrop.logs import RunLogs
+    from fedlodrop.logs import RunLogs, progress_bar
 
     cfg = exp.cfg
     console = console or Console(stderr=True)
     server = make_server(exp, state)
     logs = RunLogs(cfg, folder.path, state.rounds_done)
     main = exp.task.main_metric
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not show_progress,
-        transient=True,
-    )
+    progress = progress_bar(console, show_progress)
     try:
         with progress:
             bar = progress.add_task("rounds", total=cfg.federation.rounds, completed=state.rounds_done)

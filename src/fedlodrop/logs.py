@@ -14,6 +14,21 @@ from fedlodrop.config import RunConfig
 from fedlodrop.errors import UserError
 
 
+def progress_bar(console, enabled: bool = True):
+    """The one progress bar style (rounds of a run, batches of a prediction), on `console`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not enabled,
+        transient=True,
+    )
+
+
 def round_scalars(record: dict) -> dict[str, float]:
     """The numbers of one round's record, by the names both loggers use."""
     out: dict[str, float] = {}

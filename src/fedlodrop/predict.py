@@ -194,11 +194,10 @@ def predict_file(
     Everything that can fail on the user's input is checked before the model is loaded, and
     nothing is written unless all rows were predicted.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from fedlodrop.config import load_config
     from fedlodrop.data.tasks import TASKS
     from fedlodrop.export import check_run_dir, load_global_model
+    from fedlodrop.logs import progress_bar
 
     run_dir = check_run_dir(run_dir)
     input_path = Path(input_path)
@@ -208,15 +207,7 @@ def predict_file(
     if out is not None and Path(out).is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as predictions.csv")
     run = load_global_model(run_dir, device)
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not show_progress,
-        transient=True,
-    )
+    progress = progress_bar(console, show_progress)
     with progress:
         logits = logits_for(run, texts_a, texts_b, batch_size or 2 * run.cfg.train.batch_size, progress)
     predictions = prediction_columns(task, logits)
