@@ -350,3 +350,25 @@ def test_head_learning_rate_scale(tiny_bert, sst2_dir):
     lora = torch.cat([(end[m.key_b] - start[m.key_b]).flatten() for m in exp.fm.layout.modules]).abs()
     # |step| = lr |g| / (|g| + eps): lr itself wherever the gradient is not tiny
     assert head.max() == pytest.approx(10 * lr, rel=1e-3) and lora.max() == pytest.approx(lr, rel=1e-3)
+
+
+def test_summary_best_is_one_rounds_whole_metrics():
+    """MRPC scores f1 and accuracy: `best` is the best round by f1 (the main metric), both of its
+    numbers, never a mix of maxima from different rounds."""
+    from types import SimpleNamespace
+
+    from fedlodrop.config import load_config
+    from fedlodrop.data import TASKS
+    from fedlodrop.engine import _summary
+
+    cfg = load_config(None, ["task=mrpc", "data.glue_dir=x"])
+    layout = SimpleNamespace(adapter_values=1, head_values=1)
+    exp = SimpleNamespace(cfg=cfg, task=TASKS["mrpc"], rates=[0.0] * 3, fm=SimpleNamespace(layout=layout))
+    rows = [{"round": i + 1, "eval": e, "train": {"f1": 0.9, "accuracy": 0.9}, "uplink_bytes": 1,
+             "downlink_bytes": 1, "failures": [], "wall_s": 1.0}
+            for i, e in enumerate([{"f1": 0.80, "accuracy": 0.70}, {"f1": 0.79, "accuracy": 0.75},
+                                   {"f1": 0.78, "accuracy": 0.72}])]
+    summary = _summary(exp, rows)
+    assert TASKS["mrpc"].main_metric == "f1"
+    assert summary["best"] == {"f1": 0.80, "accuracy": 0.70} and summary["best_round"] == 1
+    assert summary["final"] == {"f1": 0.78, "accuracy": 0.72}
