@@ -83,11 +83,11 @@ class Server:
             if self.variant.masks_view:
                 view = self.variant.view(masks, self.layout)
                 adapter = encode_adapter(self.state.global_state, self.layout, view, self.rule, self.dtype)
-            else:  # every device gets the whole adapter: pack it once, share it (read-only)
+            else:  # every device gets the whole adapter: pack it once; each task its own dict, tensors shared
                 whole = whole or encode_adapter(
                     self.state.global_state, self.layout, full_masks(self.layout), self.rule, self.dtype
                 )
-                adapter = whole
+                adapter = dict(whole)
             tasks.append(DeviceTask(k, round_, self.rates[k], adapter, self._catch_up(k)))
         return tasks
 
@@ -158,8 +158,8 @@ class Server:
 
     def _update(self, task: DeviceTask, masks: Masks, reply: DeviceReply, decoded: dict) -> DeviceUpdate:
         """The device's start and end, rebuilt from what was sent down and what came up; devices
-        sent the same (shared) adapter share one decoded start."""
-        key = id(task.adapter)
+        sent the same (shared) tensors share one decoded start."""
+        key = tuple(map(id, task.adapter.values()))
         if key not in decoded:
             decoded[key] = decode_adapter(task.adapter, self.layout, self.variant.view(masks, self.layout), self.known)
         start = decoded[key]
