@@ -108,7 +108,9 @@ def test_interrupting_simulate_stops_every_process(tiny_bert, polarity_dir, tmp_
     out = tmp_path / "flower"
     proc = subprocess.Popen(fedlodrop_cmd("flower", "simulate", "--config", cfg_file, "--out", out),
                             env=subprocess_env(tmp_path, pythonpath=False), cwd=SRC,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a suite started in the background (`pytest &`) passes SIGINT on ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
