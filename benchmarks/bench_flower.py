@@ -33,7 +33,6 @@ SETTINGS = {
 }
 COMMON = ["federation.rounds=3", "data.max_train_samples=600", "dropout.rate=0.3",
           "federation.aggregation=fedex", "flower.round_timeout_s=600"]
-VOLATILE = ("wall_s", "timing", "flower")
 
 
 def _run(cmd: list[str], env: dict) -> float:
@@ -46,29 +45,6 @@ def _run(cmd: list[str], env: dict) -> float:
 
 def _rows(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def _comparable(rows: list[dict]) -> list[dict]:
-    out = []
-    for r in rows:
-        r = {k: v for k, v in r.items() if k not in VOLATILE}
-        r["devices"] = [{k: v for k, v in d.items() if k != "train_s"} for d in r["devices"]]
-        out.append(r)
-    return out
-
-
-def _max_diff(a: Path, b: Path) -> float:
-    from safetensors.torch import load_file
-
-    worst = 0.0
-    for name in ("adapter.safetensors", "base_delta.safetensors"):
-        if not (a / name).is_file():
-            continue
-        x, y = load_file(str(a / name)), load_file(str(b / name))
-        if x.keys() != y.keys():
-            return float("inf")
-        worst = max([worst] + [float((x[k].double() - y[k].double()).abs().max()) for k in x])
-    return worst
 
 
 def main() -> None:
@@ -100,13 +76,15 @@ def main() -> None:
                     + (f"{count[0]:,} / {count[1]:,} |" if count else "- |")
                 )
                 print(rows[-1], flush=True)
-            a, b = folders["in-process"], folders["flower"]
-            same_metrics = _comparable(_rows(a)) == _comparable(_rows(b))
-            participants = [r.get("participants") for r in _rows(b)]
+            from fedlodrop.runs import compare
+
+            worst, problems = compare(folders["in-process"], folders["flower"])
+            participants = [r.get("participants") for r in _rows(folders["flower"])]
             checks.append(
-                f"- {name}: largest |difference| over every adapter and base-delta tensor "
-                f"{_max_diff(a, b):.3g}; metrics (losses, accuracies, bytes, per-device records) "
-                f"{'identical' if same_metrics else 'DIFFER'}; participants per round {participants}."
+                f"- {name}: largest |difference| over every adapter and base-delta tensor {worst:.3g}; "
+                f"metrics (losses, accuracies, bytes, per-device records) and summary "
+                f"{'identical' if not problems else 'DIFFER: ' + '; '.join(problems)}; "
+                f"participants per round {participants}."
             )
             print(checks[-1], flush=True)
     head = (

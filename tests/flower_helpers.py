@@ -7,11 +7,9 @@ import json
 import uuid
 from pathlib import Path
 
-import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
-from safetensors.torch import load_file
 
 SRC = Path(__file__).resolve().parents[1] / "src"  # this checkout's fedlodrop
 SUPERLINK_NODE = 1  # the node id Flower's SuperLink signs its own error replies with
@@ -90,39 +88,18 @@ class FakeGrid(Grid):
 
 # ---------------------------------------------------------------------------- comparing runs
 
-VOLATILE = ("wall_s", "timing", "flower")  # time, and Flower's own details (node ids, count_bytes)
-
-
 def metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
 
 
-def comparable(rows: list[dict]) -> list[dict]:
-    """Metrics lines without what may differ between two runs of the same config."""
-    out = []
-    for r in rows:
-        r = {k: v for k, v in r.items() if k not in VOLATILE}
-        r["devices"] = [{k: v for k, v in d.items() if k != "train_s"} for d in r["devices"]]
-        out.append(r)
-    return out
-
-
 def assert_same_run(a: Path, b: Path) -> None:
     """Two run folders hold the same model (bit for bit) and the same metrics."""
+    from fedlodrop.runs import compare
+
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter.safetensors", "checkpoint.json"):
         assert (Path(b) / name).is_file(), name
-    for name in ("adapter.safetensors", "base_delta.safetensors"):
-        if not (Path(a) / name).is_file():
-            assert not (Path(b) / name).is_file(), name
-            continue
-        x, y = load_file(str(Path(a) / name)), load_file(str(Path(b) / name))
-        assert x.keys() == y.keys(), name
-        for key in x:
-            assert torch.equal(x[key], y[key]), f"{name}: {key} differs (max {(x[key] - y[key]).abs().max()})"
-    assert comparable(metrics(a)) == comparable(metrics(b))
-    sa, sb = (json.loads((Path(f) / "summary.json").read_text()) for f in (a, b))
-    sa.pop("wall_s"), sb.pop("wall_s")
-    assert sa == sb
+    _, problems = compare(a, b)
+    assert not problems, problems
 
 
 # ---------------------------------------------------------------------------- Flower processes

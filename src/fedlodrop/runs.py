@@ -171,3 +171,46 @@ class RunFolder:
             for name, d in load_file(str(self.path / BASE_DELTA)).items():
                 fold[name] = to_base_orientation(layout.module(name), d)  # a transpose is its own inverse
         return adapter, fold
+
+
+# -------------------------------------------------------------------- comparing two runs
+VOLATILE = ("wall_s", "timing", "flower")  # time, and an engine's own details (Flower node ids, count_bytes)
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        r = {k: v for k, v in r.items() if k not in VOLATILE}
+        r["devices"] = [{k: v for k, v in d.items() if k != "train_s"} for d in r.get("devices", [])]
+        out.append(r)
+    return out
+
+
+def compare(a: Path, b: Path) -> tuple[float, list[str]]:
+    """Two finished runs of one config (e.g. in-process and on Flower): the largest |difference|
+    over their adapter and base-delta tensors, and what differs beyond time (empty: the same run)."""
+    fa, fb = RunFolder(Path(a)), RunFolder(Path(b))
+    worst, problems = 0.0, []
+    for name in (ADAPTER, BASE_DELTA):
+        here, there = (fa.path / name).is_file(), (fb.path / name).is_file()
+        if here != there:
+            problems.append(f"{name} in one run only")
+            continue
+        if not here:
+            continue
+        x, y = load_file(str(fa.path / name)), load_file(str(fb.path / name))
+        if x.keys() != y.keys():
+            problems.append(f"{name}: different tensors")
+            continue
+        for key in x:
+            diff = float((x[key].double() - y[key].double()).abs().max()) if x[key].numel() else 0.0
+            worst = max(worst, diff)
+            if not torch.equal(x[key], y[key]):
+                problems.append(f"{name}: {key} differs (max {diff:.3g})")
+    if _comparable(fa.metrics()) != _comparable(fb.metrics()):
+        problems.append(f"{METRICS} differ beyond time")
+    sa, sb = fa.summary(), fb.summary()
+    sa.pop("wall_s", None), sb.pop("wall_s", None)
+    if sa != sb:
+        problems.append(f"{SUMMARY} differs beyond wall_s")
+    return worst, problems

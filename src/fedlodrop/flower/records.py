@@ -118,23 +118,28 @@ def content_bytes(content: RecordDict) -> tuple[int, int]:
 # ---------------------------------------------------------------------------- the two messages
 
 
-def task_content(task: DeviceTask, pack: bool) -> RecordDict:
-    tensors, scalars = task.to_flat()
+def _content(message: DeviceTask | DeviceReply, kind: str, pack: bool) -> RecordDict:
+    tensors, scalars = message.to_flat()
     arrays, layout = to_records(tensors, pack)
-    return RecordDict({ARRAYS: arrays, LAYOUT: layout, TASK: ConfigRecord(scalars)})
+    return RecordDict({ARRAYS: arrays, LAYOUT: layout, kind: ConfigRecord(scalars)})
+
+
+def _parts(content: RecordDict, kind: str) -> tuple[dict, dict]:
+    tensors = from_records(content.array_records[ARRAYS], content.config_records[LAYOUT])
+    return tensors, dict(content.config_records[kind])
+
+
+def task_content(task: DeviceTask, pack: bool) -> RecordDict:
+    return _content(task, TASK, pack)
 
 
 def content_task(content: RecordDict) -> DeviceTask:
-    tensors = from_records(content.array_records[ARRAYS], content.config_records[LAYOUT])
-    return DeviceTask.from_flat(tensors, dict(content.config_records[TASK]))
+    return DeviceTask.from_flat(*_parts(content, TASK))
 
 
 def reply_content(reply: DeviceReply, pack: bool) -> RecordDict:
-    tensors, scalars = reply.to_flat()
-    arrays, layout = to_records(tensors, pack)
-    return RecordDict({ARRAYS: arrays, LAYOUT: layout, REPLY: ConfigRecord(scalars)})
+    return _content(reply, REPLY, pack)
 
 
 def content_reply(content: RecordDict) -> DeviceReply:
-    tensors = from_records(content.array_records[ARRAYS], content.config_records[LAYOUT])
-    return DeviceReply.from_flat(tensors, dict(content.config_records[REPLY]))
+    return DeviceReply.from_flat(*_parts(content, REPLY))
