@@ -78,3 +78,16 @@ def test_truncated_fedex_fold_learns_and_logs_its_error(mini2, polarity_dir, tmp
     m = 384  # MiniLM's query/value are 384 x 384; the fold travels as rank-2 factors
     assert all(r["fold_bytes"] == 4 * 4 * 2 * (m + m) for r in rows)  # 4 modules, float32
     assert all(0 < r["fold_error_rel"] < 1 for r in rows)
+
+
+def test_default_learning_rates_learn_with_dropout(mini2, polarity_dir, tmp_path):
+    """The defaults' schedule and head rate (lr 5e-3 with warm-up, the head 10x faster), dropout 0.3."""
+    from fedlodrop.config import TrainConfig
+
+    defaults = TrainConfig()
+    cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.3, "train.lr": defaults.lr,
+                                                "train.warmup_ratio": defaults.warmup_ratio,
+                                                "train.head_lr_scale": defaults.head_lr_scale,
+                                                "federation.rounds": 14})
+    assert cfg.train.head_lr_scale == 10 and cfg.train.lr == 5e-3
+    check_learns(cfg, tmp_path / "r")
