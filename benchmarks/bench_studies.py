@@ -5,7 +5,8 @@
                how far is federated from centralised, does FedEx's exactness pay off?
                Goal: fedex within 1.5 points of centralised on SST-2, IID.
   rank         LoRA r 4 / 16 / 64 / 256 with and without FedLoDrop (default variant, rate 0.3):
-               bytes per round against accuracy, SST-2, 3 seeds.
+               bytes per round against accuracy, SST-2, 3 seeds; r 256 once more with the
+               adapter's learning rate scaled by 8 / r.
   decoders     the same pipeline on tiny BLOOM and LLaMA models built from configs (random
                weights, MiniLM's tokenizer), a learnable polarity task: loss falls, accuracy rises.
 
@@ -84,13 +85,20 @@ def aggregation(args) -> None:
 
 
 def rank(args) -> None:
+    from fedlodrop.config import TrainConfig
+
+    LR, HEAD_SCALE = TrainConfig().lr, TrainConfig().head_lr_scale  # the defaults
     pts = []
     for seed in range(args.seeds):
-        for r in (4, 16, 64, 256):
+        for r, lr in ((4, None), (16, None), (64, None), (256, None), (256, LR * 8 / 256)):
             for rate in (0.0, 0.3):
-                pts.append(Point(f"r{r}-rate{rate}-seed{seed}", {"r": r, "rate": rate},
+                # the second r 256: the adapter's lr scaled by 8 / r (the head's kept), since with
+                # alpha = 2 r and Adam the product's step grows with r
+                tune = [] if lr is None else [f"train.lr={lr:g}", f"train.head_lr_scale={HEAD_SCALE * 256 / 8:g}"]
+                pts.append(Point(f"r{r}-rate{rate}-seed{seed}" + ("" if lr is None else "-lr-scaled"),
+                                 {"r": r if lr is None else f"{r}, lr x 8/r", "rate": rate},
                                  SETTING + ["task=sst2", f"data.glue_dir={args.glue}", f"seed={seed}",
-                                            f"lora.r={r}", f"lora.alpha={2 * r}", f"dropout.rate={rate}"]))
+                                            f"lora.r={r}", f"lora.alpha={2 * r}", f"dropout.rate={rate}", *tune]))
     results = run_points(pts, ROOT / "bench_out" / "study-rank", args.jobs, args.threads)
     rows = table(pts, results, ["r", "rate"])
     for row in rows:
@@ -101,18 +109,25 @@ def rank(args) -> None:
     _finish("rank", rows, ["r", "rate"], "accuracy", title, args, "MB_per_round", ["rate"], extra="\n" + md_rows + "\n")
     # the x axis the question asks for: bytes per round
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for rate in (0.0, 0.3):
-        sub = sorted((r for r in rows if r["rate"] == rate), key=lambda r: r["MB_per_round"])
-        ax.errorbar([r["MB_per_round"] for r in sub], [r["final_mean"] for r in sub], yerr=[r["final_std"] for r in sub],
-                    marker="o", capsize=3, label=f"dropout {rate}")
-        for r in sub:
-            ax.annotate(f"r {r['r']}", (r["MB_per_round"], r["final_mean"]), fontsize=7)
+        sub = sorted((r for r in rows if r["rate"] == rate and isinstance(r["r"], int)), key=lambda r: r["MB_per_round"])
+        line = ax.errorbar([r["MB_per_round"] for r in sub], [r["final_mean"] for r in sub],
+                           yerr=[r["final_std"] for r in sub], marker="o", capsize=3, label=f"dropout {rate}")
+        for r in (r for r in rows if r["rate"] == rate and not isinstance(r["r"], int)):  # the scaled-lr point
+            ax.errorbar([r["MB_per_round"]], [r["final_mean"]], yerr=[r["final_std"]], marker="*", markersize=10,
+                        capsize=3, linestyle="none", color=line[0].get_color(), label=f"dropout {rate}, r {r['r']}")
+        for r in (r for r in rows if r["rate"] == rate):
+            ax.annotate(f"r {r['r']}", (r["MB_per_round"], r["final_mean"]), fontsize=7, xytext=(4, -10 if rate else 6),
+                        textcoords="offset points")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("MB per round (uplink + downlink, all devices)")
     ax.set_ylabel("final validation accuracy")
     ax.legend()
@@ -133,7 +148,7 @@ def decoders(args) -> None:
     from fedlodrop.model import resolve_model_path
 
     torch.set_num_threads(args.threads)
-    out_rows = []
+    out_rows, curves = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         glue = write_polarity(tmp / "glue", n_train=384, n_dev=192)
@@ -143,11 +158,13 @@ def decoders(args) -> None:
                 cfg = validate({"task": "sst2", "model": str(model), "seed": 0, "lora": {"r": 8, "alpha": 16},
                                 "federation": {"devices": 3, "rounds": 6, "local_epochs": 2},
                                 "dropout": {"rate": rate},
-                                "train": {"batch_size": 16, "max_length": 32, "lr": 1e-2, "threads": args.threads},
+                                "train": {"batch_size": 16, "max_length": 32, "lr": 1e-2, "threads": args.threads,
+                                          "head_lr_scale": 1.0},  # random weights: one rate for all
                                 "data": {"source": "glue_dir", "glue_dir": str(glue), "train_eval_samples": 96}})
                 t0 = time.perf_counter()
                 s = engine.run(cfg, tmp / f"{kind}-{rate}", show_progress=False)
                 rows = [json.loads(line) for line in (tmp / f"{kind}-{rate}" / "metrics.jsonl").read_text().splitlines()]
+                curves[f"{kind}, rate {rate}"] = [r["eval"]["accuracy"] for r in rows]
                 exp = engine.prepare(cfg, with_training=False)
                 targets = sorted({m.name.rsplit(".", 1)[-1] for m in exp.fm.layout.modules})
                 out_rows.append(
@@ -162,13 +179,36 @@ def decoders(args) -> None:
           f"examples; majority class 0.5), 3 devices, FedEx, 6 rounds x 2 local epochs. {header(args.threads, 1)}.\n\n"
           f"{table_}\n")
     (DOCS / "study-decoders.md").write_text(md)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, accs in curves.items():
+        ax.plot(range(1, len(accs) + 1), accs, marker="o", linestyle="--" if "0.3" in label else "-", label=label)
+    ax.axhline(0.5, color="grey", linewidth=0.8)
+    ax.set_xlabel("round")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Tiny decoders from configs, polarity task (grey: majority class)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(DOCS / "study-decoders.png", dpi=110)
     print(md)
 
 
 def _tiny_decoder(kind: str, folder: Path, tokenizer_dir: str) -> Path:
     import torch
-    from transformers import (AutoTokenizer, BloomConfig, BloomModel, GPT2Config, GPT2Model, LlamaConfig,
-                              LlamaModel)
+    from transformers import (
+        AutoTokenizer,
+        BloomConfig,
+        BloomModel,
+        GPT2Config,
+        GPT2Model,
+        LlamaConfig,
+        LlamaModel,
+    )
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
