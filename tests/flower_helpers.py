@@ -3,7 +3,6 @@ the end-to-end tests compare between two run folders."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 
@@ -89,7 +88,9 @@ class FakeGrid(Grid):
 # ---------------------------------------------------------------------------- comparing runs
 
 def metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    from fedlodrop.runs import RunFolder
+
+    return RunFolder(Path(folder)).metrics()
 
 
 def assert_same_run(a: Path, b: Path) -> None:
