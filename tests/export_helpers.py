@@ -34,12 +34,27 @@ jobs = json.loads(sys.stdin.read())
 out = {}
 for name, job in jobs.items():
     tok = AutoTokenizer.from_pretrained(job["dir"])
+    if job["kind"] == "merged-untrusted":  # a mean-pooled export must refuse, not load BERT's [CLS] head
+        try:
+            AutoModelForSequenceClassification.from_pretrained(job["dir"])
+        except ValueError as err:
+            out[name] = {"refused": str(err)}
+            continue
+        out[name] = {"refused": None}
+        continue
     if job["kind"] == "merged":
-        model = AutoModelForSequenceClassification.from_pretrained(job["dir"])
+        model = AutoModelForSequenceClassification.from_pretrained(job["dir"], trust_remote_code=job["remote_code"])
     else:
         from peft import PeftConfig, PeftModel
         base_path = PeftConfig.from_pretrained(job["dir"]).base_model_name_or_path
-        base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=job["num_labels"])
+        if job["remote_code"]:  # the recipe of the exported README.md
+            from transformers.dynamic_module_utils import get_class_from_dynamic_module
+            cls = get_class_from_dynamic_module(
+                "modeling_mean_pooled.MeanPooledBertForSequenceClassification", job["dir"])
+            config = AutoConfig.from_pretrained(base_path, num_labels=job["num_labels"])
+            base = cls.from_pretrained(base_path, config=config)
+        else:
+            base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=job["num_labels"])
         if base.config.pad_token_id is None:
             base.config.pad_token_id = tok.pad_token_id
         model = PeftModel.from_pretrained(base, job["dir"])
@@ -52,14 +67,17 @@ for name, job in jobs.items():
     seen = {k: getattr(cfg, k, None) for k in ("num_labels", "problem_type", "pad_token_id", "architectures")}
     seen["id2label"] = {str(i): label for i, label in cfg.id2label.items()}
     out[name] = {"logits": logits.double().tolist(), "config": seen}
-print(json.dumps(out))
+print("\n" + json.dumps(out))  # after any prompt transformers wrote
 """
 
 
-def run_hf_only(jobs: dict[str, dict]) -> dict[str, dict]:
-    """Run HF_ONLY on `jobs` ({name: {dir, kind, a, b, max_length, num_labels}}) in a clean process."""
+def run_hf_only(jobs: dict[str, dict], modules_cache: Path | None = None) -> dict[str, dict]:
+    """Run HF_ONLY on `jobs` ({name: {dir, kind, a, b, max_length, num_labels}}) in a clean process;
+    `modules_cache`: where transformers copies an export's modeling file (default: the home cache)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    if modules_cache is not None:
+        env["HF_MODULES_CACHE"] = str(modules_cache)
     proc = subprocess.run(
         [sys.executable, "-c", HF_ONLY],
         input=json.dumps(jobs),
@@ -72,15 +90,17 @@ def run_hf_only(jobs: dict[str, dict]) -> dict[str, dict]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for value in result.values():
-        value["logits"] = np.asarray(value["logits"])
+        if "logits" in value:
+            value["logits"] = np.asarray(value["logits"])
     return result
 
 
-def job(folder: Path, kind: str, cfg, a: list[str], b: list[str] | None = None) -> dict:
+def job(folder: Path, kind: str, cfg, a: list[str], b: list[str] | None = None, remote_code: bool = False) -> dict:
+    """`remote_code`: the export ships its modeling file (a mean-pooled head) and is loaded with it."""
     from fedlodrop.data.tasks import TASKS
 
     return {"dir": str(folder), "kind": kind, "a": a, "b": b, "max_length": cfg.train.max_length,
-            "num_labels": TASKS[cfg.task].num_labels}
+            "num_labels": TASKS[cfg.task].num_labels, "remote_code": remote_code}
 
 
 @torch.no_grad()

@@ -46,7 +46,8 @@ def fedit_run(glue, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fedex_run(glue, tmp_path_factory):
-    cfg = tiny_cfg(MINILM, glue, **LEARN, **{"federation.aggregation": "fedex"})
+    # BERT's own [CLS] head (the FedIT run has the default, mean-pooled head): both export paths
+    cfg = tiny_cfg(MINILM, glue, **LEARN, **{"federation.aggregation": "fedex", "pooling": "cls"})
     return train(cfg, tmp_path_factory.mktemp("fedex") / "run"), cfg
 
 
@@ -67,30 +68,35 @@ def check_same_model(got: dict, ref: np.ndarray, accuracy: float, labels: list[i
 
 
 def test_fedit_exports_merged_and_peft_that_load_without_fedlodrop(fedit_run, glue, tmp_path):
+    """The default head on MiniLM reads mean-pooled states: both formats ship the modeling file."""
     run_dir, cfg = fedit_run
     rows = dev_rows(glue, "SST-2")
     a, labels = [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
     assert final_accuracy(run_dir) >= 0.75  # it learned
     ref = reference_logits(run_dir, a)
     assert np.abs(ref - reference_logits(run_dir, a, adapter=False)).max() > 100 * ATOL  # LoRA matters
-    export_cli(run_dir, tmp_path / "merged")
-    export_cli(run_dir, tmp_path / "peft", "--format", "peft")
+    assert "trust_remote_code=True" in export_cli(run_dir, tmp_path / "merged").stdout
+    assert "README.md" in export_cli(run_dir, tmp_path / "peft", "--format", "peft").stdout
     assert not (tmp_path / "peft" / "model.safetensors").exists()
+    for kind in ("merged", "peft"):
+        assert (tmp_path / kind / "modeling_mean_pooled.py").is_file()
     adapter_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == resolve_model_path(MINILM)
     assert adapter_cfg["r"] == 4 and not adapter_cfg["rank_pattern"]  # the run's own factors
     assert set(adapter_cfg["modules_to_save"]) >= {"classifier"}
 
     got = run_hf_only({
-        "merged": job(tmp_path / "merged", "merged", cfg, a),
-        "peft": job(tmp_path / "peft", "peft", cfg, a),
-    })
+        "merged": job(tmp_path / "merged", "merged", cfg, a, remote_code=True),
+        "peft": job(tmp_path / "peft", "peft", cfg, a, remote_code=True),
+        "untrusted": job(tmp_path / "merged", "merged-untrusted", cfg, a),
+    }, modules_cache=tmp_path / "hf-modules")
     for kind in ("merged", "peft"):
         check_same_model(got[kind], ref, final_accuracy(run_dir), labels)
     config = got["merged"]["config"]
     assert config["num_labels"] == 2 and config["problem_type"] == "single_label_classification"
     assert config["id2label"] == {"0": "negative", "1": "positive"}
-    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert config["architectures"] == ["MeanPooledBertForSequenceClassification"]
+    assert "trust_remote_code" in got["untrusted"]["refused"]  # never silently BERT's [CLS] head
 
 
 def test_fedex_exports_merged_and_exact_peft(fedex_run, glue, tmp_path):
@@ -118,6 +124,8 @@ def test_fedex_exports_merged_and_exact_peft(fedex_run, glue, tmp_path):
     })
     for kind in ("merged", "peft"):
         check_same_model(got[kind], ref, final_accuracy(run_dir), labels)
+    assert got["merged"]["config"]["architectures"] == ["BertForSequenceClassification"]
+    assert not (tmp_path / "merged" / "modeling_mean_pooled.py").exists()
 
 
 def test_gpt2_fedex_export_keeps_conv1d_orientation_and_pad_token(tiny_gpt2, glue, tmp_path):

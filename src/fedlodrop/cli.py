@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from fedlodrop.cli_common import err_console, user_errors
+from fedlodrop.cli_common import announce, err_console, user_errors
 from fedlodrop.errors import UserError
 
 app = typer.Typer(
@@ -64,12 +64,7 @@ def run(
         cfg = load_config(config, set_ or [])
         if out is None:
             out = Path("runs") / f"{cfg.task}-{cfg.federation.aggregation}-{time.strftime('%Y%m%d-%H%M%S')}"
-        err_console.print(
-            f"fedlodrop run: task {cfg.task}, model {cfg.model}, {cfg.federation.devices} devices, "
-            f"{cfg.federation.rounds} rounds, {cfg.federation.aggregation}, dropout {cfg.dropout.rate} "
-            f"({cfg.dropout.variant}) -> {out}",
-            highlight=False,
-        )
+        announce("fedlodrop run", cfg, out)
         summary = run_engine(cfg, out, console=err_console, show_progress=not quiet, force=force)
     print_summary(summary, out)
 
@@ -190,6 +185,8 @@ def export(
     out_console.print(
         f"exported {result.format} to {result.folder} ({result.bytes / 1e6:.2f} MB){ranks}", highlight=False
     )
+    if result.how_to_load:
+        out_console.print(result.how_to_load, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -32,3 +32,17 @@ def user_errors(fn):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def announce(command: str, cfg, out) -> None:
+    """The first line of a run, on either engine: what trains, on what, and where it is written."""
+    from fedlodrop.model import model_pooling
+
+    head = model_pooling(cfg).why
+    err_console.print(
+        f"{command}: task {cfg.task}, model {cfg.model} (classifier on {head}), {cfg.federation.devices} "
+        f"devices, {cfg.federation.rounds} rounds, {cfg.federation.aggregation}, dropout {cfg.dropout.rate} "
+        f"({cfg.dropout.variant}) -> {out}",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -25,7 +25,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fedlodrop.cli_common import err_console, user_errors
+from fedlodrop.cli_common import announce, err_console, user_errors
 from fedlodrop.errors import RoundFailed, UserError
 
 flower_app = typer.Typer(
@@ -93,7 +93,7 @@ def simulate(
     }
     if fl.simulation_cpus is not None:
         federation["init-args-num-cpus"] = fl.simulation_cpus
-    _announce("simulate", cfg, out)
+    announce("fedlodrop flower simulate", cfg, out)
     ws = launch.Workspace.create()
     try:
         with _terminate_as_interrupt():
@@ -138,7 +138,7 @@ def run(
     cfg = _load(config, set_ or [], absolute_paths=False)
     _need_file(ca, "--ca")
     out = _run_folder(cfg, out, force, "flower")
-    _announce(f"run on {superlink}", cfg, out)
+    announce(f"fedlodrop flower run on {superlink}", cfg, out)
     ws = launch.Workspace.create()
     try:
         with _terminate_as_interrupt():
@@ -199,16 +199,6 @@ def _run_config(cfg, out: Path, force: bool) -> dict:
     from fedlodrop.flower.app import CONFIG_JSON, FORCE, RUN_DIR
 
     return {CONFIG_JSON: cfg.model_dump_json(), RUN_DIR: str(out), FORCE: force}
-
-
-def _announce(what: str, cfg, out: Path) -> None:
-    err_console.print(
-        f"fedlodrop flower {what}: task {cfg.task}, model {cfg.model}, {cfg.federation.devices} devices, "
-        f"{cfg.federation.rounds} rounds, {cfg.federation.aggregation}, dropout {cfg.dropout.rate} "
-        f"({cfg.dropout.variant}) -> {out}",
-        highlight=False,
-        soft_wrap=True,
-    )
 
 
 @contextlib.contextmanager

