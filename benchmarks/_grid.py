@@ -39,12 +39,14 @@ def _one(args) -> tuple[str, dict, list[dict], float]:
 
     folder = RunFolder(Path(out) / name)
     t0 = time.perf_counter()
-    if folder.finished:
+    cfg = load_config(None, overrides + [f"train.threads={threads}"])
+    same = folder.finished or folder.rounds_done() > 0
+    same = same and folder.config() == cfg  # a folder from other settings is run again, not reused
+    if same and folder.finished:
         summary = folder.summary()
-    elif folder.rounds_done() > 0:
+    elif same:
         summary = engine.resume(folder.path, show_progress=False)
     else:
-        cfg = load_config(None, overrides + [f"train.threads={threads}"])
         summary = engine.run(cfg, folder.path, show_progress=False, force=True)
     return name, summary, folder.metrics(), time.perf_counter() - t0
 

@@ -1,4 +1,5 @@
 """Exploration for issue 7 item 4 (not a product feature): what the classifier reads on MiniLM.
+It led to `pooling` (docs/pooling.md); `mean` here is what `pooling: mean` builds.
 
 The packaged MiniLM (a sentence-transformers checkpoint, trained through mean pooling) ships a BERT
 pooler that was never trained: bias exactly 0, weight std 0.009. BertForSequenceClassification's
@@ -23,7 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 mode = sys.argv[1]  # keep | identity | mean
-extra = sys.argv[2:]
+# BertForSequenceClassification with the checkpoint's pooler, patched below: the `cls` head
+# (`pooling: auto`, the default since, builds the mean-pooled head of modeling_mean_pooled.py)
+extra = ["pooling=cls", *sys.argv[2:]]
 import torch
 import transformers
 from transformers.models.bert import modeling_bert as mb

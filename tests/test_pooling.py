@@ -84,3 +84,20 @@ def test_bad_pooling_choices_are_one_line_errors(tiny_gpt2, tiny_bert, tmp_path)
     assert not out.exists()
     result = CliRunner().invoke(app, ["run", "--set", "pooling=max", "--out", str(out)])
     assert result.exit_code == 2 and "pooling" in result.output and "max" in result.output
+
+
+def test_a_run_folder_from_before_pooling_reads_as_the_cls_head_it_was_trained_with(tmp_path):
+    import yaml
+
+    from fedlodrop.config import RunConfig, dump_config
+    from fedlodrop.runs import RunFolder
+
+    tree = yaml.safe_load(dump_config(RunConfig()))
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert RunFolder(tmp_path / "new").config().pooling == "auto"
+    del tree["pooling"]  # what a run folder written before the key existed holds
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert RunFolder(tmp_path / "old").config().pooling == "cls"
+    assert RunFolder(tmp_path / "old").config(["train.device=cpu"]).pooling == "cls"

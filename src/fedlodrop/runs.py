@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from fedlodrop.adapter import AdapterLayout, State, to_base_orientation
@@ -78,9 +79,13 @@ class RunFolder:
 
     # ---------------------------------------------------------------- config and metrics
     def config(self, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+        """The run's config.yaml. A folder written before `pooling` existed was trained with the
+        architecture's own head, whatever `auto` resolves to today: it reads as `pooling: cls`."""
         if not (self.path / CONFIG).is_file():
             raise UserError(f"{self.path} is not a run folder (no {CONFIG})")
-        return load_config(self.path / CONFIG, overrides)
+        tree = yaml.safe_load((self.path / CONFIG).read_text()) or {}
+        before_pooling = isinstance(tree, dict) and "pooling" not in tree
+        return load_config(self.path / CONFIG, (["pooling=cls"] if before_pooling else []) + list(overrides))
 
     def metrics(self) -> list[dict]:
         path = self.path / METRICS
