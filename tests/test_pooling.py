@@ -82,6 +82,10 @@ def test_bad_pooling_choices_are_one_line_errors(tiny_gpt2, tiny_bert, tmp_path)
     assert result.exit_code == 2
     assert "pooling: mean is built for bert models" in result.output
     assert not out.exists()
+    result = CliRunner().invoke(app, ["run", "--set", f"model={tiny_bert}", "--set", "pooling=mean", "--set",
+                                      "lora.head_modules=[pooler]", "--out", str(out), "--quiet"])
+    assert result.exit_code == 2 and "lora.head_modules: 'pooler'" in result.output
+    assert not out.exists()
     result = CliRunner().invoke(app, ["run", "--set", "pooling=max", "--out", str(out)])
     assert result.exit_code == 2 and "pooling" in result.output and "max" in result.output
 

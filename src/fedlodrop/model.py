@@ -235,10 +235,7 @@ def build_model(cfg: RunConfig, task: Task, tokenizer, init_seed: int) -> FedMod
     device = select_device(cfg.train.device)
     config = _model_config(cfg, path, num_labels=task.num_labels,
                            problem_type="regression" if task.is_regression else "single_label_classification")
-    pooling = resolve_pooling(cfg.pooling, path, config.model_type)
-    if pooling.kind == "mean" and "pooler" in (cfg.lora.head_modules or []):
-        raise UserError("invalid config: lora.head_modules: 'pooler' is not used by the mean-pooled head "
-                        "(pooling resolves to mean); drop it or set pooling=cls")
+    pooling = resolve_pooling(cfg.pooling, path, config.model_type, cfg.lora.head_modules)
     torch.manual_seed(init_seed)
     try:
         base = pooling.model_class().from_pretrained(path, config=config, ignore_mismatched_sizes=True)
@@ -269,7 +266,7 @@ def build_model(cfg: RunConfig, task: Task, tokenizer, init_seed: int) -> FedMod
 def model_pooling(cfg: RunConfig) -> Pooling:
     """`cfg.pooling` resolved for `cfg.model` (reads the model's config.json, not its weights)."""
     path = resolve_model_path(cfg.model)
-    return resolve_pooling(cfg.pooling, path, _model_config(cfg, path).model_type)
+    return resolve_pooling(cfg.pooling, path, _model_config(cfg, path).model_type, cfg.lora.head_modules)
 
 
 def _model_config(cfg: RunConfig, path: str, **changes):

@@ -45,7 +45,7 @@ class MeanPooledBertForSequenceClassification(BertForSequenceClassification):
     """`BertForSequenceClassification` whose classifier reads tanh(masked mean of the token states)."""
 
     config_class = MeanPooledBertConfig
-    _keys_to_ignore_on_load_unexpected = [r"pooler\."]
+    _keys_to_ignore_on_load_unexpected = (r"pooler\.",)  # the checkpoint's [CLS] pooler, unused here
 
     def __init__(self, config):
         super().__init__(config)

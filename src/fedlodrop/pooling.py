@@ -51,8 +51,16 @@ def checkpoint_pooling(path: str) -> str | None:
     return modes[0] if len(modes) == 1 else "+".join(modes) or None
 
 
-def resolve_pooling(setting: str, path: str, model_type: str | None) -> Pooling:
+def resolve_pooling(setting: str, path: str, model_type: str | None, head_modules: list[str] | None = None) -> Pooling:
     """`setting` (auto | cls | mean) for the model at `path` (a folder or a hub id) of `model_type`."""
+    pooling = _resolve(setting, path, model_type)
+    if pooling.kind == "mean" and "pooler" in (head_modules or []):
+        raise UserError("invalid config: lora.head_modules: 'pooler' is not used by the mean-pooled head "
+                        f"({pooling.why}); drop it or set pooling=cls")
+    return pooling
+
+
+def _resolve(setting: str, path: str, model_type: str | None) -> Pooling:
     if setting == "cls":
         return Pooling("cls", "the architecture's own head (pooling=cls)")
     if setting == "mean":

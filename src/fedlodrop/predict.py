@@ -194,14 +194,14 @@ def predict_file(
     Everything that can fail on the user's input is checked before the model is loaded, and
     nothing is written unless all rows were predicted.
     """
-    from fedlodrop.config import load_config
     from fedlodrop.data.tasks import TASKS
     from fedlodrop.export import check_run_dir, load_global_model
     from fedlodrop.logs import progress_bar
+    from fedlodrop.runs import RunFolder
 
     run_dir = check_run_dir(run_dir)
     input_path = Path(input_path)
-    task = TASKS[load_config(run_dir / "config.yaml").task]
+    task = TASKS[RunFolder(run_dir).config().task]
     table = read_table(input_path)
     texts_a, texts_b = texts(table, task, input_path)
     if out is not None and Path(out).is_dir():
