@@ -15,6 +15,7 @@ from fedlodrop.config import load_config
 from fedlodrop.data.tasks import TASKS
 from fedlodrop.errors import UserError
 from fedlodrop.model import build_model, load_tokenizer, model_pooling
+from fedlodrop.pooling import checkpoint_pooling
 
 
 def _fm(model: str, *over: str):
@@ -69,6 +70,8 @@ def test_auto_follows_the_checkpoints_own_pooling(tiny_bert, tiny_gpt2, tmp_path
     pooling = model_pooling(load_config(None, [f"model={_sentence_transformers(tmp_path / 'g', tiny_gpt2, mean_tokens=True)}"]))
     assert pooling.kind == "cls" and "mean pooling has no head here" in pooling.why
     assert _fm(_sentence_transformers(tmp_path / "st-mean2", tiny_bert, mean_tokens=True)).pooling.kind == "mean"
+    # a hub id with no network and nothing cached: no pooling module known, and no crash
+    assert checkpoint_pooling("sentence-transformers/all-MiniLM-L6-v2") is None
 
 
 def test_bad_pooling_choices_are_one_line_errors(tiny_gpt2, tiny_bert, tmp_path):

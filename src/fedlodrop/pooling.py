@@ -1,7 +1,7 @@
 """What the classification head reads: the architecture's own pooling, or the mean of the tokens.
 
-`pooling: auto` reads a sentence-transformers folder's own pooling module (`modules.json` ->
-`1_Pooling/config.json`): a checkpoint trained through mean pooling gets a head on the mean of its
+`pooling: auto` reads a sentence-transformers checkpoint's own pooling module (`modules.json` ->
+`1_Pooling/config.json`, in a local folder or a hub model): a checkpoint trained through mean pooling gets a head on the mean of its
 token states (`modeling_mean_pooled`), because its [CLS] pooler was never trained. Anything else
 keeps the architecture's head (BERT's [CLS] pooler, RoBERTa's first-token head, a decoder's last
 token). docs/pooling.md has the measurements behind the default.
@@ -35,16 +35,30 @@ class Pooling:
         return AutoModelForSequenceClassification
 
 
+def _model_file(path: str, name: str) -> Path | None:
+    """`name` in a model folder, or in a hub model (from the cache, or downloaded with the config)."""
+    if os.path.isdir(path):
+        return Path(path) / name if (Path(path) / name).is_file() else None
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(path, name, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except OSError:
+        return None
+    return Path(found) if found else None
+
+
 def checkpoint_pooling(path: str) -> str | None:
-    """The pooling a sentence-transformers folder was trained with ("mean", "cls", "max", ...), or None."""
-    modules = Path(path) / "modules.json"
-    if not os.path.isdir(path) or not modules.is_file():
+    """The pooling a sentence-transformers checkpoint was trained with ("mean", "cls", "max", ...), or None."""
+    modules = _model_file(path, "modules.json")
+    if modules is None:
         return None
     try:
-        entries = json.loads(modules.read_text())
-        entry = next(e for e in entries if str(e.get("type", "")).endswith(".Pooling"))
-        cfg = json.loads((Path(path) / entry["path"] / "config.json").read_text())
-    except (OSError, ValueError, StopIteration, KeyError, TypeError):
+        entry = next(e for e in json.loads(modules.read_text()) if str(e.get("type", "")).endswith(".Pooling"))
+        config = _model_file(path, f"{entry['path']}/config.json")
+        cfg = json.loads(config.read_text()) if config else {}
+    except (OSError, ValueError, StopIteration, KeyError, TypeError, AttributeError):
         return None
     modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
              for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
