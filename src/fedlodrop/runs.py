@@ -29,6 +29,7 @@ from fedlodrop.adapter import AdapterLayout, State, to_base_orientation
 from fedlodrop.config import RunConfig, dump_config, load_config
 from fedlodrop.errors import UserError
 from fedlodrop.messages import FoldUpdate
+from fedlodrop.records import RoundRecord
 from fedlodrop.server import ServerState
 
 CONFIG, METRICS, POINTER, SUMMARY = "config.yaml", "metrics.jsonl", "checkpoint.json", "summary.json"
@@ -92,6 +93,10 @@ class RunFolder:
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def records(self) -> list[RoundRecord]:
+        """metrics.jsonl as typed round records."""
+        return [RoundRecord.from_json(r) for r in self.metrics()]
 
     def append_metrics(self, record: dict) -> None:
         with open(self.path / METRICS, "a") as f:

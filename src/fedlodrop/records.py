@@ -1,0 +1,215 @@
+"""What a round leaves behind: one typed record per round, and the run's summary.
+
+`RoundRecord` is built in one place (`Server.finish` makes it from the tasks and replies, the
+engine's loop adds the evaluation and timing), written as one line of `metrics.jsonl` by
+`to_json` and read back by `from_json`; every reader (logs, the round line, the summary, report,
+calibrate, compare, the tests) goes through these fields. The JSON keeps the names and shape that
+run folders have always had, so folders written before this class read the same.
+
+Totals (`uplink_bytes`, `downlink_bytes`, `failures`, `train_loss`) are derived from the devices,
+never stored twice: an engine that measures bytes on its wire sets them on the device entries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+OK, LEFT_OUT = "ok", "left out"
+
+
+@dataclass
+class DeviceRecord:
+    """One participant of a round. The fields from `kept_values` on are what the device reported;
+    they are None for a device that sent no usable message (no reply, an error reply)."""
+
+    device: int
+    rate: float
+    downlink_bytes: int
+    status: str = OK
+    reason: str | None = None
+    kept_values: int | None = None
+    samples: int | None = None
+    steps: int | None = None
+    train_loss: float | None = None
+    uplink_bytes: int | None = None
+    train_s: float | None = None
+    lr: list[float] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    @property
+    def reported(self) -> bool:
+        return self.samples is not None
+
+    _REPORTED = ("kept_values", "samples", "steps", "train_loss", "uplink_bytes", "train_s", "lr")
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"device": self.device, "rate": self.rate, "downlink_bytes": self.downlink_bytes}
+        if self.reported:
+            out |= {k: getattr(self, k) for k in self._REPORTED}
+        out["status"] = self.status
+        if self.reason is not None:
+            out["reason"] = self.reason
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> DeviceRecord:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class Timing:
+    """Wall-clock seconds of a round's parts (this machine's time, not the simulated clock)."""
+
+    train_s: float = 0.0  # the devices' local phases, summed
+    other_device_s: float = 0.0  # the rest of the devices' steps and the transport
+    aggregate_s: float = 0.0
+    eval_s: float = 0.0
+    checkpoint_s: float | None = None
+
+    def to_json(self) -> dict:
+        out = {"train_s": self.train_s, "other_device_s": self.other_device_s,
+               "aggregate_s": self.aggregate_s, "eval_s": self.eval_s}
+        if self.checkpoint_s is not None:
+            out["checkpoint_s"] = self.checkpoint_s
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> Timing:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class RoundRecord:
+    """One round: who took part and what each sent, the aggregate, and the global model's scores."""
+
+    round: int  # 1-based
+    participants: list[int]
+    devices: list[DeviceRecord]
+    fold_bytes: int = 0
+    fold_error: float | None = None  # federation.residual_rank: |R - R_k|_F summed over modules
+    fold_error_rel: float | None = None
+    train: dict[str, float] = field(default_factory=dict)  # metrics on a sample of the training data
+    eval: dict[str, float] = field(default_factory=dict)
+    eval_loss: float = math.nan
+    wall_s: float = 0.0
+    timing: Timing = field(default_factory=Timing)
+    model: dict | None = None  # a plan's modelled latency and energy for the bytes really sent
+    flower: dict | None = None  # the Flower engine's own details (Flower's byte counts, node ids)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def ok_devices(self) -> list[DeviceRecord]:
+        return [d for d in self.devices if d.ok]
+
+    @property
+    def failures(self) -> list[dict]:
+        return [{"device": d.device, "reason": d.reason} for d in self.devices if not d.ok]
+
+    @property
+    def train_loss(self) -> float:
+        """The mean local training loss over the devices whose update was used, by samples."""
+        ok = self.ok_devices
+        total = sum(d.samples for d in ok)
+        return sum(d.train_loss * d.samples for d in ok) / total if total else math.nan
+
+    @property
+    def uplink_bytes(self) -> int:
+        return sum(d.uplink_bytes or 0 for d in self.devices)
+
+    @property
+    def downlink_bytes(self) -> int:
+        return sum(d.downlink_bytes for d in self.devices)
+
+    def device(self, k: int) -> DeviceRecord:
+        return next(d for d in self.devices if d.device == k)
+
+    # ------------------------------------------------------------------ JSON (metrics.jsonl)
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {
+            "round": self.round,
+            "participants": self.participants,
+            "train_loss": self.train_loss,
+            "uplink_bytes": self.uplink_bytes,
+            "downlink_bytes": self.downlink_bytes,
+            "fold_bytes": self.fold_bytes,
+        }
+        if self.fold_error is not None:
+            out |= {"fold_error": self.fold_error, "fold_error_rel": self.fold_error_rel}
+        out |= {
+            "devices": [d.to_json() for d in self.devices],
+            "failures": self.failures,
+            "train": self.train,
+            "eval": self.eval,
+            "eval_loss": self.eval_loss,
+            "wall_s": self.wall_s,
+            "timing": self.timing.to_json(),
+        }
+        if self.model is not None:
+            out["model"] = self.model
+        if self.flower is not None:
+            out["flower"] = self.flower
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> RoundRecord:
+        return cls(
+            round=int(d["round"]),
+            participants=list(d.get("participants", [x["device"] for x in d["devices"]])),
+            devices=[DeviceRecord.from_json(x) for x in d["devices"]],
+            fold_bytes=int(d.get("fold_bytes", 0)),
+            fold_error=d.get("fold_error"),
+            fold_error_rel=d.get("fold_error_rel"),
+            train=dict(d.get("train", {})),
+            eval=dict(d.get("eval", {})),
+            eval_loss=float(d.get("eval_loss", math.nan)),
+            wall_s=float(d.get("wall_s", 0.0)),
+            timing=Timing.from_json(d.get("timing", {})),
+            model=d.get("model"),
+            flower=d.get("flower"),
+        )
+
+    def line(self, main: str) -> str:
+        """The round's one line on the console, in every engine."""
+        ev = " ".join(f"{k} {v:.4f}" for k, v in self.eval.items())
+        tr = f"  train {main} {self.train[main]:.4f}" if main in self.train else ""
+        n = len(self.failures)
+        left = f"  ({n} left out)" if n else ""
+        return (
+            f"round {self.round:>3}  train loss {self.train_loss:.4f}{tr}  eval {ev}  "
+            f"sent {self.uplink_bytes / 1e6:.3f} MB up / {self.downlink_bytes / 1e6:.3f} MB down  "
+            f"{self.wall_s:.1f}s{left}"
+        )
+
+
+def summarize(cfg, main: str, rates: list[float], adapter_values: int, head_values: int,
+              records: list[RoundRecord]) -> dict:
+    """summary.json: the final round and the best round (by the task's main metric, its whole
+    metric dict), the generalization gap, what travelled, who was left out."""
+    best = max(records, key=lambda r: r.eval.get(main, -math.inf))
+    last = records[-1]
+    return {
+        "task": cfg.task,
+        "model": cfg.model,
+        "rounds": len(records),
+        "devices": cfg.federation.devices,
+        "aggregation": cfg.federation.aggregation,
+        "variant": cfg.dropout.variant,
+        "rates": rates,
+        "main_metric": main,
+        "final": last.eval,
+        "best": best.eval,
+        "best_round": best.round,
+        "final_train": last.train,
+        "generalization_gap": {k: last.train[k] - last.eval[k] for k in last.eval if k in last.train},
+        "uplink_bytes_total": sum(r.uplink_bytes for r in records),
+        "downlink_bytes_total": sum(r.downlink_bytes for r in records),
+        "devices_left_out": sum(len(r.failures) for r in records),
+        "adapter_values": adapter_values,
+        "head_values": head_values,
+        "wall_s": round(sum(r.wall_s for r in records), 3),
+    }
