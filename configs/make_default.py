@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from fedlodrop.config import RunConfig
+from fedlodrop.config import RunConfig, registry_names
 from fedlodrop.data.tasks import TASKS
 
 TARGET = Path(__file__).with_name("default.yaml")
@@ -109,6 +109,8 @@ def _comment(key: str, field, indent: str) -> list[str]:
     choices = _choices(field.annotation)
     if key == "task":
         choices = sorted(TASKS)
+    if key in ("federation.aggregation", "dropout.variant"):
+        choices = registry_names(key)
     if choices:
         extra.append("one of: " + ", ".join(choices))
     bounds = _bounds(field)

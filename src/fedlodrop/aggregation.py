@@ -17,7 +17,7 @@ The head moves by the weighted mean of the head changes under every rule.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -76,14 +76,19 @@ def device_weights(updates: list[DeviceUpdate], weighting: Literal["samples", "u
     return (w / w.sum()).float()
 
 
-@dataclass(frozen=True)
 class AggregationRule:
-    """A rule knows what devices train and send (`trains_a`) and whether it folds (`folds`)."""
+    """A rule, as a class with a few hooks (in the spirit of Flower's strategies and PEFT's LoRA
+    variants): what devices train and send (`trains_a`, `sends`), whether the server folds a
+    residual into the base weights (`folds`), and how factors move (`factor_rule`). `aggregate`
+    is the one template every rule shares; a new rule overrides what differs and registers.
+    """
 
-    name: str
-    factor_rule: FactorRule
-    trains_a: bool = True
-    folds: bool = False
+    name: ClassVar[str]
+    trains_a: ClassVar[bool] = True  # devices train A (FFA-LoRA freezes it at its seeded start)
+    folds: ClassVar[bool] = False  # the server folds the residual that makes the model exact
+
+    def __init__(self, factor_rule: FactorRule = "masked"):
+        self.factor_rule: FactorRule = factor_rule
 
     def sends(self, key: str) -> bool:
         """Whether a state key travels (FFA's A is known to every device and never sent)."""
@@ -109,17 +114,57 @@ class AggregationRule:
         return new, residuals
 
 
+RULES: dict[str, type[AggregationRule]] = {}
+
+
+def register_rule(cls: type[AggregationRule]) -> type[AggregationRule]:
+    """Make a rule choosable as `federation.aggregation: <cls.name>`."""
+    RULES[cls.name] = cls
+    return cls
+
+
+@register_rule
+class FedIT(AggregationRule):
+    """FedAvg of the factors: each moves by the weighted mean of its trained slices' changes."""
+
+    name = "fedit"
+
+    def __init__(self, factor_rule: FactorRule = "fedit"):
+        super().__init__("fedit")
+
+
+@register_rule
+class Masked(AggregationRule):
+    """Each row of B / column of A moves to the mean over the devices that trained it."""
+
+    name = "masked"
+
+    def __init__(self, factor_rule: FactorRule = "masked"):
+        super().__init__("masked")
+
+
+@register_rule
+class FedEx(AggregationRule):
+    """Factors by `federation.factor_rule`, then the residual folded into the frozen base makes
+    the global model exactly the weighted mean of what the devices trained (docs/dropout.md)."""
+
+    name = "fedex"
+    folds = True
+
+
+@register_rule
+class FFA(AggregationRule):
+    """FFA-LoRA: A stays at its shared seeded initialisation and never travels."""
+
+    name = "ffa"
+    trains_a = False
+
+
 def make_rule(aggregation: str, factor_rule: FactorRule = "masked") -> AggregationRule:
-    """The one place a rule is chosen by name."""
-    if aggregation == "fedit":
-        return AggregationRule("fedit", "fedit")
-    if aggregation == "masked":
-        return AggregationRule("masked", "masked")
-    if aggregation == "fedex":
-        return AggregationRule("fedex", factor_rule, folds=True)
-    if aggregation == "ffa":
-        return AggregationRule("ffa", factor_rule, trains_a=False)
-    raise ValueError(f"unknown aggregation rule {aggregation!r}")
+    """The one place a rule is chosen by name (config validation checks the name against RULES)."""
+    if aggregation not in RULES:
+        raise ValueError(f"unknown aggregation rule {aggregation!r}; known: {', '.join(sorted(RULES))}")
+    return RULES[aggregation](factor_rule)
 
 
 def _move(

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-from fedlodrop.cli_common import announce, err_console, user_errors
+from fedlodrop.cli_common import ConfigOpt, SetOpt, announce, err_console, out_console, print_summary, user_errors
 from fedlodrop.errors import UserError
 
 app = typer.Typer(
@@ -22,12 +21,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Federated LoRA fine-tuning with row/column dropout (FedLoDrop) and edge resource planning.",
 )
-out_console = Console()
-
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run configuration")]
-SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", "-s", help="override a config key: --set train.lr=1e-3")
-]
 
 
 def _offline_env() -> None:
@@ -52,6 +45,7 @@ def run(
     from fedlodrop.config import load_config
     from fedlodrop.engine import resume as resume_engine
     from fedlodrop.engine import run as run_engine
+    from fedlodrop.runs import default_run_dir
 
     _offline_env()
     if resume is not None:
@@ -62,22 +56,10 @@ def run(
         summary = resume_engine(out, console=err_console, show_progress=not quiet)
     else:
         cfg = load_config(config, set_ or [])
-        if out is None:
-            out = Path("runs") / f"{cfg.task}-{cfg.federation.aggregation}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = out or default_run_dir(cfg)
         announce("fedlodrop run", cfg, out)
         summary = run_engine(cfg, out, console=err_console, show_progress=not quiet, force=force)
     print_summary(summary, out)
-
-
-def print_summary(summary: dict, out: Path) -> None:
-    """The last line of a run (in-process or on Flower): final and best metric, bytes, time."""
-    main = summary["main_metric"]
-    out_console.print(
-        f"final {main} {summary['final'][main]:.4f}, best {summary['best'][main]:.4f} "
-        f"(round {summary['best_round']}); sent {summary['uplink_bytes_total'] / 1e6:.2f} MB up, "
-        f"{summary['downlink_bytes_total'] / 1e6:.2f} MB down; {summary['wall_s']:.0f} s; run folder {out}",
-        highlight=False,
-    )
 
 
 @app.command()
@@ -87,7 +69,7 @@ def evaluate(
     set_: SetOpt = None,
 ) -> None:
     """Re-score a saved run's global model on the validation split."""
-    from fedlodrop.engine import rescore
+    from fedlodrop.evaluation import rescore
 
     _offline_env()
     result = rescore(run_dir, set_ or [])

@@ -1,8 +1,11 @@
-"""What every command shares: the stderr console and UserError -> one line, exit code 2."""
+"""What every command shares: the consoles, the config options, UserError -> one line, exit code 2,
+and the lines that open and close a run on any engine."""
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -10,6 +13,12 @@ from rich.console import Console
 from fedlodrop.errors import RoundFailed, UserError
 
 err_console = Console(stderr=True)
+out_console = Console()
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run configuration")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", "-s", help="override a config key: --set train.lr=1e-3")
+]
 
 
 def fail(message: str) -> None:
@@ -45,4 +54,15 @@ def announce(command: str, cfg, out) -> None:
         f"({cfg.dropout.variant}) -> {out}",
         highlight=False,
         soft_wrap=True,
+    )
+
+
+def print_summary(summary: dict, out) -> None:
+    """The last line of a run (in-process or on Flower): final and best metric, bytes, time."""
+    main = summary["main_metric"]
+    out_console.print(
+        f"final {main} {summary['final'][main]:.4f}, best {summary['best'][main]:.4f} "
+        f"(round {summary['best_round']}); sent {summary['uplink_bytes_total'] / 1e6:.2f} MB up, "
+        f"{summary['downlink_bytes_total'] / 1e6:.2f} MB down; {summary['wall_s']:.0f} s; run folder {out}",
+        highlight=False,
     )

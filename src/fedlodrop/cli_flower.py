@@ -15,17 +15,15 @@ written; a failed round exits 1; every process `simulate` starts is stopped, als
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from fedlodrop.cli_common import announce, err_console, user_errors
+from fedlodrop.cli_common import ConfigOpt, SetOpt, announce, err_console, print_summary, user_errors
 from fedlodrop.errors import RoundFailed, UserError
 
 flower_app = typer.Typer(
@@ -36,9 +34,10 @@ flower_app = typer.Typer(
     "(certs, keys, superlink, register, supernode, run). See docs/flower.md.",
 )
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run configuration")]
-SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", "-s", help="override a config key: --set flower.round_timeout_s=60")
+ResumeOpt = Annotated[
+    Optional[Path],
+    typer.Option("--resume", help="continue this interrupted run folder (it must be readable here) from its "
+                 "last complete round, with its own config.yaml"),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite a run folder that already holds a run")]
 QuietOpt = Annotated[bool, typer.Option(help="no per-round lines")]
@@ -78,13 +77,17 @@ def simulate(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder (default runs/<task>-...)")] = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    resume: ResumeOpt = None,
 ) -> None:
     """One run in Flower's simulation engine: a SuperLink on 127.0.0.1, one simulated SuperNode per
     device (Ray actors); the same run folder and, with the same seed, the same result as `fedlodrop run`."""
     from fedlodrop.flower import launch
 
-    cfg = _load(config, set_ or [], absolute_paths=True)
-    out = _run_folder(cfg, out, force, "flower")
+    if resume is not None:
+        cfg, out = _resumed(resume, config, set_, out)
+    else:
+        cfg = _load(config, set_ or [], absolute_paths=True)
+        out = _run_folder(cfg, out, force, "flower")
     fl = cfg.flower
     federation = {
         "num-supernodes": cfg.federation.devices,
@@ -102,7 +105,8 @@ def simulate(
             link = ws.spawn("superlink", launch.superlink_command("127.0.0.1", port, simulation=True))
             launch.wait_http(f"127.0.0.1:{port}", proc=link)
             ws.add_connection(launch.SIM_CONNECTION, f"127.0.0.1:{port}")
-            run_id = ws.submit(launch.SIM_CONNECTION, app, _run_config(cfg, out, force), federation)
+            run_id = ws.submit(launch.SIM_CONNECTION, app, _run_config(cfg, out, force, resume is not None),
+                               federation)
             status = _wait(ws, launch.SIM_CONNECTION, run_id, cfg, out, quiet)
             log = "" if _succeeded(status) else ws.run_log(launch.SIM_CONNECTION, run_id)
     except launch.FlowerError as err:
@@ -130,21 +134,27 @@ def run(
     set_: SetOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the interrupted run in --out (a folder "
+                                          "readable here too) with its own config.yaml")] = False,
 ) -> None:
     """Submit a run to a SuperLink (TLS, `--ca`) and wait for it; the ServerApp writes the run
     folder on the SuperLink's machine. Ctrl-C stops the run."""
     from fedlodrop.flower import launch
 
-    cfg = _load(config, set_ or [], absolute_paths=False)
+    if resume:
+        cfg, out = _resumed(out, config, set_, None)
+    else:
+        cfg = _load(config, set_ or [], absolute_paths=False)
     _need_file(ca, "--ca")
-    out = _run_folder(cfg, out, force, "flower")
+    if not resume:
+        out = _run_folder(cfg, out, force, "flower")
     announce(f"fedlodrop flower run on {superlink}", cfg, out)
     ws = launch.Workspace.create()
     try:
         with _terminate_as_interrupt():
             app = launch.write_app(ws.dir / launch.APP_NAME)
             ws.add_connection(launch.CONNECTION, superlink, ca)
-            run_id = ws.submit(launch.CONNECTION, app, _run_config(cfg, out, force))
+            run_id = ws.submit(launch.CONNECTION, app, _run_config(cfg, out, force, resume))
             err_console.print(f"submitted run {run_id}", highlight=False)
             try:
                 status = _wait(ws, launch.CONNECTION, run_id, cfg, out, quiet)
@@ -178,12 +188,26 @@ def _load(config: Path | None, overrides: list[str], absolute_paths: bool):
     return validate(tree)
 
 
-def _run_folder(cfg, out: Path | None, force: bool, tag: str) -> Path:
+def _resumed(run_dir: Path, config, set_, out) -> tuple:
+    """The interrupted run's own config and its absolute folder."""
     from fedlodrop.runs import RunFolder
 
-    if out is None:
-        out = Path("runs") / f"{cfg.task}-{cfg.federation.aggregation}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = out.expanduser().resolve()
+    if config is not None or set_ or out is not None:
+        raise UserError("--resume continues a run with its own config.yaml: drop --config, --set and --out")
+    folder = RunFolder(Path(run_dir).expanduser().resolve())
+    cfg = folder.config()
+    if folder.finished:
+        raise UserError(f"{folder.path} holds a finished run: nothing to resume")
+    if folder.rounds_done() == 0:
+        raise UserError(f"{folder.path} holds no complete round to resume from; start the run again")
+    err_console.print(f"resuming {folder.path} after round {folder.rounds_done()}", highlight=False)
+    return cfg, folder.path
+
+
+def _run_folder(cfg, out: Path | None, force: bool, tag: str) -> Path:
+    from fedlodrop.runs import RunFolder, default_run_dir
+
+    out = (out or default_run_dir(cfg, tag)).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"run folder {out} exists and is not a folder")
     RunFolder(out).check_new(force)
@@ -195,10 +219,10 @@ def _need_file(path: Path, option: str) -> None:
         raise UserError(f"{option}: file not found: {path}")
 
 
-def _run_config(cfg, out: Path, force: bool) -> dict:
-    from fedlodrop.flower.app import CONFIG_JSON, FORCE, RUN_DIR
+def _run_config(cfg, out: Path, force: bool, resume: bool = False) -> dict:
+    from fedlodrop.flower.app import CONFIG_JSON, FORCE, RESUME, RUN_DIR
 
-    return {CONFIG_JSON: cfg.model_dump_json(), RUN_DIR: str(out), FORCE: force}
+    return {CONFIG_JSON: cfg.model_dump_json(), RUN_DIR: str(out), FORCE: force, RESUME: resume}
 
 
 @contextlib.contextmanager
@@ -223,22 +247,21 @@ def _wait(ws, conn: str, run_id: int, cfg, out: Path, quiet: bool) -> dict:
     """Wait for the run, printing each round's line as the ServerApp appends it (when the run
     folder is on this machine)."""
     from fedlodrop.data import TASKS
-    from fedlodrop.engine import _round_line
+    from fedlodrop.runs import RunFolder
 
     main = TASKS[cfg.task].main_metric
-    shown = 0
+    folder = RunFolder(out)
+    shown = folder.rounds_done()  # a resumed run's earlier rounds were shown when they ran
 
     def tick() -> bool:
         nonlocal shown
-        path = out / "metrics.jsonl"
-        if quiet or not path.is_file():
-            return (out / "summary.json").is_file()
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        for line in lines[shown:]:
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                err_console.print(_round_line(json.loads(line), main), highlight=False, soft_wrap=True)
-            shown += 1
-        return (out / "summary.json").is_file()
+        if quiet:
+            return folder.finished
+        with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
+            for record in folder.records()[shown:]:
+                err_console.print(record.line(main), highlight=False, soft_wrap=True)
+                shown += 1
+        return folder.finished
 
     status = ws.wait_run(conn, run_id, tick=tick)
     tick()
@@ -251,12 +274,12 @@ def _succeeded(status: dict) -> bool:
 
 def _finish(status: dict, cfg, out: Path, log: str) -> None:
     """Print the summary of a completed run, or turn a failed one into the right error."""
-    from fedlodrop.cli import print_summary
     from fedlodrop.flower.app import ROUND_FAILED, USER_ERROR
+    from fedlodrop.runs import RunFolder
 
     if _succeeded(status):
-        if (out / "summary.json").is_file():
-            print_summary(json.loads((out / "summary.json").read_text()), out)
+        if RunFolder(out).finished:
+            print_summary(RunFolder(out).summary(), out)
         else:
             err_console.print(f"run completed; its run folder is {out} on the SuperLink's machine", highlight=False)
         return

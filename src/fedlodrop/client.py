@@ -28,7 +28,7 @@ from fedlodrop.masks import Masks, device_masks
 from fedlodrop.messages import COMM_DTYPES, DeviceReply, DeviceTask, decode_adapter, encode_adapter
 from fedlodrop.model import FedModel
 from fedlodrop.rng import seed_torch, stream_seed
-from fedlodrop.variants import VARIANTS
+from fedlodrop.variants import make_variant
 
 
 @dataclass
@@ -62,7 +62,7 @@ def device_step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: St
     """One device's round: `shard` is its tokenised data, `known` the seeded initial adapter."""
     layout = fm.layout
     rule = make_rule(cfg.federation.aggregation, cfg.federation.factor_rule)
-    variant = VARIANTS[cfg.dropout.variant]
+    variant = make_variant(cfg.dropout.variant)
     masks = device_masks(cfg, layout, task.rate, task.round, task.device)
     view, trained = variant.view(masks, layout), variant.trained(masks, layout)
     if task.fold is not None:

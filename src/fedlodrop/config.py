@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedlodrop.errors import UserError
 
@@ -39,7 +39,9 @@ class FederationConfig(_Section):
     devices: int = Field(3, ge=1, le=10_000)
     rounds: int = Field(5, ge=1)
     local_epochs: float = Field(1.0, gt=0, description="may be fractional: 0.5 = half a pass")
-    aggregation: Literal["fedit", "masked", "fedex", "ffa"] = "fedex"
+    aggregation: str = Field(
+        "fedex", description="the aggregation rule, one registered in fedlodrop.aggregation.RULES"
+    )
     factor_rule: Literal["masked", "fedit"] = Field(
         "masked", description="how fedex and ffa average the factors before folding the rest"
     )
@@ -62,11 +64,36 @@ class FederationConfig(_Section):
         1, ge=1, description="a round fails unless at least this many devices return a usable update"
     )
 
+    @field_validator("aggregation")
+    @classmethod
+    def _known_rule(cls, value: str) -> str:
+        return _registered("federation.aggregation", value)
+
+
+def registry_names(key: str) -> list[str]:
+    """The names a registry-backed key accepts, in registration order."""
+    if key == "federation.aggregation":
+        from fedlodrop.aggregation import RULES
+
+        return list(RULES)
+    if key == "dropout.variant":
+        from fedlodrop.variants import VARIANTS
+
+        return list(VARIANTS)
+    raise KeyError(key)
+
+
+def _registered(key: str, value: str) -> str:
+    names = registry_names(key)
+    if value not in names:
+        raise ValueError(f"unknown {key} {value!r}; choose one of: {', '.join(names)}")
+    return value
+
 
 class DropoutConfig(_Section):
     rate: float | list[float] = 0.0
     sampler: Literal["bernoulli", "exact"] = "bernoulli"
-    variant: Literal["subadapter", "update", "reset"] = Field(
+    variant: str = Field(
         "update",
         description="update: the forward pass uses the whole global adapter, only the kept rows/columns "
         "train and travel up; subadapter: the paper's sub-adapter, dropped rows/columns are absent from "
@@ -76,6 +103,11 @@ class DropoutConfig(_Section):
     test_ensemble: int = Field(
         0, ge=0, le=1000, description="evaluate as the mean of N sub-adapter models at the mean rate; 0: the full adapter"
     )
+
+    @field_validator("variant")
+    @classmethod
+    def _known_variant(cls, value: str) -> str:
+        return _registered("dropout.variant", value)
 
     @model_validator(mode="after")
     def _rates_in_range(self) -> DropoutConfig:

@@ -1,7 +1,7 @@
 """Take a finished run out of fedlodrop: a plain transformers model folder, or a PEFT adapter.
 
-`load_global_model` is the one place that rebuilds a run's global model (backbone, FedEx deltas
-folded into it, global adapter and head set); `export` and `predict` both start from it.
+`experiment.load_run` rebuilds a run's global model (backbone, FedEx deltas folded into it,
+global adapter and head set); `export`, `predict` and `evaluate` all start from it.
 
 Formats:
 
@@ -35,56 +35,12 @@ from pathlib import Path
 
 import torch
 
-from fedlodrop.adapter import State
 from fedlodrop.config import RunConfig
-from fedlodrop.data.tasks import TASKS, Task
+from fedlodrop.data.tasks import Task
 from fedlodrop.errors import UserError
-from fedlodrop.model import FedModel
-from fedlodrop.runs import RunFolder
+from fedlodrop.experiment import LoadedRun, check_finished, load_run
 
 FORMATS = ("merged", "peft")
-
-
-@dataclass
-class LoadedRun:
-    """A run's global model, ready for inference, with what produced it."""
-
-    cfg: RunConfig
-    task: Task
-    fm: FedModel  # base weights + fold, global adapter and head set, eval mode
-    adapter: State  # the global adapter and head
-    fold: dict[str, torch.Tensor]  # FedEx: the fold F of each module, (out x in)
-
-
-def check_run_dir(run_dir: Path) -> Path:
-    run_dir = Path(run_dir)
-    if not RunFolder(run_dir).finished:
-        raise UserError(f"{run_dir} is not a finished run folder (no config.yaml and summary.json)")
-    return run_dir
-
-
-def load_global_model(run_dir: Path, device: str | None = None) -> LoadedRun:
-    """Backbone of the run's config + folded FedEx deltas + global adapter and head.
-
-    Builds the model with `load_tokenizer`/`build_model` rather than `engine.prepare`, which also
-    loads the run's data splits: exporting or predicting must not need the training data.
-    `device` overrides `train.device` (a run trained on a GPU can be exported on a laptop).
-    """
-    from fedlodrop.model import build_model, load_tokenizer
-    from fedlodrop.rng import stream_seed
-
-    folder = RunFolder(check_run_dir(run_dir))
-    cfg = folder.config([f"train.device={device}"] if device else [])
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    task = TASKS[cfg.task]
-    fm = build_model(cfg, task, load_tokenizer(cfg), stream_seed(cfg.seed, "init"))
-    adapter, fold = folder.load_final(fm.layout)
-    fm.set_fold(fold, folder.rounds_done())
-    fm.set_view(None)
-    fm.set_state(adapter)
-    fm.net.eval()
-    return LoadedRun(cfg, task, fm, adapter, fold)
 
 
 @dataclass
@@ -100,10 +56,10 @@ def export(run_dir: Path, out: Path, fmt: str = "merged", device: str | None = "
     """Write `fmt` of the run's global model to `out`, all or nothing (temp folder, then rename)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    check_run_dir(run_dir)
+    check_finished(run_dir)
     out = Path(out)
     _check_out(out)
-    run = load_global_model(run_dir, device)
+    run = load_run(run_dir, device=device)
     with _staged(out) as tmp:
         ranks = write_merged(run, tmp) if fmt == "merged" else write_peft(run, tmp)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fedlodrop.config import RunConfig
 from fedlodrop.errors import UserError
+from fedlodrop.records import RoundRecord
 
 
 def progress_bar(console, enabled: bool = True):
@@ -29,24 +30,23 @@ def progress_bar(console, enabled: bool = True):
     )
 
 
-def round_scalars(record: dict) -> dict[str, float]:
+def round_scalars(record: RoundRecord) -> dict[str, float]:
     """The numbers of one round's record, by the names both loggers use."""
     out: dict[str, float] = {}
-    for split in ("eval", "train"):
-        for name, value in record.get(split, {}).items():
+    for split, metrics in (("eval", record.eval), ("train", record.train)):
+        for name, value in metrics.items():
             out[f"{split}/{name}"] = value
-    out["loss/train"] = record["train_loss"]
-    out["loss/eval"] = record["eval_loss"]
-    out["bytes/uplink"] = record["uplink_bytes"]
-    out["bytes/downlink"] = record["downlink_bytes"]
-    out["time/round_s"] = record["wall_s"]
-    out["devices/left_out"] = len(record.get("failures", []))
-    for d in record["devices"]:
-        k = d["device"]
-        if "train_loss" in d:
-            out[f"device/{k}/loss"] = d["train_loss"]
-            out[f"device/{k}/uplink_bytes"] = d["uplink_bytes"]
-        out[f"device/{k}/downlink_bytes"] = d["downlink_bytes"]
+    out["loss/train"] = record.train_loss
+    out["loss/eval"] = record.eval_loss
+    out["bytes/uplink"] = record.uplink_bytes
+    out["bytes/downlink"] = record.downlink_bytes
+    out["time/round_s"] = record.wall_s
+    out["devices/left_out"] = len(record.failures)
+    for d in record.devices:
+        if d.reported:
+            out[f"device/{d.device}/loss"] = d.train_loss
+            out[f"device/{d.device}/uplink_bytes"] = d.uplink_bytes
+        out[f"device/{d.device}/downlink_bytes"] = d.downlink_bytes
     return {k: float(v) for k, v in out.items() if v == v}  # drop NaN
 
 
@@ -63,10 +63,10 @@ class RunLogs:
         if cfg.log.wandb:
             self.writers.append(_WandB(cfg, folder))
 
-    def round(self, record: dict) -> None:
+    def round(self, record: RoundRecord) -> None:
         scalars = round_scalars(record)
         for w in self.writers:
-            w.log(scalars, record["round"])
+            w.log(scalars, record.round)
 
     def close(self) -> None:
         for w in self.writers:

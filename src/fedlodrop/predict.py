@@ -195,18 +195,16 @@ def predict_file(
     nothing is written unless all rows were predicted.
     """
     from fedlodrop.data.tasks import TASKS
-    from fedlodrop.export import check_run_dir, load_global_model
+    from fedlodrop.experiment import check_finished, load_run
     from fedlodrop.logs import progress_bar
-    from fedlodrop.runs import RunFolder
 
-    run_dir = check_run_dir(run_dir)
+    task = TASKS[check_finished(run_dir).config().task]
     input_path = Path(input_path)
-    task = TASKS[RunFolder(run_dir).config().task]
     table = read_table(input_path)
     texts_a, texts_b = texts(table, task, input_path)
     if out is not None and Path(out).is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as predictions.csv")
-    run = load_global_model(run_dir, device)
+    run = load_run(run_dir, device=device)
     progress = progress_bar(console, show_progress)
     with progress:
         logits = logits_for(run, texts_a, texts_b, batch_size or 2 * run.cfg.train.batch_size, progress)

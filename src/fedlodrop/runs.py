@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -49,6 +50,12 @@ def _save_tensors(tensors: State, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
+
+
+def default_run_dir(cfg: RunConfig, tag: str = "") -> Path:
+    """runs/<task>-<rule>[-<tag>]-<time>: where a run goes when the user names no folder."""
+    parts = [cfg.task, cfg.federation.aggregation] + ([tag] if tag else []) + [time.strftime("%Y%m%d-%H%M%S")]
+    return Path("runs") / "-".join(parts)
 
 
 class RunFolder:
@@ -98,26 +105,19 @@ class RunFolder:
         """metrics.jsonl as typed round records."""
         return [RoundRecord.from_json(r) for r in self.metrics()]
 
-    def append_metrics(self, record: dict) -> None:
+    def append_record(self, record: RoundRecord) -> None:
         with open(self.path / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record.to_json()) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
-    def truncate_metrics(self, rounds: int) -> list[dict]:
+    def truncate_records(self, rounds: int) -> list[RoundRecord]:
         """Keep the records of the first `rounds` rounds (those a checkpoint covers)."""
-        records = [r for r in self.metrics() if r["round"] <= rounds]
-        _write_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in records))
-        return records
+        rows = [r for r in self.metrics() if r["round"] <= rounds]
+        _write_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+        return [RoundRecord.from_json(r) for r in rows]
 
     # ---------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, state: ServerState, record: dict | None = None) -> None:
-        """The server state, then the round's metrics line, then the pointer that marks it done."""
-        folder = self.write_state(state)
-        if record is not None:
-            self.append_metrics(record)
-        self.commit(folder, state.rounds_done)
-
     def write_state(self, state: ServerState) -> Path:
         folder = self.path / "checkpoints" / f"round-{state.rounds_done:04d}"
         if folder.exists():

@@ -30,7 +30,8 @@ from fedlodrop.messages import (
     merge_trained,
 )
 from fedlodrop.rng import numpy_rng
-from fedlodrop.variants import VARIANTS
+from fedlodrop.records import LEFT_OUT, DeviceRecord, RoundRecord
+from fedlodrop.variants import make_variant
 
 
 @dataclass
@@ -44,10 +45,11 @@ class ServerState:
 
 @dataclass
 class RoundResult:
-    """What `finish` made of a round: the fold to apply and the round's record."""
+    """What `finish` made of a round: the fold to apply and the round's record (the engine's loop
+    adds the evaluation)."""
 
     fold_update: FoldUpdate | None
-    record: dict
+    record: RoundRecord
 
 
 def participants(cfg: RunConfig, round_: int) -> list[int]:
@@ -68,7 +70,7 @@ class Server:
         self.rates = rates
         self.known = known
         self.rule = make_rule(cfg.federation.aggregation, cfg.federation.factor_rule)
-        self.variant = VARIANTS[cfg.dropout.variant]
+        self.variant = make_variant(cfg.dropout.variant)
         self.dtype = COMM_DTYPES[cfg.federation.comm_dtype]
         if not state.synced:
             state.synced = [0] * cfg.federation.devices
@@ -109,51 +111,34 @@ class Server:
         round_ = self.state.rounds_done
         by_device = {r.device: r for r in replies if r.round == round_}
         tasks = sorted(tasks, key=lambda t: t.device)
-        updates, devices, failures, decoded = [], [], [], {}
+        updates, devices, decoded = [], [], {}
         for task in tasks:
             reply = by_device.get(task.device)
             masks = device_masks(self.cfg, self.layout, task.rate, round_, task.device)
             problem = "no reply" if reply is None else reply.problem()
-            entry = {"device": task.device, "rate": task.rate, "downlink_bytes": task.nbytes}
-            if reply is not None:
-                entry |= {
-                    "kept_values": kept_values(self.layout, masks),
-                    "samples": reply.num_samples,
-                    "steps": reply.steps,
-                    "train_loss": reply.train_loss,
-                    "uplink_bytes": reply.nbytes,
-                    "train_s": round(reply.train_s, 3),
-                    "lr": [reply.lr_first, reply.lr_last],
-                }
+            entry = DeviceRecord(task.device, task.rate, task.nbytes)
+            if reply is not None and not reply.error:  # what the device reported
+                entry.kept_values = kept_values(self.layout, masks)
+                entry.samples, entry.steps, entry.train_loss = reply.num_samples, reply.steps, reply.train_loss
+                entry.uplink_bytes, entry.train_s = reply.nbytes, round(reply.train_s, 3)
+                entry.lr = [reply.lr_first, reply.lr_last]
+            devices.append(entry)
             if problem is not None:
-                failures.append({"device": task.device, "reason": problem})
-                devices.append(entry | {"status": "left out", "reason": problem})
+                entry.status, entry.reason = LEFT_OUT, problem
                 continue
-            devices.append(entry | {"status": "ok"})
             updates.append(self._update(task, masks, reply, decoded))
+        record = RoundRecord(round_ + 1, [t.device for t in tasks], devices)
         if len(updates) < self.cfg.federation.min_devices:
-            reasons = "; ".join(f"device {f['device']}: {f['reason']}" for f in failures)
+            reasons = "; ".join(f"device {f['device']}: {f['reason']}" for f in record.failures)
             raise RoundFailed(
                 f"round {round_ + 1}: {len(updates)} of {len(tasks)} devices returned a usable update, "
                 f"federation.min_devices is {self.cfg.federation.min_devices} ({reasons})"
             )
-        fold_update, fold_stats = self._aggregate(updates)
-        for task, entry in zip(tasks, devices):
-            if entry["status"] == "ok":  # the others may or may not hold the catch-up: resend it
-                self.state.synced[task.device] = round_
-        ok = [d for d in devices if d["status"] == "ok"]
-        total = sum(d["samples"] for d in ok)
-        record = {
-            "round": round_ + 1,
-            "participants": [t.device for t in tasks],
-            "train_loss": sum(d["train_loss"] * d["samples"] for d in ok) / total,
-            "uplink_bytes": sum(d.get("uplink_bytes", 0) for d in devices),
-            "downlink_bytes": sum(d["downlink_bytes"] for d in devices),
-            "fold_bytes": fold_update.nbytes if fold_update else 0,
-            **fold_stats,
-            "devices": devices,
-            "failures": failures,
-        }
+        fold_update, (record.fold_error, record.fold_error_rel) = self._aggregate(updates)
+        record.fold_bytes = fold_update.nbytes if fold_update else 0
+        for entry in devices:
+            if entry.ok:  # the others may or may not hold the catch-up: resend it
+                self.state.synced[entry.device] = round_
         return RoundResult(fold_update, record)
 
     def _update(self, task: DeviceTask, masks: Masks, reply: DeviceReply, decoded: dict) -> DeviceUpdate:
@@ -167,22 +152,23 @@ class Server:
         end = merge_trained(start, reply.upload, self.layout, trained)
         return DeviceUpdate(start, end, trained, reply.num_samples)
 
-    def _aggregate(self, updates: list[DeviceUpdate]) -> tuple[FoldUpdate | None, dict]:
-        """Aggregate; for a folding rule also the fold that travels, and what truncating it cost."""
+    def _aggregate(self, updates: list[DeviceUpdate]) -> tuple[FoldUpdate | None, tuple[float | None, float | None]]:
+        """Aggregate; for a folding rule also the fold that travels, and what truncating it cost
+        (|R - R_k|_F and its ratio to |R|_F; None when the fold is sent exactly)."""
         fed = self.cfg.federation
         weights = device_weights(updates, fed.weighting)
         new_state, residuals = self.rule.aggregate(self.layout, self.state.global_state, updates, weights)
         self.state.global_state = clone_state(new_state)
         self.state.rounds_done += 1
         if not self.rule.folds:
-            return None, {}
-        stats = {}
+            return None, (None, None)
+        stats = (None, None)
         if fed.residual_rank is not None:  # send the best rank-k fold: smaller, no longer exact
             lost = total = 0.0
             for name, res in residuals.items():
                 residuals[name], err, norm = res.truncated(fed.residual_rank)
                 lost, total = lost + err**2, total + norm**2
-            stats = {"fold_error": lost**0.5, "fold_error_rel": (lost / total) ** 0.5 if total else 0.0}
+            stats = (lost**0.5, (lost / total) ** 0.5 if total else 0.0)
         update = FoldUpdate.encode(self.state.rounds_done, residuals, self.dtype)
         done = self.state.rounds_done
         self.state.fold, _ = apply_fold(self.state.fold, done - 1, FoldCatchUp(done - 1, done, [update]))

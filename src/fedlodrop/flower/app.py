@@ -5,12 +5,14 @@ The app folder `fedlodrop flower` generates is one pyproject.toml naming
 config carries the validated RunConfig as JSON (`config-json`) and the absolute run folder on the
 ServerApp's machine (`run-dir`).
 
-ServerApp: `engine.prepare` (server-side evaluation data and model), find which SuperNode serves
-which device, then `engine.train` with the Flower round, so the run folder is `fedlodrop run`'s.
+ServerApp: `engine.run` (or `engine.resume`, with `resume` in the run config) with a factory that,
+once `experiment.build` has checked everything, finds which SuperNode serves which device and
+makes the `FlowerEngine`; so the run folder is `fedlodrop run`'s.
 
-ClientApp: a device is the `partition-id` of its SuperNode. Its backbone and data shard are built
-from the config and the seed exactly as the in-process engine builds them (cached per process);
-its FedEx fold F, the only state a device keeps between rounds, lives in `context.state`.
+ClientApp: a device is the `partition-id` of its SuperNode. Its backbone and data shard come from
+`experiment.build(cfg, eval_data=False)`, the calls the server makes, from the same seed (cached
+per process); its FedEx fold F, the only state a device keeps between rounds, lives in
+`context.state`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,8 @@ import io
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -36,7 +36,7 @@ from fedlodrop.flower.transport import NODE, Discovery, DiscoveryError
 
 log = logging.getLogger("flwr")  # Flower's handler: these lines reach `flwr log`
 
-CONFIG_JSON, RUN_DIR, FORCE = "config-json", "run-dir", "force"
+CONFIG_JSON, RUN_DIR, FORCE, RESUME = "config-json", "run-dir", "force", "resume"
 # prefixes of the exception text the ServerApp fails with; the CLI reads them back from
 # `flwr ls` (status-details) to print one line and choose the exit code
 USER_ERROR, ROUND_FAILED = "fedlodrop user error: ", "fedlodrop round failed: "
@@ -80,36 +80,31 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def serve(grid: Grid, run_config: dict) -> None:
-    """Validate, prepare (before the run folder exists), find the devices' nodes, train."""
+    """Validate and build (before the run folder is written), find the devices' nodes, train; or
+    resume the run folder's interrupted run."""
     from rich.console import Console
 
     from fedlodrop import engine
-    from fedlodrop.flower.strategy import FedLoDropStrategy
-    from fedlodrop.runs import RunFolder
+    from fedlodrop.flower.strategy import FedLoDropStrategy, FlowerEngine
 
     cfg = config_from_run_config(run_config)
     run_dir = Path(str(run_config.get(RUN_DIR, "")))
     if not run_dir.is_absolute():
         raise UserError(f"run-dir must be an absolute path on the ServerApp's machine, got {str(run_dir)!r}")
-    force = bool(run_config.get(FORCE, False))
-    folder = RunFolder(run_dir)
-    folder.check_new(force)
-    exp = engine.prepare(cfg)
     fl = cfg.flower
-    discovery = Discovery(cfg.federation.devices)
-    discovery.wait(grid, fl.discovery_timeout_s, fl.poll_interval_s)
-    strategy = FedLoDropStrategy(exp, discovery, fl)
-    folder.start(cfg, force=force)
-    log.info("fedlodrop %s: run folder %s", __version__, run_dir)
-    engine.train(
-        exp,
-        folder,
-        engine.initial_state(exp),
-        [],
-        console=Console(file=_LogFile(), width=200),
-        show_progress=False,
-        round_fn=lambda exp_, server, round_: strategy.run_round(grid, exp_, server, round_),
-    )
+
+    def make_engine(exp) -> FlowerEngine:
+        discovery = Discovery(exp.cfg.federation.devices)
+        discovery.wait(grid, fl.discovery_timeout_s, fl.poll_interval_s)
+        log.info("fedlodrop %s: run folder %s", __version__, run_dir)
+        return FlowerEngine(FedLoDropStrategy(exp, discovery, fl), grid)
+
+    console = Console(file=_LogFile(), width=200)
+    if run_config.get(RESUME, False):
+        engine.resume(run_dir, make_engine, console=console, show_progress=False)
+    else:
+        engine.run(cfg, run_dir, make_engine, console=console, show_progress=False,
+                   force=bool(run_config.get(FORCE, False)))
 
 
 def config_from_run_config(run_config: dict) -> RunConfig:
@@ -130,59 +125,18 @@ client_app = ClientApp()
 FOLD, FOLD_LAYOUT, FOLD_META = "fedlodrop.fold", "fedlodrop.fold.layout", "fedlodrop.fold.meta"
 
 
-@dataclass
-class ClientSide:
-    """What a device process builds once from the config: backbone, seeded initial adapter, data."""
-
-    cfg: RunConfig
-    fm: object
-    known: dict
-    shards_raw: list
-    tokenizer: object
-    shards: dict[int, object] = field(default_factory=dict)
-
-    def shard(self, device: int):
-        """The device's tokenised training data: the in-process engine's split, its part only."""
-        from fedlodrop.data import TASKS, tokenize
-
-        if device not in self.shards:
-            task = TASKS[self.cfg.task]
-            self.shards[device] = tokenize(self.shards_raw[device], self.tokenizer, task, self.cfg.train.max_length)
-        return self.shards[device]
+_CACHE: dict[str, object] = {}  # config JSON -> its device-side Experiment (one per process, the latest)
 
 
-_CACHE: dict[str, ClientSide] = {}  # config JSON -> its ClientSide (one per process, the latest)
-
-
-def client_side(config_json: str) -> ClientSide:
+def client_side(config_json: str):
     """Built once per process and config: in simulation a Ray actor serves many devices and
     rounds with it; in deployment each message starts a new process and builds it again."""
+    from fedlodrop.experiment import build
+
     if config_json not in _CACHE:
         _CACHE.clear()
-        _CACHE[config_json] = _build(config_from_run_config({CONFIG_JSON: config_json}))
+        _CACHE[config_json] = build(config_from_run_config({CONFIG_JSON: config_json}), eval_data=False)
     return _CACHE[config_json]
-
-
-def _build(cfg: RunConfig) -> ClientSide:
-    """The same calls, in the same order, as `engine.prepare` makes for the model and the split."""
-    from fedlodrop.data import TASKS, load_splits, partition
-    from fedlodrop.model import build_model, init_regression_head, load_tokenizer
-    from fedlodrop.rng import stream_seed
-
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    task = TASKS[cfg.task]
-    train_raw, _ = load_splits(task, cfg.data, cfg.seed)
-    fed = cfg.federation
-    shards_raw = partition(
-        train_raw, fed.devices, fed.partition, fed.dirichlet_alpha, stream_seed(cfg.seed, "partition"),
-        task.is_regression,
-    )
-    tokenizer = load_tokenizer(cfg)
-    fm = build_model(cfg, task, tokenizer, stream_seed(cfg.seed, "init"))
-    if task.is_regression:
-        init_regression_head(fm, float(np.mean(train_raw["label"])))
-    return ClientSide(cfg, fm, fm.get_state(), shards_raw, tokenizer)
 
 
 def _device(context: Context) -> int:
@@ -218,7 +172,7 @@ def train(msg: Message, context: Context) -> Message:
     side = client_side(str(context.run_config[CONFIG_JSON]))
     fold, fold_round = load_fold(context.state)
     side.fm.set_fold(fold, fold_round)
-    reply = device_step(side.fm, task, side.shard(device), side.cfg, side.known)
+    reply = device_step(side.fm, task, side.shards[device], side.cfg, side.known)
     save_fold(context.state, side.fm.fold, side.fm.fold_round)
     return Message(reply_content(reply, side.cfg.flower.pack_arrays), reply_to=msg)
 

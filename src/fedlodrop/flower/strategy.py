@@ -2,15 +2,16 @@
 
 No algorithm lives here. `configure_train` asks `Server.configure` for the round's tasks and puts
 each in a Message for its device's SuperNode; `aggregate_train` turns what came back into
-`DeviceReply`s and hands them to `engine.finish_round` (which calls `Server.finish`, syncs the
-evaluating backbone's fold, evaluates and builds the round's record), exactly as the in-process
+`DeviceReply`s and hands them to `engine.close_round` (which calls `Server.finish`, syncs the
+evaluating backbone's fold, evaluates and completes the round's record), exactly as the in-process
 round does. A device the round could not reach (no online SuperNode, an error reply, no reply in
 time, a malformed reply) reaches the Server as a reply with `error` set, so it is left out and
 logged under `failures` with the reason, and `federation.min_devices` decides whether the round
 stands. Bytes in the record are measured from the messages that travelled.
 
-Driven by `run_round` (from `engine.train`'s loop), not by `Strategy.start`: the run folder,
-checkpoints and evaluation belong to the engine, and rounds wait with our own fast polling.
+`FlowerEngine` is the `engine.RoundEngine` the ServerApp hands to `engine.run`/`engine.resume`:
+driven by `run_round` from the shared loop, not by `Strategy.start`, because the run folder,
+checkpoints and evaluation belong to the loop, and rounds wait with our own fast polling.
 """
 
 from __future__ import annotations
@@ -25,16 +26,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlodrop.config import FlowerConfig
-from fedlodrop.engine import Experiment, finish_round
+from fedlodrop.engine import close_round
+from fedlodrop.experiment import Experiment
 from fedlodrop.flower.records import content_bytes, content_reply, task_content
 from fedlodrop.flower.transport import Discovery, error_reason, send_and_receive
 from fedlodrop.messages import DeviceReply, DeviceTask
+from fedlodrop.records import RoundRecord
 from fedlodrop.server import Server
 
 log = logging.getLogger("flwr")
-
-# what the Server puts in a device's entry only when the device reported it
-_REPORTED = ("kept_values", "samples", "steps", "train_loss", "uplink_bytes", "train_s", "lr")
 
 
 @dataclass
@@ -44,7 +44,7 @@ class _Round:
     sent: dict[int, Message] = field(default_factory=dict)  # device -> the message pushed
     down: dict[int, tuple[int, int]] = field(default_factory=dict)  # device -> (payload, count_bytes)
     problems: dict[int, str] = field(default_factory=dict)  # device -> why it has no reply
-    record: dict | None = None
+    record: RoundRecord | None = None
 
 
 class FedLoDropStrategy(FedAvg):
@@ -53,12 +53,12 @@ class FedLoDropStrategy(FedAvg):
         self.exp = exp
         self.discovery = discovery
         self.settings = settings
-        self.server: Server | None = None  # engine.train makes it; `run_round` binds it
+        self.server: Server | None = None  # the loop makes it; `run_round` binds it
         self._rounds: dict[int, _Round] = {}
 
     # ------------------------------------------------------------------ one round
-    def run_round(self, grid: Grid, exp: Experiment, server: Server, round_: int) -> dict:
-        """engine.train's round function: configure, push and pull, aggregate; the round's record."""
+    def run_round(self, grid: Grid, exp: Experiment, server: Server, round_: int) -> RoundRecord:
+        """One round: configure, push and pull, aggregate; the round's record."""
         self.exp, self.server = exp, server
         server_round = round_ + 1
         messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
@@ -102,7 +102,7 @@ class FedLoDropStrategy(FedAvg):
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Replies (matched to what was sent by message id) -> DeviceReply, then the engine's
-        `finish_round`; a device without a usable reply becomes an error reply, which the
+        `engine.close_round`; a device without a usable reply becomes an error reply, which the
         Server leaves out. The round's record is kept for `run_round`."""
         state = self._rounds[server_round]
         round_ = server_round - 1
@@ -136,24 +136,18 @@ class FedLoDropStrategy(FedAvg):
             got[device] = DeviceReply(device, round_, {}, 0, math.nan, 0, 0.0, error=problem)
         if state.problems:
             log.warning("round %d: left out %s", server_round, state.problems)
-        record = finish_round(self.exp, self.server, state.tasks, [got[k] for k in sorted(got)], state.t_round)
+        record = close_round(self.exp, self.server, state.tasks, [got[k] for k in sorted(got)], state.t_round)
         state.record = self._measured(record, state, up)
-        ok = sum(d["status"] == "ok" for d in record["devices"])
-        return None, MetricRecord({"devices-ok": ok, "devices-left-out": len(record["devices"]) - ok})
+        ok = len(record.ok_devices)
+        return None, MetricRecord({"devices-ok": ok, "devices-left-out": len(record.devices) - ok})
 
-    def _measured(self, record: dict, state: _Round, up: dict[int, tuple[int, int]]) -> dict:
+    def _measured(self, record: RoundRecord, state: _Round, up: dict[int, tuple[int, int]]) -> RoundRecord:
         """The record with the bytes of the messages that travelled, and the Flower details."""
-        for entry in record["devices"]:
-            k = entry["device"]
-            entry["downlink_bytes"] = state.down.get(k, (0, 0))[0]
-            if k in state.problems:  # the device reported nothing: the shape of a missing reply
-                for key in _REPORTED:
-                    entry.pop(key, None)
-            else:
-                entry["uplink_bytes"] = up[k][0]
-        record["uplink_bytes"] = sum(e.get("uplink_bytes", 0) for e in record["devices"])
-        record["downlink_bytes"] = sum(e["downlink_bytes"] for e in record["devices"])
-        record["flower"] = {
+        for entry in record.devices:
+            entry.downlink_bytes = state.down.get(entry.device, (0, 0))[0]
+            if entry.device in up:
+                entry.uplink_bytes = up[entry.device][0]
+        record.flower = {
             "uplink_count_bytes": sum(c for _, c in up.values()),
             "downlink_count_bytes": sum(c for _, c in state.down.values()),
             "nodes": {str(k): m.metadata.dst_node_id for k, m in sorted(state.sent.items())},
@@ -165,9 +159,22 @@ class FedLoDropStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         """Nothing to send: the global model is evaluated centrally on the server, inside
-        `engine.finish_round`, exactly as the in-process engine does."""
+        `engine.close_round`, exactly as the in-process engine does."""
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: list[Message]) -> MetricRecord | None:
         """No device evaluates (see `configure_evaluate`): nothing to aggregate."""
         return None
+
+
+class FlowerEngine:
+    """The `engine.RoundEngine` of the ServerApp: the strategy's round over this run's Grid.
+    A new Flower run starts its device processes afresh: they hold no fold from before."""
+
+    keeps_device_state = False
+
+    def __init__(self, strategy: FedLoDropStrategy, grid: Grid):
+        self.strategy, self.grid = strategy, grid
+
+    def run_round(self, exp: Experiment, server: Server, round_: int) -> RoundRecord:
+        return self.strategy.run_round(self.grid, exp, server, round_)

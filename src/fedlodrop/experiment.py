@@ -1,0 +1,172 @@
+"""The one builder: everything a run is made of, from its config, in one order on every side.
+
+    build(cfg)                                   the server of the in-process engine and of Flower:
+                                                 backbone, every device's shard, validation data, rates
+    build(cfg, eval_data=False)                  a device process (Flower's ClientApp): backbone and
+                                                 the shards, each tokenised when first asked for
+    build(cfg, train_data=False)                 re-scoring a saved run: backbone and validation data
+    load_run(run_dir)                            a finished run's global model (export, predict, evaluate)
+
+Every side builds the backbone and the partition with the same calls from the same seed, so a
+device process and the server hold the same initial adapter and the same split without anything
+travelling. Everything that can fail on the user's input (config, data, model, plan) fails here,
+before a run folder is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedlodrop.adapter import State
+from fedlodrop.config import RunConfig
+from fedlodrop.data import TASKS, Task
+from fedlodrop.errors import UserError
+from fedlodrop.model import FedModel
+from fedlodrop.rng import stream_seed
+from fedlodrop.runs import RunFolder
+
+
+class Shards(Sequence):
+    """Each device's training data, tokenised when first asked for (a device process tokenises
+    only its own)."""
+
+    def __init__(self, raw: list, tokenizer, task: Task, max_length: int):
+        self.raw, self.tokenizer, self.task, self.max_length = raw, tokenizer, task, max_length
+        self._done: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, device: int):
+        from fedlodrop.data import tokenize
+
+        if device not in self._done:
+            self._done[device] = tokenize(self.raw[device], self.tokenizer, self.task, self.max_length)
+        return self._done[device]
+
+
+@dataclass
+class Experiment:
+    """A run ready to start: the shared backbone, the devices' data, the server's data and rates."""
+
+    cfg: RunConfig
+    task: Task
+    fm: FedModel
+    shards: Shards  # training data per device (empty without train_data)
+    eval_set: object | None  # tokenised validation split (None without eval_data)
+    train_eval_set: object | None  # training examples scored each round for the gap
+    rates: list[float]  # per-device dropout rates (from dropout.rate, or the plan)
+    known: State  # the seeded initial adapter every device builds
+    plan: object | None = None
+
+
+def build(cfg: RunConfig, *, train_data: bool = True, eval_data: bool = True) -> Experiment:
+    """Data, backbone and rates of `cfg`. `train_data`: the partition into device shards;
+    `eval_data`: the validation split, the train-eval sample and the plan (the server's side)."""
+    from fedlodrop.data import load_splits, partition, tokenize
+    from fedlodrop.model import build_model, init_regression_head, load_tokenizer
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    task = TASKS[cfg.task]
+    plan, rates = _rates(cfg) if eval_data else (None, cfg.device_rates())
+    train_raw = eval_raw = None
+    if train_data or eval_data:
+        train_raw, eval_raw = load_splits(task, cfg.data, cfg.seed)
+    fed = cfg.federation
+    shards_raw = []
+    if train_data:
+        shards_raw = partition(train_raw, fed.devices, fed.partition, fed.dirichlet_alpha,
+                               stream_seed(cfg.seed, "partition"), task.is_regression)
+    tokenizer = load_tokenizer(cfg)
+    fm = build_model(cfg, task, tokenizer, stream_seed(cfg.seed, "init"))
+    if task.is_regression and train_raw is not None:
+        init_regression_head(fm, float(np.mean(train_raw["label"])))
+    shards = Shards(shards_raw, tokenizer, task, cfg.train.max_length)
+    eval_set = train_eval_set = None
+    if eval_data:
+        eval_set = tokenize(eval_raw, tokenizer, task, cfg.train.max_length)
+        train_eval_set = _train_eval_sample(cfg, shards, eval_set)
+    return Experiment(cfg, task, fm, shards, eval_set, train_eval_set, rates, fm.get_state(), plan)
+
+
+def _train_eval_sample(cfg: RunConfig, shards: Shards, eval_set):
+    """`data.train_eval_samples` training examples, drawn from all devices' shards by the seed."""
+    from datasets import concatenate_datasets
+
+    if not len(shards) or not cfg.data.train_eval_samples:
+        return eval_set.select([])
+    pool = concatenate_datasets([shards[k] for k in range(len(shards))])
+    n = min(cfg.data.train_eval_samples, len(pool))
+    return pool.shuffle(seed=stream_seed(cfg.seed, "train-eval") % 2**32).select(range(n))
+
+
+def _rates(cfg: RunConfig) -> tuple[object | None, list[float]]:
+    if cfg.plan is None:
+        return None, cfg.device_rates()
+    from fedlodrop.planning.plan import load_plan
+
+    plan = load_plan(cfg.plan)
+    if len(plan.devices) != cfg.federation.devices:
+        raise UserError(
+            f"plan {cfg.plan} is for {len(plan.devices)} devices but federation.devices is "
+            f"{cfg.federation.devices}"
+        )
+    return plan, [float(d.gamma) for d in plan.devices]
+
+
+# ---------------------------------------------------------------------------- a finished run
+
+
+@dataclass
+class LoadedRun:
+    """A finished run's global model, ready for inference: backbone with the fold F, the global
+    adapter and head set, eval mode."""
+
+    exp: Experiment
+    adapter: State  # the global adapter and head
+    fold: dict[str, torch.Tensor] = field(default_factory=dict)  # FedEx: F of each module, (out x in)
+    rounds_done: int = 0
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.exp.cfg
+
+    @property
+    def task(self) -> Task:
+        return self.exp.task
+
+    @property
+    def fm(self) -> FedModel:
+        return self.exp.fm
+
+
+def check_finished(run_dir: Path) -> RunFolder:
+    folder = RunFolder(Path(run_dir))
+    if not folder.finished:
+        raise UserError(f"{run_dir} is not a finished run folder (no config.yaml and summary.json)")
+    return folder
+
+
+def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), device: str | None = None,
+             eval_data: bool = False) -> LoadedRun:
+    """Backbone of the run's config + its folded FedEx deltas + the global adapter and head.
+
+    Needs no training data (exporting or predicting must not); `eval_data` also loads the
+    validation split (re-scoring). `device` overrides `train.device`: a run trained on a GPU can
+    be exported on a laptop."""
+    folder = check_finished(run_dir)
+    cfg = folder.config(list(overrides) + ([f"train.device={device}"] if device else []))
+    exp = build(cfg, train_data=False, eval_data=eval_data)
+    adapter, fold = folder.load_final(exp.fm.layout)
+    rounds = folder.rounds_done()
+    exp.fm.set_fold(fold, rounds)
+    exp.fm.set_view(None)
+    exp.fm.set_state(adapter)
+    exp.fm.net.eval()
+    return LoadedRun(exp, adapter, fold, rounds)
