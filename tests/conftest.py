@@ -172,3 +172,20 @@ def learning_cfg(model: str, glue_dir: Path, **over):
             node = node.setdefault(part, {})
         node[last] = value
     return validate(tree)
+
+
+def load_global(run_dir):
+    """A finished run's experiment (with its validation data) and global adapter."""
+    from fedlodrop.experiment import load_run
+
+    run = load_run(Path(run_dir), eval_data=True)
+    return run.exp, run.adapter
+
+
+def one_round(exp, round_=0, order=None):
+    """A fresh server over `exp` and its first round in process: (server, record)."""
+    from fedlodrop.inprocess import InProcessEngine
+    from fedlodrop.server import Server, ServerState
+
+    server = Server(exp.cfg, exp.fm.layout, ServerState(0, exp.fm.get_state()), exp.rates, exp.known)
+    return server, InProcessEngine(order).run_round(exp, server, round_)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fedlodrop.config import load_config
-from fedlodrop.engine import load_global
+from conftest import load_global
 
 # Loads every job with transformers (merged) or PEFT (peft) and prints logits as JSON. The first
 # lines make `import fedlodrop` fail, whatever PYTHONPATH or an editable install would allow.
@@ -108,7 +108,7 @@ def reference_logits(
     run_dir: Path, a: list[str], b: list[str] | None = None, fold: bool = True, adapter: bool = True
 ) -> np.ndarray:
     """Logits of the run's global model rebuilt the way `fedlodrop evaluate` does
-    (engine.load_global: prepare, the fold, the adapter), independently of fedlodrop.export. `fold=False` skips
+    (experiment.load_run: build, the fold, the adapter), independently of fedlodrop.export. `fold=False` skips
     the FedEx deltas and `adapter=False` zeroes every B: both show that a test would notice."""
     cfg = load_config(Path(run_dir) / "config.yaml")
     exp, gs = load_global(Path(run_dir))

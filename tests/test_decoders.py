@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from export_helpers import dev_rows, job, reference_logits, run_hf_only
 from fedlodrop.cli import app
-from fedlodrop.export import load_global_model
+from fedlodrop.experiment import load_run
 from test_engine import read_metrics, tiny_cfg
 from test_export import train
 
@@ -34,7 +34,7 @@ def test_decoder_learns_exports_merged_and_predicts(request, fixture, targets, b
     assert rounds[-1]["eval"]["accuracy"] >= 0.75  # the dev set is half positive
     assert cfg.federation.aggregation == "fedex" and (run_dir / "base_delta.safetensors").is_file()
 
-    loaded = load_global_model(run_dir)
+    loaded = load_run(run_dir)
     names = [m.name for m in loaded.fm.layout.modules]
     assert {n.rsplit(".", 1)[-1] for n in names} == targets and all(n.startswith(block) for n in names)
     assert loaded.fm.layout.head_keys == ["head.score.weight"]

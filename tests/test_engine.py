@@ -13,7 +13,8 @@ from fedlodrop.cli import app
 from fedlodrop.client import train_local
 from fedlodrop.config import validate
 from fedlodrop.data import make_loader
-from fedlodrop.engine import prepare, run
+from fedlodrop.engine import run
+from fedlodrop.experiment import build as prepare
 from fedlodrop.masks import draw_masks
 
 
@@ -119,13 +120,13 @@ def test_fedex_folds_travel_down_the_next_round_in_the_comm_dtype(tiny_bert, sst
 
 @pytest.mark.parametrize("variant", ["subadapter", "update", "reset"])
 def test_what_each_variant_trains(tiny_bert, sst2_dir, variant):
-    from fedlodrop.variants import VARIANTS
+    from fedlodrop.variants import make_variant
 
     cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": 0.5, "dropout.variant": variant})
     exp = prepare(cfg)
     layout = exp.fm.layout
     masks = draw_masks(layout, 0.5, "bernoulli", seed=0, round_=0, device=0)
-    v = VARIANTS[variant]
+    v = make_variant(variant)
     glob = exp.fm.get_state()
     for m in layout.modules:  # make B nonzero so A gets gradients too
         glob[m.key_b] = torch.randn_like(glob[m.key_b]) * 0.1
@@ -213,7 +214,8 @@ def test_devices_are_weighted_by_their_sample_counts(tiny_bert, tmp_path):
     """Unequal Dirichlet shards: the head moves by the samples-weighted mean of the changes."""
     from conftest import write_sst2
 
-    from fedlodrop.engine import initial_state, make_server, run_round
+    from conftest import one_round
+
     from fedlodrop.server import Server
 
     glue = write_sst2(tmp_path / "glue", n_train=96)
@@ -229,9 +231,8 @@ def test_devices_are_weighted_by_their_sample_counts(tiny_bert, tmp_path):
 
     Server.finish = spy
     try:
-        server = make_server(exp, initial_state(exp))
-        before = {k: v.clone() for k, v in server.state.global_state.items()}
-        run_round(exp, server, 0)
+        before = {k: v.clone() for k, v in exp.fm.get_state().items()}
+        server, _ = one_round(exp)
     finally:
         Server.finish = finish
     sizes = [len(s) for s in exp.shards]
@@ -253,7 +254,9 @@ def test_test_time_ensemble(mini2, polarity_dir, tmp_path):
     from conftest import learning_cfg
 
     from fedlodrop.client import predict_outputs
-    from fedlodrop.engine import evaluate, load_global
+    from conftest import load_global
+
+    from fedlodrop.evaluation import evaluate
     from fedlodrop.masks import apply_masks, draw_masks
 
     cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.5, "federation.aggregation": "masked"})
@@ -310,18 +313,17 @@ def test_bad_input_one_line_exit_2_no_folder(tiny_bert, sst2_dir, tmp_path, args
 
 
 def test_device_order_does_not_change_the_round(tiny_bert, sst2_dir):
-    from fedlodrop.engine import initial_state, make_server, run_round
+    from conftest import one_round
 
     cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": 0.4})
     results = []
     for order in ([0, 1, 2], [2, 0, 1]):
         exp = prepare(cfg)
-        server = make_server(exp, initial_state(exp))
-        record = run_round(exp, server, 0, order=order)
+        server, record = one_round(exp, order=order)
         results.append((server.state.global_state, record))
     (a, ra), (b, rb) = results
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [d["train_loss"] for d in ra["devices"]] == [d["train_loss"] for d in rb["devices"]]
+    assert [d.train_loss for d in ra.devices] == [d.train_loss for d in rb.devices]
 
 
 def test_per_device_rates_set_each_devices_upload(tiny_bert, sst2_dir, tmp_path):
@@ -357,20 +359,16 @@ def test_head_learning_rate_scale(tiny_bert, sst2_dir):
 def test_summary_best_is_one_rounds_whole_metrics():
     """MRPC scores f1 and accuracy: `best` is the best round by f1 (the main metric), both of its
     numbers, never a mix of maxima from different rounds."""
-    from types import SimpleNamespace
-
     from fedlodrop.config import load_config
     from fedlodrop.data import TASKS
-    from fedlodrop.engine import _summary
+    from fedlodrop.records import DeviceRecord, RoundRecord, summarize
 
     cfg = load_config(None, ["task=mrpc", "data.glue_dir=x"])
-    layout = SimpleNamespace(adapter_values=1, head_values=1)
-    exp = SimpleNamespace(cfg=cfg, task=TASKS["mrpc"], rates=[0.0] * 3, fm=SimpleNamespace(layout=layout))
-    rows = [{"round": i + 1, "eval": e, "train": {"f1": 0.9, "accuracy": 0.9}, "uplink_bytes": 1,
-             "downlink_bytes": 1, "failures": [], "wall_s": 1.0}
+    device = DeviceRecord(0, 0.0, 1, samples=8, train_loss=0.5, uplink_bytes=1)
+    rows = [RoundRecord(i + 1, [0], [device], eval=e, train={"f1": 0.9, "accuracy": 0.9}, wall_s=1.0)
             for i, e in enumerate([{"f1": 0.80, "accuracy": 0.70}, {"f1": 0.79, "accuracy": 0.75},
                                    {"f1": 0.78, "accuracy": 0.72}])]
-    summary = _summary(exp, rows)
+    summary = summarize(cfg, TASKS["mrpc"].main_metric, [0.0] * 3, 1, 1, rows)
     assert TASKS["mrpc"].main_metric == "f1"
     assert summary["best"] == {"f1": 0.80, "accuracy": 0.70} and summary["best_round"] == 1
     assert summary["final"] == {"f1": 0.78, "accuracy": 0.72}

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fedlodrop import engine
+from fedlodrop import inprocess
 from fedlodrop.cli import app
 from fedlodrop.client import device_step
 
@@ -35,7 +35,7 @@ def diverging(devices, from_round=0):
 
 
 def test_a_diverging_device_is_left_out_and_logged(tiny_bert, sst2_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "device_step", diverging({1}))
+    monkeypatch.setattr(inprocess, "device_step", diverging({1}))
     out = tmp_path / "r"
     result = CliRunner().invoke(app, _args(tiny_bert, sst2_dir, out))
     assert result.exit_code == 0, result.output
@@ -52,7 +52,7 @@ def test_a_diverging_device_is_left_out_and_logged(tiny_bert, sst2_dir, tmp_path
 
 
 def test_a_round_with_too_few_devices_fails_and_keeps_the_checkpoint(tiny_bert, sst2_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "device_step", diverging({0, 1}, from_round=1))
+    monkeypatch.setattr(inprocess, "device_step", diverging({0, 1}, from_round=1))
     out = tmp_path / "r"
     result = CliRunner().invoke(app, _args(tiny_bert, sst2_dir, out, 3, "--set", "federation.min_devices=2"))
     assert result.exit_code == 1
@@ -62,7 +62,7 @@ def test_a_round_with_too_few_devices_fails_and_keeps_the_checkpoint(tiny_bert, 
     assert json.loads((out / "checkpoint.json").read_text())["rounds_done"] == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1 and not (out / "summary.json").exists()
     # the fault gone, the run continues from round 2
-    monkeypatch.setattr(engine, "device_step", device_step)
+    monkeypatch.setattr(inprocess, "device_step", device_step)
     result = CliRunner().invoke(app, ["run", "--quiet", "--resume", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "summary.json").read_text())["rounds"] == 3

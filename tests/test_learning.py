@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from conftest import learning_cfg
-from fedlodrop.engine import evaluate, load_global, run
+from conftest import load_global
+from fedlodrop.engine import run
+from fedlodrop.evaluation import evaluate
 
 
 def _ablated_accuracy(run_dir) -> float:

@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from fedlodrop.cli import app
 from fedlodrop.logs import round_scalars
+from fedlodrop.records import RoundRecord
 
 
 def _wandb_history(run_dir):
@@ -50,7 +51,7 @@ def test_tensorboard_and_wandb_mirror_the_metrics(tiny_bert, sst2_dir, tmp_path,
     assert result.exit_code == 0, result.output
     assert "wandb:" not in result.output  # our output, not W&B's
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    expected = [round_scalars(r) for r in rows]
+    expected = [round_scalars(RoundRecord.from_json(r)) for r in rows]
     assert {"eval/accuracy", "train/accuracy", "loss/train", "loss/eval", "bytes/uplink", "bytes/downlink",
             "time/round_s", "device/0/loss", "device/2/uplink_bytes"} <= set(expected[0])
 
