@@ -9,7 +9,6 @@ Targets (issue: federated engine): at most 5 minutes on a 2-core CPU, validation
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -17,6 +16,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fedlodrop.runs import RunFolder
 
 
 def main() -> None:
@@ -31,8 +32,7 @@ def main() -> None:
         t0 = time.perf_counter()
         subprocess.run(["fedlodrop", "run", "--quiet", "--out", str(run_dir), *extra], check=True, env=env)
         wall = time.perf_counter() - t0
-        summary = json.loads((run_dir / "summary.json").read_text())
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        summary, rows = RunFolder(run_dir).summary(), RunFolder(run_dir).records()
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     lines = [
         "| round | train loss | train accuracy | validation accuracy | uplink MB | downlink MB | round s |",
@@ -40,9 +40,9 @@ def main() -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['round']} | {r['train_loss']:.4f} | {r['train'].get('accuracy', float('nan')):.4f} | "
-            f"{r['eval']['accuracy']:.4f} | {r['uplink_bytes'] / 1e6:.3f} | {r['downlink_bytes'] / 1e6:.3f} | "
-            f"{r['wall_s']:.1f} |"
+            f"| {r.round} | {r.train_loss:.4f} | {r.train.get('accuracy', float('nan')):.4f} | "
+            f"{r.eval['accuracy']:.4f} | {r.uplink_bytes / 1e6:.3f} | {r.downlink_bytes / 1e6:.3f} | "
+            f"{r.wall_s:.1f} |"
         )
     acc = summary["final"]["accuracy"]
     lines += [

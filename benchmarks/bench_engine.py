@@ -26,7 +26,6 @@ Run on a quiet machine; every table says how many threads it used.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -34,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fedlodrop.runs import RunFolder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -65,8 +66,7 @@ def _child_run(overrides: list[str], out: Path) -> tuple[float, list[dict]]:
     )
     res = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, check=True)
     peak_kib = int(res.stdout.strip().splitlines()[-1])
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return peak_kib / 2**20, rows
+    return peak_kib / 2**20, RunFolder(out).records()
 
 
 def _write(name: str, title: str, table: str, threads: int) -> str:
@@ -131,10 +131,9 @@ def scale(args) -> None:
                                          "federation.rounds=1", "data.max_eval_samples=64", "data.train_eval_samples=0",
                                          "train.batch_size=16", f"train.threads={args.threads}"]))
             engine.run(cfg, Path(tmp) / f"k{k}", show_progress=False)
-            rows = [json.loads(line) for line in (Path(tmp) / f"k{k}" / "metrics.jsonl").read_text().splitlines()]
-            devices = rows[0]["devices"]
-            per_step[k] = sum(d["train_s"] for d in devices) / sum(d["steps"] for d in devices)
-            out_rows.append(f"| {k} | {sum(d['steps'] for d in devices)} | {per_step[k] * 1000:.1f} |")
+            devices = RunFolder(Path(tmp) / f"k{k}").records()[0].devices
+            per_step[k] = sum(d.train_s for d in devices) / sum(d.steps for d in devices)
+            out_rows.append(f"| {k} | {sum(d.steps for d in devices)} | {per_step[k] * 1000:.1f} |")
     ratio = per_step[100] / per_step[3]
     table = "| devices | optimizer steps | ms per step |\n|---|---|---|\n" + "\n".join(out_rows)
     table += f"\n\n100 devices / 3 devices: {ratio:.3f} (goal <= 1.15: {'met' if ratio <= 1.15 else 'MISSED'})."
@@ -146,19 +145,19 @@ def scale(args) -> None:
 
 
 def _reference_experiment(glue: Path, threads: int):
-    from fedlodrop import engine
+    from fedlodrop.experiment import build
 
     cfg = _cfg(_sst2(glue, ["federation.devices=1", "data.max_train_samples=600", "federation.rounds=1",
                             "lora.r=4", "lora.alpha=8", "train.batch_size=32", "data.max_eval_samples=32",
                             "data.train_eval_samples=0", f"train.threads={threads}"]))
-    return engine.prepare(cfg)
+    return build(cfg)
 
 
 def _ours(exp) -> float:
     from fedlodrop.client import device_step
-    from fedlodrop.engine import initial_state, make_server
+    from fedlodrop.server import Server, ServerState
 
-    server = make_server(exp, initial_state(exp))
+    server = Server(exp.cfg, exp.fm.layout, ServerState(0, exp.fm.get_state()), exp.rates, exp.known)
     (task,) = server.configure(0)
     reply = device_step(exp.fm, task, exp.shards[0], exp.cfg, exp.known)
     return len(exp.shards[0]) / reply.train_s
@@ -260,8 +259,8 @@ def anatomy(args) -> None:
         _, rows = _child_run(["dropout.rate=0.3", "federation.rounds=3", f"train.threads={args.threads}"], Path(tmp) / "r")
     parts = {"local training": "train_s", "masks, packing, decoding (devices)": "other_device_s",
              "aggregation and fold": "aggregate_s", "evaluation": "eval_s", "checkpoint": "checkpoint_s"}
-    total = sum(r["wall_s"] + r["timing"]["checkpoint_s"] for r in rows)
-    shares = {k: sum(r["timing"][v] for r in rows) / total for k, v in parts.items()}
+    total = sum(r.wall_s + r.timing.checkpoint_s for r in rows)
+    shares = {k: sum(getattr(r.timing, v) for r in rows) / total for k, v in parts.items()}
     overhead = 1 - shares["local training"] - shares["evaluation"]
     table = "| part of a round | share | seconds (3 rounds) |\n|---|---|---|\n" + "\n".join(
         f"| {k} | {100 * v:.2f} % | {v * total:.2f} |" for k, v in shares.items())
@@ -281,13 +280,13 @@ def fedex_scale(args) -> None:
                                      "data.max_eval_samples=872", "data.train_eval_samples=0",
                                      f"federation.residual_rank={rank}", f"train.threads={args.threads}"])
             _, rows = _child_run(over, Path(tmp) / f"rank{rank}")
-            down = [r["downlink_bytes"] / 1e6 for r in rows]
-            up = [r["uplink_bytes"] / 1e6 for r in rows]
-            err = [r.get("fold_error_rel", 0.0) for r in rows]
+            down = [r.downlink_bytes / 1e6 for r in rows]
+            up = [r.uplink_bytes / 1e6 for r in rows]
+            err = [r.fold_error_rel or 0.0 for r in rows]
             out_rows.append(
                 f"| {'exact' if rank == 'null' else rank} | {statistics.fmean(up):.1f} | "
-                f"{statistics.fmean(down[1:]):.1f} | {rows[0]['fold_bytes'] / 1e6:.2f} | "
-                f"{', '.join(f'{e:.3f}' for e in err)} | {rows[-1]['eval']['accuracy']:.4f} |")
+                f"{statistics.fmean(down[1:]):.1f} | {rows[0].fold_bytes / 1e6:.2f} | "
+                f"{', '.join(f'{e:.3f}' for e in err)} | {rows[-1].eval['accuracy']:.4f} |")
             print(out_rows[-1], file=sys.stderr, flush=True)
     table = ("| residual_rank | uplink MB/round | downlink MB in round 2 | fold MB per device | "
              "fold error |R - R_k|/|R| by round | final accuracy |\n|---|---|---|---|---|---|\n" + "\n".join(out_rows))

@@ -16,7 +16,6 @@ Three measurements, each in its own process so peak RSS is that run's alone:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -24,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fedlodrop.runs import RunFolder
 
 WORKLOAD = [
     "task=sst2",
@@ -55,7 +56,7 @@ def one_run(extra: list[str], out: Path) -> dict:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = RunFolder(out).records()
     return {"rows": rows, "peak_gib": peak_kib / 2**20, "grew": peak_kib > before, "wall_s": wall}
 
 
@@ -79,9 +80,9 @@ def main() -> None:
         drop = one_run(
             common + ["federation.devices=3", "federation.aggregation=fedex", "dropout.rate=0.3"], tmp / "dropout"
         )
-    round_s = [r["wall_s"] for r in speed["rows"]]
+    round_s = [r.wall_s for r in speed["rows"]]
     share = [
-        (r["timing"]["other_device_s"] + r["timing"]["aggregate_s"]) / r["wall_s"] for r in drop["rows"]
+        (r.timing.other_device_s + r.timing.aggregate_s) / r.wall_s for r in drop["rows"]
     ]
     lines = [
         "| measurement | value | target |",
@@ -90,7 +91,7 @@ def main() -> None:
         f"(max {max(round_s):.2f} s) | <= 17 s |",
         f"| validation accuracy after {len(round_s)} rounds | {speed['rows'][-1]['eval']['accuracy']:.4f} | |",
         f"| peak RSS, 10 devices | {memory['peak_gib']:.2f} GiB | < 1.5 GiB |",
-        f"| round time, 10 devices | {sum(r['wall_s'] for r in memory['rows']) / len(memory['rows']):.2f} s | |",
+        f"| round time, 10 devices | {sum(r.wall_s for r in memory['rows']) / len(memory['rows']):.2f} s | |",
         f"| masks + aggregation share of a round, gamma 0.3 FedEx | {100 * max(share):.2f} % (max over rounds) "
         f"| <= 3 % |",
         f"| uplink per round, gamma 0 vs 0.3 | {speed['rows'][0]['uplink_bytes']} B vs "

@@ -30,8 +30,8 @@ def test_decoder_learns_exports_merged_and_predicts(request, fixture, targets, b
     cfg = tiny_cfg(request.getfixturevalue(fixture), sst2_dir, **DECODER)
     run_dir = train(cfg, tmp_path / "run")
     rounds = read_metrics(run_dir)
-    assert rounds[1]["train_loss"] < rounds[0]["train_loss"]
-    assert rounds[-1]["eval"]["accuracy"] >= 0.75  # the dev set is half positive
+    assert rounds[1].train_loss < rounds[0].train_loss
+    assert rounds[-1].eval["accuracy"] >= 0.75  # the dev set is half positive
     assert cfg.federation.aggregation == "fedex" and (run_dir / "base_delta.safetensors").is_file()
 
     loaded = load_run(run_dir)

@@ -16,6 +16,7 @@ from fedlodrop.data import make_loader
 from fedlodrop.engine import run
 from fedlodrop.experiment import build as prepare
 from fedlodrop.masks import draw_masks
+from fedlodrop.runs import RunFolder
 
 
 def tiny_cfg(model, glue_dir, **over):
@@ -38,7 +39,12 @@ def tiny_cfg(model, glue_dir, **over):
 
 
 def read_metrics(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    """The run's round records, through the run folder's one reader."""
+    return RunFolder(folder).records()
+
+
+def read_summary(folder) -> dict:
+    return RunFolder(folder).summary()
 
 
 def test_run_folder_is_complete(tiny_bert, sst2_dir, tmp_path):
@@ -47,16 +53,17 @@ def test_run_folder_is_complete(tiny_bert, sst2_dir, tmp_path):
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter.safetensors", "base_delta.safetensors"):
         assert (folder / name).is_file(), name
     rows = read_metrics(folder)
-    assert [r["round"] for r in rows] == [1, 2]
+    assert [r.round for r in rows] == [1, 2]
     for r in rows:
-        assert set(r) >= {"round", "train_loss", "train", "eval", "uplink_bytes", "downlink_bytes", "wall_s"}
-        assert "accuracy" in r["eval"] and "accuracy" in r["train"] and math.isfinite(r["train_loss"])
-    saved = json.loads((folder / "summary.json").read_text())
+        assert set(r.to_json()) >= {"round", "train_loss", "train", "eval", "uplink_bytes", "downlink_bytes", "wall_s"}
+        assert "accuracy" in r.eval and "accuracy" in r.train and math.isfinite(r.train_loss)
+        assert r.uplink_bytes > 0 and r.wall_s > 0 and r.timing.checkpoint_s is not None
+    saved = read_summary(folder)
     assert saved == summary
     assert set(saved) >= {"task", "rounds", "final", "best", "uplink_bytes_total", "downlink_bytes_total", "wall_s"}
-    assert saved["final"] == rows[-1]["eval"]
-    assert saved["best"]["accuracy"] == max(r["eval"]["accuracy"] for r in rows)
-    assert saved["uplink_bytes_total"] == sum(r["uplink_bytes"] for r in rows)
+    assert saved["final"] == rows[-1].eval
+    assert saved["best"]["accuracy"] == max(r.eval["accuracy"] for r in rows)
+    assert saved["uplink_bytes_total"] == sum(r.uplink_bytes for r in rows)
     adapter = load_file(str(folder / "adapter.safetensors"))
     assert any(k.endswith(".lora_A") for k in adapter) and any(k.startswith("head.") for k in adapter)
 
@@ -81,7 +88,7 @@ def test_bytes_are_what_travels_for_each_variant(tiny_bert, sst2_dir, tmp_path, 
     cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": gamma, "dropout.sampler": "exact",
                                           "dropout.variant": variant, "federation.aggregation": "masked"})
     run(cfg, tmp_path / "r", show_progress=False)
-    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    summary = read_summary(tmp_path / "r")
     q, head = summary["adapter_values"], summary["head_values"]
     exp = prepare(cfg)
     layout = exp.fm.layout
@@ -93,8 +100,8 @@ def test_bytes_are_what_travels_for_each_variant(tiny_bert, sst2_dir, tmp_path, 
     full = 4 * (q + head)
     up, down = {"subadapter": (sub, sub), "update": (sub, full), "reset": (full, sub)}[variant]
     for r in read_metrics(tmp_path / "r"):
-        for d in r["devices"]:
-            assert (d["uplink_bytes"], d["downlink_bytes"]) == (up, down)  # masked: no fold travels
+        for d in r.devices:
+            assert (d.uplink_bytes, d.downlink_bytes) == (up, down)  # masked: no fold travels
 
 
 def test_fedex_folds_travel_down_the_next_round_in_the_comm_dtype(tiny_bert, sst2_dir, tmp_path):
@@ -102,20 +109,20 @@ def test_fedex_folds_travel_down_the_next_round_in_the_comm_dtype(tiny_bert, sst
     cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": gamma, "federation.comm_dtype": "float16",
                                           "federation.rounds": 3})
     run(cfg, tmp_path / "r", show_progress=False)
-    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    summary = read_summary(tmp_path / "r")
     q, head = summary["adapter_values"], summary["head_values"]
     rows = read_metrics(tmp_path / "r")
-    ups = [d["uplink_bytes"] for r in rows for d in r["devices"]]
+    ups = [d.uplink_bytes for r in rows for d in r.devices]
     assert abs(sum(ups) / len(ups) - 2 * ((1 - gamma) * q + head)) < 0.05 * 2 * q
     # update variant, fp16: the devices start from the fp16 global adapter, so the fold is
     # s (B A - B16 A16 + sum_k w_k B_k A_k - B' A'): rank (K + 3) r, factored while smaller
     k, r, n = 3, 4, 32
     fold = 4 * 2 * min(n * n, (k + 3) * r * (n + n))  # 4 modules of 32 x 32, 2 bytes a value
     for i, row in enumerate(rows):
-        assert row["fold_bytes"] == fold
-        for d in row["devices"]:
-            assert d["uplink_bytes"] == 2 * (d["kept_values"] + head)
-            assert d["downlink_bytes"] == 2 * (q + head) + (fold if i > 0 else 0)
+        assert row.fold_bytes == fold
+        for d in row.devices:
+            assert d.uplink_bytes == 2 * (d.kept_values + head)
+            assert d.downlink_bytes == 2 * (q + head) + (fold if i > 0 else 0)
 
 
 @pytest.mark.parametrize("variant", ["subadapter", "update", "reset"])
@@ -157,10 +164,10 @@ def test_ffa_keeps_a_frozen_and_sends_no_a(tiny_bert, sst2_dir, tmp_path):
     run(cfg, tmp_path / "r", show_progress=False)
     final = load_file(str(tmp_path / "r" / "adapter.safetensors"))
     assert all(torch.equal(final[k], v) for k, v in a0.items())
-    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    summary = read_summary(tmp_path / "r")
     b_values = sum(m.n_out * m.r for m in exp.fm.layout.modules)
     row = read_metrics(tmp_path / "r")[0]
-    assert row["devices"][0]["uplink_bytes"] == 4 * (b_values + summary["head_values"])
+    assert row.devices[0].uplink_bytes == 4 * (b_values + summary["head_values"])
 
 
 def test_centralised_baseline_one_device(tiny_bert, sst2_dir, tmp_path):
@@ -184,9 +191,9 @@ def test_each_round_scores_the_global_model(mini2, polarity_dir, tmp_path):
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     rescored = json.loads(result.stdout)
-    assert last["eval_loss"] < 0.6  # it learned: a wrong model would score differently
-    assert rescored["eval_loss"] == pytest.approx(last["eval_loss"], abs=1e-6)
-    assert rescored["eval"] == pytest.approx(last["eval"])
+    assert last.eval_loss < 0.6  # it learned: a wrong model would score differently
+    assert rescored["eval_loss"] == pytest.approx(last.eval_loss, abs=1e-6)
+    assert rescored["eval"] == pytest.approx(last.eval)
 
 
 def test_learning_rate_spans_the_federation(tiny_bert, sst2_dir, tmp_path):
@@ -201,12 +208,11 @@ def test_learning_rate_spans_the_federation(tiny_bert, sst2_dir, tmp_path):
         return base * p / 0.5 if p < 0.5 else base * (1 - p) / 0.5
 
     for i, row in enumerate(read_metrics(tmp_path / "r")):
-        for d in row["devices"]:
-            steps = d["steps"]
-            assert steps == 2  # 32 examples per device, batch 16
-            first, last = d["lr"]
+        for d in row.devices:
+            assert d.steps == 2  # 32 examples per device, batch 16
+            first, last = d.lr
             assert first == pytest.approx(lr(i / rounds)) and last == pytest.approx(lr((i + 0.5) / rounds))
-    assert [r["devices"][0]["lr"][0] for r in read_metrics(tmp_path / "r")] == pytest.approx(
+    assert [r.devices[0].lr[0] for r in read_metrics(tmp_path / "r")] == pytest.approx(
         [0.0, 0.005, 0.01, 0.005])
 
 
@@ -331,11 +337,11 @@ def test_per_device_rates_set_each_devices_upload(tiny_bert, sst2_dir, tmp_path)
                                           "federation.rounds": 1})
     summary = run(cfg, tmp_path / "r", show_progress=False)
     q, head = summary["adapter_values"], summary["head_values"]
-    devices = read_metrics(tmp_path / "r")[0]["devices"]
-    assert [d["rate"] for d in devices] == [0.0, 0.5, 0.9]
-    assert devices[0]["uplink_bytes"] == 4 * (q + head)
-    assert devices[1]["uplink_bytes"] == 4 * (q // 2 + head)
-    assert devices[0]["uplink_bytes"] > devices[1]["uplink_bytes"] > devices[2]["uplink_bytes"]
+    devices = read_metrics(tmp_path / "r")[0].devices
+    assert [d.rate for d in devices] == [0.0, 0.5, 0.9]
+    assert devices[0].uplink_bytes == 4 * (q + head)
+    assert devices[1].uplink_bytes == 4 * (q // 2 + head)
+    assert devices[0].uplink_bytes > devices[1].uplink_bytes > devices[2].uplink_bytes
 
 
 def test_head_learning_rate_scale(tiny_bert, sst2_dir):

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from conftest import write_sst2
 from export_helpers import dev_rows, job, reference_logits, run_hf_only
 from fedlodrop.cli import app
+from fedlodrop.runs import RunFolder
 from fedlodrop.engine import run
 from fedlodrop.export import exact_factors
 from fedlodrop.model import resolve_model_path
@@ -58,7 +59,7 @@ def export_cli(run_dir, out, *extra):
 
 
 def final_accuracy(run_dir) -> float:
-    return json.loads((run_dir / "summary.json").read_text())["final"]["accuracy"]
+    return RunFolder(run_dir).summary()["final"]["accuracy"]
 
 
 def check_same_model(got: dict, ref: np.ndarray, accuracy: float, labels: list[int]) -> None:

@@ -1,7 +1,6 @@
 """Faults in the in-process engine: a device that diverges is left out of the round and logged;
 a round in which too few devices succeed fails with one line, exit 1, the checkpoint intact."""
 
-import json
 import math
 
 import torch
@@ -11,6 +10,7 @@ from typer.testing import CliRunner
 from fedlodrop import inprocess
 from fedlodrop.cli import app
 from fedlodrop.client import device_step
+from fedlodrop.runs import RunFolder
 
 
 def _args(model, glue_dir, out, rounds=2, *extra):
@@ -39,15 +39,15 @@ def test_a_diverging_device_is_left_out_and_logged(tiny_bert, sst2_dir, tmp_path
     out = tmp_path / "r"
     result = CliRunner().invoke(app, _args(tiny_bert, sst2_dir, out))
     assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = RunFolder(out).records()
     for row in rows:
-        assert [f["device"] for f in row["failures"]] == [1]
-        assert "non-finite" in row["failures"][0]["reason"]
-        assert [d["status"] for d in row["devices"]] == ["ok", "left out", "ok"]
-        assert math.isfinite(row["train_loss"]) and math.isfinite(row["eval_loss"])
+        assert [f["device"] for f in row.failures] == [1]
+        assert "non-finite" in row.failures[0]["reason"]
+        assert [d.status for d in row.devices] == ["ok", "left out", "ok"]
+        assert math.isfinite(row.train_loss) and math.isfinite(row.eval_loss)
     adapter = load_file(str(out / "adapter.safetensors"))
     assert all(torch.isfinite(v).all() for v in adapter.values())
-    assert json.loads((out / "summary.json").read_text())["devices_left_out"] == 2
+    assert RunFolder(out).summary()["devices_left_out"] == 2
     assert "left out" in result.stderr
 
 
@@ -59,10 +59,10 @@ def test_a_round_with_too_few_devices_fails_and_keeps_the_checkpoint(tiny_bert, 
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "round 2" in lines[0] and "min_devices is 2" in lines[0], result.stderr
     assert "Traceback" not in result.output
-    assert json.loads((out / "checkpoint.json").read_text())["rounds_done"] == 1
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1 and not (out / "summary.json").exists()
+    folder = RunFolder(out)
+    assert folder.rounds_done() == 1 and len(folder.records()) == 1 and not folder.finished
     # the fault gone, the run continues from round 2
     monkeypatch.setattr(inprocess, "device_step", device_step)
     result = CliRunner().invoke(app, ["run", "--quiet", "--resume", str(out)])
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "summary.json").read_text())["rounds"] == 3
+    assert folder.summary()["rounds"] == 3

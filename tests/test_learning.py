@@ -5,7 +5,6 @@ learned (the same global model without its adapter and fold is back at chance).
 These are the tests that would have caught the FedEx + dropout collapse (issue 7).
 """
 
-import json
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from conftest import learning_cfg
 from conftest import load_global
 from fedlodrop.engine import run
 from fedlodrop.evaluation import evaluate
+from fedlodrop.runs import RunFolder
 
 
 def _ablated_accuracy(run_dir) -> float:
@@ -26,10 +26,10 @@ def _ablated_accuracy(run_dir) -> float:
 
 def check_learns(cfg, out, min_accuracy=0.8, adapter_alone_at_chance=True):
     summary = run(cfg, out, show_progress=False)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["train_loss"] for r in rows]
+    rows = RunFolder(out).records()
+    losses = [r.train_loss for r in rows]
     assert losses[-1] < 0.75 * losses[0], f"training loss did not fall: {losses}"
-    accuracy = [r["eval"]["accuracy"] for r in rows]
+    accuracy = [r.eval["accuracy"] for r in rows]
     assert summary["final"]["accuracy"] >= min_accuracy, f"validation accuracy by round: {accuracy}"
     if adapter_alone_at_chance:
         assert _ablated_accuracy(out) <= 0.65, "the head alone solves the task: this test would not see the adapter"

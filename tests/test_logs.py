@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from fedlodrop.cli import app
 from fedlodrop.logs import round_scalars
-from fedlodrop.records import RoundRecord
+from fedlodrop.runs import RunFolder
 
 
 def _wandb_history(run_dir):
@@ -50,8 +50,8 @@ def test_tensorboard_and_wandb_mirror_the_metrics(tiny_bert, sst2_dir, tmp_path,
         "--set", "log.wandb=true"])
     assert result.exit_code == 0, result.output
     assert "wandb:" not in result.output  # our output, not W&B's
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    expected = [round_scalars(RoundRecord.from_json(r)) for r in rows]
+    rows = RunFolder(out).records()
+    expected = [round_scalars(r) for r in rows]
     assert {"eval/accuracy", "train/accuracy", "loss/train", "loss/eval", "bytes/uplink", "bytes/downlink",
             "time/round_s", "device/0/loss", "device/2/uplink_bytes"} <= set(expected[0])
 

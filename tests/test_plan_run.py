@@ -30,8 +30,8 @@ def test_run_takes_the_plans_rates_and_logs_modelled_costs(tiny_bert, sst2_dir, 
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     row = read_metrics(out)[0]
-    assert [d["rate"] for d in row["devices"]] == gammas
-    model = row["model"]
+    assert [d.rate for d in row.devices] == gammas
+    model = row.model
     assert len(model["device_latency_s"]) == 3 and model["latency_s"] == max(model["device_latency_s"])
     assert all(e > 0 for e in model["device_energy_j"])
     assert model["energy_j"] == sum(model["device_energy_j"])
