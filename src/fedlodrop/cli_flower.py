@@ -171,21 +171,12 @@ def run(
 
 
 def _load(config: Path | None, overrides: list[str], absolute_paths: bool):
-    """The validated config; with `absolute_paths`, relative paths made absolute here (Flower's
+    """The validated config; with `absolute_paths`, its paths made absolute here (Flower's
     processes run in other folders)."""
-    from fedlodrop.config import load_config, validate
+    from fedlodrop.config import load_config, with_absolute_paths
 
     cfg = load_config(config, overrides)
-    if not absolute_paths:
-        return cfg
-    tree = cfg.model_dump(mode="json")
-    if tree["data"]["glue_dir"]:
-        tree["data"]["glue_dir"] = str(Path(tree["data"]["glue_dir"]).expanduser().resolve())
-    if tree["plan"]:
-        tree["plan"] = str(Path(tree["plan"]).expanduser().resolve())
-    if Path(tree["model"]).expanduser().is_dir():
-        tree["model"] = str(Path(tree["model"]).expanduser().resolve())
-    return validate(tree)
+    return with_absolute_paths(cfg) if absolute_paths else cfg
 
 
 def _resumed(run_dir: Path, config, set_, out) -> tuple:

@@ -340,5 +340,18 @@ def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     return validate(tree)
 
 
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """A copy whose paths (data.glue_dir, plan, a local model folder) are absolute from the current
+    folder: for processes that run elsewhere (Flower's)."""
+    tree = cfg.model_dump(mode="json")
+    if tree["data"]["glue_dir"]:
+        tree["data"]["glue_dir"] = str(Path(tree["data"]["glue_dir"]).expanduser().resolve())
+    if tree["plan"]:
+        tree["plan"] = str(Path(tree["plan"]).expanduser().resolve())
+    if Path(tree["model"]).expanduser().is_dir():
+        tree["model"] = str(Path(tree["model"]).expanduser().resolve())
+    return validate(tree)
+
+
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
