@@ -15,8 +15,7 @@ from typer.testing import CliRunner
 from export_helpers import dev_rows, job, reference_logits, run_hf_only
 from fedlodrop.cli import app
 from fedlodrop.experiment import load_run
-from test_engine import read_metrics, tiny_cfg
-from test_export import train
+from conftest import read_metrics, tiny_cfg, train
 
 # tiny random decoders learn the polarity task in 2 rounds with these (accuracy >= 0.9 at seeds 3-6)
 DECODER = {"train.lr": 5e-2, "train.batch_size": 8, "federation.local_epochs": 3, "dropout.rate": 0.3}

@@ -11,40 +11,12 @@ from typer.testing import CliRunner
 
 from fedlodrop.cli import app
 from fedlodrop.client import train_local
-from fedlodrop.config import validate
 from fedlodrop.data import make_loader
 from fedlodrop.engine import run
 from fedlodrop.experiment import build as prepare
 from fedlodrop.masks import draw_masks
-from fedlodrop.runs import RunFolder
 
-
-def tiny_cfg(model, glue_dir, **over):
-    tree = {
-        "task": "sst2",
-        "model": model,
-        "seed": 3,
-        "lora": {"r": 4, "alpha": 8},
-        "federation": {"devices": 3, "rounds": 2, "aggregation": "fedex"},
-        "train": {"batch_size": 16, "max_length": 32, "lr": 5e-3},
-        "data": {"source": "glue_dir", "glue_dir": str(glue_dir), "train_eval_samples": 16},
-    }
-    for key, value in over.items():
-        node = tree
-        *path, last = key.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return validate(tree)
-
-
-def read_metrics(folder):
-    """The run's round records, through the run folder's one reader."""
-    return RunFolder(folder).records()
-
-
-def read_summary(folder) -> dict:
-    return RunFolder(folder).summary()
+from conftest import read_metrics, read_summary, tiny_cfg
 
 
 def test_run_folder_is_complete(tiny_bert, sst2_dir, tmp_path):

