@@ -66,8 +66,8 @@ def test_partial_participation_with_fedex_learns(mini2, polarity_dir, tmp_path):
     cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.3, "federation.devices": 4,
                                                 "federation.devices_per_round": 2, "federation.rounds": 6})
     _, rows = check_learns(cfg, tmp_path / "r")
-    assert all(len(r["participants"]) == 2 for r in rows)
-    assert len({tuple(r["participants"]) for r in rows}) > 1
+    assert all(len(r.participants) == 2 for r in rows)
+    assert len({tuple(r.participants) for r in rows}) > 1
 
 
 def test_half_precision_transport_learns(mini2, polarity_dir, tmp_path):
@@ -79,8 +79,8 @@ def test_truncated_fedex_fold_learns_and_logs_its_error(mini2, polarity_dir, tmp
     cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.3, "federation.residual_rank": 2})
     _, rows = check_learns(cfg, tmp_path / "r")
     m = 384  # MiniLM's query/value are 384 x 384; the fold travels as rank-2 factors
-    assert all(r["fold_bytes"] == 4 * 4 * 2 * (m + m) for r in rows)  # 4 modules, float32
-    assert all(0 < r["fold_error_rel"] < 1 for r in rows)
+    assert all(r.fold_bytes == 4 * 4 * 2 * (m + m) for r in rows)  # 4 modules, float32
+    assert all(0 < r.fold_error_rel < 1 for r in rows)
 
 
 def test_default_learning_rates_learn_with_dropout(mini2, polarity_dir, tmp_path):
