@@ -63,6 +63,14 @@ class FederationConfig(_Section):
     min_devices: int = Field(
         1, ge=1, description="a round fails unless at least this many devices return a usable update"
     )
+    time_budget_s: float | None = Field(
+        None, gt=0, description="end the run before the round that would take the simulated clock past "
+        "this many seconds (needs a system: system.file or a plan); null: no budget"
+    )
+    energy_budget_j: float | None = Field(
+        None, gt=0, description="end the run before the round that would take the devices' total simulated "
+        "energy past this many joules (needs a system); null: no budget"
+    )
 
     @field_validator("aggregation")
     @classmethod
@@ -163,6 +171,20 @@ class DataConfig(_Section):
         return "glue_dir" if self.glue_dir is not None else "hub"
 
 
+class SystemConfig(_Section):
+    """The simulated clock and meter (docs/planning.md): every round priced on a system model."""
+
+    file: Path | None = Field(
+        None, description="system.yaml (`fedlodrop system random` or your own) with one device per "
+        "federation device: each round's time and energy are priced on it and devices train on its sample "
+        "counts; a plan brings its own system. `--set system=FILE` sets this key"
+    )
+    enforce: Literal["drop", "report"] = Field(
+        "drop", description="a device over the latency limit or its energy budget: drop leaves its update "
+        "out of the round (logged, like a lost device); report only logs it"
+    )
+
+
 class LogConfig(_Section):
     tensorboard: bool = Field(False, description="write TensorBoard event files to <run>/tensorboard/")
     wandb: bool = Field(False, description="log to Weights & Biases (needs `pip install wandb`)")
@@ -210,7 +232,11 @@ class RunConfig(_Section):
         "checkpoint trained with mean pooling (the packaged MiniLM, whose [CLS] pooler is untrained), else cls",
     )
     seed: int = Field(0, ge=0)
-    plan: Path | None = Field(None, description="plan.json from `fedlodrop optimize`: per-device rates")
+    plan: Path | None = Field(
+        None, description="plan.json from `fedlodrop optimize`: per-device rates and resources, and the "
+        "system that prices every round"
+    )
+    system: SystemConfig = SystemConfig()
     lora: LoraConfig = LoraConfig()
     federation: FederationConfig = FederationConfig()
     dropout: DropoutConfig = DropoutConfig()
@@ -244,6 +270,8 @@ class RunConfig(_Section):
                 f"federation.min_devices {f.min_devices} exceeds the {f.devices_per_round or f.devices} "
                 "devices that train each round"
             )
+        if (f.time_budget_s or f.energy_budget_j) and self.system.file is None and self.plan is None:
+            raise ValueError("federation.time_budget_s and energy_budget_j need a system: set system.file or plan")
         if self.federation.partition == "continuous" and self.task != "stsb":
             raise ValueError("federation.partition continuous is for the real-valued label of stsb")
         return self
@@ -251,7 +279,10 @@ class RunConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _renamed_keys(cls, data: Any) -> Any:
-        """`dropout.mask_mode` became `dropout.variant`; say so instead of 'unknown key'."""
+        """`dropout.mask_mode` became `dropout.variant`; say so instead of 'unknown key'. `system: FILE`
+        is short for `system: {file: FILE}`."""
+        if isinstance(data, dict) and isinstance(data.get("system"), (str, Path)):
+            data = {**data, "system": {"file": data["system"]}}
         if isinstance(data, dict) and isinstance(data.get("dropout"), dict) and "mask_mode" in data["dropout"]:
             raise ValueError(
                 f"dropout.mask_mode {data['dropout']['mask_mode']!r} was replaced by dropout.variant "
@@ -284,6 +315,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    if isinstance(tree.get("system"), (str, Path)) and path[0] == "system" and len(path) > 1:
+        tree["system"] = {"file": tree["system"]}  # `system: FILE`, then a key of the section
+    if path == ["system"] and isinstance(value, str) and isinstance(tree.get("system"), dict):
+        tree["system"]["file"] = value  # a key of the section, then `system: FILE`
+        return
     node = tree
     for part in path[:-1]:
         child = node.setdefault(part, {})
@@ -348,6 +384,8 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
         tree["data"]["glue_dir"] = str(Path(tree["data"]["glue_dir"]).expanduser().resolve())
     if tree["plan"]:
         tree["plan"] = str(Path(tree["plan"]).expanduser().resolve())
+    if tree["system"]["file"]:
+        tree["system"]["file"] = str(Path(tree["system"]["file"]).expanduser().resolve())
     if Path(tree["model"]).expanduser().is_dir():
         tree["model"] = str(Path(tree["model"]).expanduser().resolve())
     return validate(tree)

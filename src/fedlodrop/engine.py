@@ -75,26 +75,53 @@ def close_round(exp: Experiment, server: Server, tasks: list[DeviceTask], replie
         aggregate_s=round(aggregate_s, 4),
         eval_s=round(eval_s, 4),
     )
-    if exp.plan is not None:
-        record.model = _model_costs(exp.plan, record, exp.cfg.federation.devices)
     return record
 
 
-def _model_costs(plan, record: RoundRecord, n: int) -> dict:
-    """The system model's latency and energy for the bytes this round really sent."""
-    from fedlodrop.planning.plan import round_costs
+# ---------------------------------------------------------------------------- run budgets
 
-    up, down = [0.0] * n, [0.0] * n
-    for d in record.devices:
-        up[d.device], down[d.device] = 8.0 * (d.uplink_bytes or 0), 8.0 * d.downlink_bytes
-    costs = round_costs(plan.system, plan.devices, up, down)
-    active = [c for k, c in enumerate(costs) if k in record.participants]
-    return {
-        "latency_s": max(c[0] for c in active),
-        "energy_j": sum(c[1] for c in active),
-        "device_latency_s": [c[0] for c in costs],
-        "device_energy_j": [c[1] for c in costs],
-    }
+
+def predicted_cost(exp: Experiment, server: Server, round_: int) -> tuple[float, float]:
+    """Round `round_`'s simulated latency and energy if every participant replies: its masks,
+    bytes and samples are known before it runs, so this is what the round will cost."""
+    meter, latency, energy = exp.meter, 0.0, 0.0
+    for task in server.configure(round_):
+        cost = meter.price(task.device, task.rate, len(exp.shards[task.device]), server.upload_bytes(task),
+                           task.nbytes)
+        latency, energy = max(latency, cost.latency_s), energy + cost.energy_j
+    if meter.enforce == "drop":
+        latency = min(latency, meter.latency_limit_s)
+    return latency, energy
+
+
+def _over_budget(exp: Experiment, server: Server, round_: int, records: list[RoundRecord]) -> str | None:
+    """The run budget (federation.time_budget_s / energy_budget_j) round `round_` would exceed."""
+    fed = exp.cfg.federation
+    if exp.meter is None or (fed.time_budget_s is None and fed.energy_budget_j is None):
+        return None
+    latency, energy = predicted_cost(exp, server, round_)
+    spent = [r.system for r in records if r.system is not None]
+    if fed.time_budget_s is not None and sum(x.latency_s for x in spent) + latency > fed.time_budget_s:
+        return "time_budget_s"
+    if fed.energy_budget_j is not None and sum(x.energy_j for x in spent) + energy > fed.energy_budget_j:
+        return "energy_budget_j"
+    return None
+
+
+def _check_first_round_fits(exp: Experiment) -> None:
+    from fedlodrop.errors import UserError
+
+    server = _server(exp, ServerState(rounds_done=0, global_state=exp.fm.get_state()))
+    limit = _over_budget(exp, server, 0, [])
+    if limit is not None:
+        latency, energy = predicted_cost(exp, server, 0)
+        what = f"{latency:.4g} s" if limit == "time_budget_s" else f"{energy:.4g} J"
+        raise UserError(f"federation.{limit} {getattr(exp.cfg.federation, limit):g} is below round 1's simulated "
+                        f"cost ({what}): no round fits")
+
+
+def _server(exp: Experiment, state: ServerState) -> Server:
+    return Server(exp.cfg, exp.fm.layout, state, exp.rates, exp.known, exp.meter)
 
 
 # ---------------------------------------------------------------------------- whole runs
@@ -106,6 +133,7 @@ def run(cfg: RunConfig, out: Path, make_engine: EngineFactory = in_process, cons
     folder = RunFolder(out)
     folder.check_new(force)
     exp = build(cfg)
+    _check_first_round_fits(exp)
     round_engine = make_engine(exp)
     folder.start(cfg, force=force)
     state = ServerState(rounds_done=0, global_state=exp.fm.get_state())
@@ -141,14 +169,20 @@ def train(exp: Experiment, folder: RunFolder, state: ServerState, records: list[
 
     cfg = exp.cfg
     console = console or Console(stderr=True)
-    server = Server(cfg, exp.fm.layout, state, exp.rates, exp.known)
+    server = _server(exp, state)
     logs = RunLogs(cfg, folder.path, state.rounds_done)
     main = exp.task.main_metric
     progress = progress_bar(console, show_progress)
+    stopped_by = None
     try:
         with progress:
             bar = progress.add_task("rounds", total=cfg.federation.rounds, completed=state.rounds_done)
             for round_ in range(state.rounds_done, cfg.federation.rounds):
+                stopped_by = _over_budget(exp, server, round_, records)
+                if stopped_by is not None:
+                    console.print(f"stopped before round {round_ + 1}: it would exceed federation.{stopped_by}",
+                                  highlight=False)
+                    break
                 record = round_engine.run_round(exp, server, round_)
                 t0 = time.perf_counter()
                 written = folder.write_state(server.state)
@@ -162,6 +196,6 @@ def train(exp: Experiment, folder: RunFolder, state: ServerState, records: list[
     finally:
         logs.close()
     layout = exp.fm.layout
-    summary = summarize(cfg, main, exp.rates, layout.adapter_values, layout.head_values, records)
+    summary = summarize(cfg, main, exp.rates, layout.adapter_values, layout.head_values, records, stopped_by)
     folder.save_final(server.state, layout, summary)
     return summary

@@ -26,6 +26,7 @@ from fedlodrop.adapter import State
 from fedlodrop.config import RunConfig
 from fedlodrop.data import TASKS, Task
 from fedlodrop.errors import UserError
+from fedlodrop.meter import meter_for, shard_sizes
 from fedlodrop.model import FedModel
 from fedlodrop.rng import stream_seed
 from fedlodrop.runs import RunFolder
@@ -63,6 +64,7 @@ class Experiment:
     rates: list[float]  # per-device dropout rates (from dropout.rate, or the plan)
     known: State  # the seeded initial adapter every device builds
     plan: object | None = None
+    meter: object | None = None  # meter.Meter: the simulated clock and meter, with a system
 
 
 def build(cfg: RunConfig, *, train_data: bool = True, eval_data: bool = True) -> Experiment:
@@ -74,15 +76,20 @@ def build(cfg: RunConfig, *, train_data: bool = True, eval_data: bool = True) ->
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     task = TASKS[cfg.task]
-    plan, rates = _rates(cfg) if eval_data else (None, cfg.device_rates())
+    plan, rates = _rates(cfg) if train_data or eval_data else (None, cfg.device_rates())
+    spec = _system(cfg, plan) if train_data or eval_data else None
+    meter = meter_for(cfg, plan, spec) if spec is not None else None
     train_raw = eval_raw = None
     if train_data or eval_data:
         train_raw, eval_raw = load_splits(task, cfg.data, cfg.seed)
     fed = cfg.federation
     shards_raw = []
     if train_data:
+        # with a system, an IID split gives each device its share of the system's samples D_k (a
+        # label-skewed split keeps its own sizes; the meter prices the samples trained either way)
+        sizes = shard_sizes(spec, len(train_raw)) if spec is not None and fed.partition == "iid" else None
         shards_raw = partition(train_raw, fed.devices, fed.partition, fed.dirichlet_alpha,
-                               stream_seed(cfg.seed, "partition"), task.is_regression)
+                               stream_seed(cfg.seed, "partition"), task.is_regression, sizes)
     tokenizer = load_tokenizer(cfg)
     fm = build_model(cfg, task, tokenizer, stream_seed(cfg.seed, "init"))
     if task.is_regression and train_raw is not None:
@@ -92,7 +99,7 @@ def build(cfg: RunConfig, *, train_data: bool = True, eval_data: bool = True) ->
     if eval_data:
         eval_set = tokenize(eval_raw, tokenizer, task, cfg.train.max_length)
         train_eval_set = _train_eval_sample(cfg, shards, eval_set)
-    return Experiment(cfg, task, fm, shards, eval_set, train_eval_set, rates, fm.get_state(), plan)
+    return Experiment(cfg, task, fm, shards, eval_set, train_eval_set, rates, fm.get_state(), plan, meter)
 
 
 def _train_eval_sample(cfg: RunConfig, shards: Shards, eval_set):
@@ -104,6 +111,19 @@ def _train_eval_sample(cfg: RunConfig, shards: Shards, eval_set):
     pool = concatenate_datasets([shards[k] for k in range(len(shards))])
     n = min(cfg.data.train_eval_samples, len(pool))
     return pool.shuffle(seed=stream_seed(cfg.seed, "train-eval") % 2**32).select(range(n))
+
+
+def _system(cfg: RunConfig, plan):
+    """The system that prices this run (system.file, or the plan's), checked against the plan;
+    None without one. Device processes read it too: their shards follow its sample counts."""
+    from fedlodrop.planning import load_system
+
+    if cfg.system.file is None:
+        return plan.system if plan is not None else None
+    spec = load_system(cfg.system.file)
+    if plan is not None and plan.system.model_dump(mode="json") != spec.model_dump(mode="json"):
+        raise UserError(f"plan {cfg.plan} was made for another system than {cfg.system.file}")
+    return spec
 
 
 def _rates(cfg: RunConfig) -> tuple[object | None, list[float]]:

@@ -42,11 +42,17 @@ def round_scalars(record: RoundRecord) -> dict[str, float]:
     out["bytes/downlink"] = record.downlink_bytes
     out["time/round_s"] = record.wall_s
     out["devices/left_out"] = len(record.failures)
+    if record.system is not None:
+        out["system/latency_s"] = record.system.latency_s
+        out["system/energy_j"] = record.system.energy_j
     for d in record.devices:
         if d.reported:
             out[f"device/{d.device}/loss"] = d.train_loss
             out[f"device/{d.device}/uplink_bytes"] = d.uplink_bytes
         out[f"device/{d.device}/downlink_bytes"] = d.downlink_bytes
+        if d.system is not None:
+            out[f"device/{d.device}/latency_s"] = d.system.latency_s
+            out[f"device/{d.device}/energy_j"] = d.system.energy_j
     return {k: float(v) for k, v in out.items() if v == v}  # drop NaN
 
 

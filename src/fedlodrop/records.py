@@ -20,6 +20,41 @@ OK, LEFT_OUT = "ok", "left out"
 
 
 @dataclass
+class SimCost:
+    """A device's round on the simulated clock and meter (fedlodrop.meter)."""
+
+    compute_s: float
+    upload_s: float
+    downlink_s: float
+    latency_s: float
+    energy_j: float
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, d: dict) -> SimCost:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class RoundSim:
+    """A round on the simulated clock and meter: its latency (the slowest device the server kept,
+    or the deadline if it dropped a late one) and the energy every priced device spent."""
+
+    latency_s: float
+    energy_j: float
+    latency_limit_s: float
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, d: dict) -> RoundSim:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass
 class DeviceRecord:
     """One participant of a round. The fields from `kept_values` on are what the device reported;
     they are None for a device that sent no usable message (no reply, an error reply)."""
@@ -36,6 +71,8 @@ class DeviceRecord:
     uplink_bytes: int | None = None
     train_s: float | None = None
     lr: list[float] | None = None
+    system: SimCost | None = None  # with a system: the device's simulated time and energy
+    limit: str | None = None  # with a system: the limit its round broke (left out under enforce: drop)
 
     @property
     def ok(self) -> bool:
@@ -54,11 +91,17 @@ class DeviceRecord:
         out["status"] = self.status
         if self.reason is not None:
             out["reason"] = self.reason
+        if self.system is not None:
+            out["system"] = self.system.to_json()
+        if self.limit is not None:
+            out["limit"] = self.limit
         return out
 
     @classmethod
     def from_json(cls, d: dict) -> DeviceRecord:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        record = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "system"})
+        record.system = SimCost.from_json(d["system"]) if d.get("system") else None
+        return record
 
 
 @dataclass
@@ -98,7 +141,7 @@ class RoundRecord:
     eval_loss: float = math.nan
     wall_s: float = 0.0
     timing: Timing = field(default_factory=Timing)
-    model: dict | None = None  # a plan's modelled latency and energy for the bytes really sent
+    system: RoundSim | None = None  # with a system: the round on the simulated clock and meter
     flower: dict | None = None  # the Flower engine's own details (Flower's byte counts, node ids)
 
     # ------------------------------------------------------------------ derived
@@ -149,8 +192,8 @@ class RoundRecord:
             "wall_s": self.wall_s,
             "timing": self.timing.to_json(),
         }
-        if self.model is not None:
-            out["model"] = self.model
+        if self.system is not None:
+            out["system"] = self.system.to_json()
         if self.flower is not None:
             out["flower"] = self.flower
         return out
@@ -169,7 +212,7 @@ class RoundRecord:
             eval_loss=float(d.get("eval_loss", math.nan)),
             wall_s=float(d.get("wall_s", 0.0)),
             timing=Timing.from_json(d.get("timing", {})),
-            model=d.get("model"),
+            system=RoundSim.from_json(d["system"]) if d.get("system") else None,
             flower=d.get("flower"),
         )
 
@@ -179,20 +222,23 @@ class RoundRecord:
         tr = f"  train {main} {self.train[main]:.4f}" if main in self.train else ""
         n = len(self.failures)
         left = f"  ({n} left out)" if n else ""
+        sim = f"  simulated {self.system.latency_s:.3g} s, {self.system.energy_j:.3g} J" if self.system else ""
         return (
             f"round {self.round:>3}  train loss {self.train_loss:.4f}{tr}  eval {ev}  "
-            f"sent {self.uplink_bytes / 1e6:.3f} MB up / {self.downlink_bytes / 1e6:.3f} MB down  "
+            f"sent {self.uplink_bytes / 1e6:.3f} MB up / {self.downlink_bytes / 1e6:.3f} MB down{sim}  "
             f"{self.wall_s:.1f}s{left}"
         )
 
 
 def summarize(cfg, main: str, rates: list[float], adapter_values: int, head_values: int,
-              records: list[RoundRecord]) -> dict:
+              records: list[RoundRecord], stopped_by: str | None = None) -> dict:
     """summary.json: the final round and the best round (by the task's main metric, its whole
-    metric dict), the generalization gap, what travelled, who was left out."""
+    metric dict), the generalization gap, what travelled, who was left out; with a system, the
+    simulated time and energy, the devices dropped for breaking a limit, and which run budget
+    ended training early (`stopped_by`)."""
     best = max(records, key=lambda r: r.eval.get(main, -math.inf))
     last = records[-1]
-    return {
+    out = {
         "task": cfg.task,
         "model": cfg.model,
         "rounds": len(records),
@@ -213,3 +259,12 @@ def summarize(cfg, main: str, rates: list[float], adapter_values: int, head_valu
         "head_values": head_values,
         "wall_s": round(sum(r.wall_s for r in records), 3),
     }
+    if any(r.system is not None for r in records):
+        out["system"] = {
+            "simulated_time_s": sum(r.system.latency_s for r in records if r.system),
+            "energy_j": sum(r.system.energy_j for r in records if r.system),
+            "devices_dropped_for_limits": sum(1 for r in records for d in r.devices if d.limit and not d.ok),
+            "limit_violations": sum(1 for r in records for d in r.devices if d.limit),
+            "stopped_by": stopped_by,
+        }
+    return out

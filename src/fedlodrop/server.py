@@ -17,7 +17,7 @@ from fedlodrop.adapter import AdapterLayout, State, clone_state
 from fedlodrop.aggregation import DeviceUpdate, device_weights, make_rule
 from fedlodrop.config import RunConfig
 from fedlodrop.errors import RoundFailed
-from fedlodrop.masks import Masks, device_masks, full_masks, kept_values
+from fedlodrop.masks import Masks, device_masks, full_masks, kept_values, payload_bytes
 from fedlodrop.messages import (
     COMM_DTYPES,
     DeviceReply,
@@ -30,7 +30,7 @@ from fedlodrop.messages import (
     merge_trained,
 )
 from fedlodrop.rng import numpy_rng
-from fedlodrop.records import LEFT_OUT, DeviceRecord, RoundRecord
+from fedlodrop.records import LEFT_OUT, DeviceRecord, RoundRecord, RoundSim, SimCost
 from fedlodrop.variants import make_variant
 
 
@@ -62,9 +62,12 @@ def participants(cfg: RunConfig, round_: int) -> list[int]:
 
 
 class Server:
-    def __init__(self, cfg: RunConfig, layout: AdapterLayout, state: ServerState, rates: list[float], known: State):
-        """`known`: the initial adapter every device builds from the seed (FFA's A never travels)."""
+    def __init__(self, cfg: RunConfig, layout: AdapterLayout, state: ServerState, rates: list[float], known: State,
+                 meter=None):
+        """`known`: the initial adapter every device builds from the seed (FFA's A never travels);
+        `meter`: the simulated clock and meter that prices each device's round (fedlodrop.meter)."""
         self.cfg = cfg
+        self.meter = meter
         self.layout = layout
         self.state = state
         self.rates = rates
@@ -92,6 +95,13 @@ class Server:
                 adapter = dict(whole)
             tasks.append(DeviceTask(k, round_, self.rates[k], adapter, self._catch_up(k)))
         return tasks
+
+    def upload_bytes(self, task: DeviceTask) -> int:
+        """What the device will send back for `task`: its trained slices and the head, as the rule
+        sends them, in the communication dtype (known before it trains)."""
+        masks = device_masks(self.cfg, self.layout, task.rate, task.round, task.device)
+        trained = self.variant.trained(masks, self.layout)
+        return payload_bytes(encode_adapter(self.state.global_state, self.layout, trained, self.rule, self.dtype))
 
     def _catch_up(self, device: int) -> FoldCatchUp | None:
         """The folds device `device` has not seen: per-round updates, or F whole if that is smaller."""
@@ -123,11 +133,17 @@ class Server:
                 entry.uplink_bytes, entry.train_s = reply.nbytes, round(reply.train_s, 3)
                 entry.lr = [reply.lr_first, reply.lr_last]
             devices.append(entry)
+            if self.meter is not None and entry.reported:
+                entry.system, entry.limit = self._price(entry)
+                if problem is None and entry.limit and self.meter.enforce == "drop":
+                    problem = entry.limit
             if problem is not None:
                 entry.status, entry.reason = LEFT_OUT, problem
                 continue
             updates.append(self._update(task, masks, reply, decoded))
         record = RoundRecord(round_ + 1, [t.device for t in tasks], devices)
+        if self.meter is not None:
+            record.system = self._round_sim(devices)
         if len(updates) < self.cfg.federation.min_devices:
             reasons = "; ".join(f"device {f['device']}: {f['reason']}" for f in record.failures)
             raise RoundFailed(
@@ -140,6 +156,20 @@ class Server:
             if entry.ok:  # the others may or may not hold the catch-up: resend it
                 self.state.synced[entry.device] = round_
         return RoundResult(fold_update, record)
+
+    def _price(self, entry: DeviceRecord) -> tuple[SimCost, str | None]:
+        """The device's round on the simulated clock and meter, and the limit it broke."""
+        cost = self.meter.price(entry.device, entry.rate, entry.samples, entry.uplink_bytes, entry.downlink_bytes)
+        sim = SimCost(cost.compute_s, cost.upload_s, cost.downlink_s, cost.latency_s, cost.energy_j)
+        return sim, self.meter.violation(entry.device, cost)
+
+    def _round_sim(self, devices: list[DeviceRecord]) -> RoundSim:
+        """The round waits for every reply; under `enforce: drop` no longer than the deadline."""
+        priced = [d for d in devices if d.system is not None]
+        latency = max((d.system.latency_s for d in priced), default=0.0)
+        if self.meter.enforce == "drop":
+            latency = min(latency, self.meter.latency_limit_s)
+        return RoundSim(latency, sum(d.system.energy_j for d in priced), self.meter.latency_limit_s)
 
     def _update(self, task: DeviceTask, masks: Masks, reply: DeviceReply, decoded: dict) -> DeviceUpdate:
         """The device's start and end, rebuilt from what was sent down and what came up; devices

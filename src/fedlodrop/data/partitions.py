@@ -1,7 +1,8 @@
 """Split the training set across devices with flwr-datasets partitioners.
 
 * `iid`: a seeded shuffle, then `IidPartitioner` (equal contiguous shards of the shuffled set;
-  flwr's IID partitioner does not shuffle by itself, and GLUE files are not in random order).
+  flwr's IID partitioner does not shuffle by itself, and GLUE files are not in random order), or
+  `SizePartitioner` when the devices' sizes are given (a system file's sample counts).
 * `dirichlet`: `DirichletPartitioner` label skew with concentration `alpha` (small = skewed).
 * `continuous`: `ContinuousPartitioner` on a real-valued label (STS-B), with strictness
   `1 / (1 + alpha)`, so the one knob `federation.dirichlet_alpha` sets the heterogeneity of both
@@ -26,12 +27,23 @@ DIRICHLET_MIN_SIZE = 10  # flwr's default smallest partition, lowered for tiny s
 
 
 def partition(
-    train: Dataset, devices: int, scheme: str, alpha: float, seed: int, label_is_real: bool
+    train: Dataset, devices: int, scheme: str, alpha: float, seed: int, label_is_real: bool,
+    sizes: list[int] | None = None,
 ) -> list[Dataset]:
-    """`devices` disjoint subsets of `train` that together hold every example once."""
+    """`devices` disjoint subsets of `train` that together hold every example once; `sizes`: the
+    size of each (iid only, summing to len(train))."""
     _check(len(train), devices, scheme, alpha, label_is_real)
+    if sizes is not None:
+        if scheme != "iid":
+            raise UserError(f"device sizes from a system file need federation.partition iid, not {scheme!r}")
+        if len(sizes) != devices or sum(sizes) != len(train) or min(sizes) < 1:
+            raise ValueError(f"partition sizes {sizes} do not split {len(train)} examples over {devices} devices")
     if devices == 1:
         return [train]
+    if scheme == "iid" and sizes is not None:
+        from flwr_datasets.partitioner import SizePartitioner
+
+        return _load_all(SizePartitioner(sizes), train.shuffle(seed=seed), devices)
     if scheme == "iid":
         return _iid(train, devices, seed)
     if scheme == "dirichlet":
