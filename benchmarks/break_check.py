@@ -77,20 +77,33 @@ MUTATIONS = [
     Mutation("grad-mask", "dropped slices train too (their gradients are not zeroed)", "client.py",
              [("                grad_owner.grad.mul_(mask)", "                pass")],
              ["tests/test_engine.py::test_what_each_variant_trains"]),
+    Mutation("meter-bytes", "the clock prices the upload with the downlink's bytes", "meter.py",
+             [("up = 8.0 * uplink_bytes / float(m.rate(b, p, k)) if uplink_bytes > 0 else 0.0",
+               "up = 8.0 * downlink_bytes / float(m.rate(b, p, k)) if uplink_bytes > 0 else 0.0")],
+             ["tests/test_meter.py::test_every_round_is_priced_from_what_travelled_on_both_engines"]),
+    Mutation("enforce", "a device over the latency limit is kept", "server.py",
+             [('if problem is None and entry.limit and self.meter.enforce == "drop":',
+               'if problem is None and entry.limit and self.meter.enforce == "never":')],
+             ["tests/test_meter.py::test_a_device_over_the_latency_limit_is_dropped_and_the_run_still_learns"]),
+    Mutation("budget", "the run budget forgets what earlier rounds spent", "engine.py",
+             [("if fed.time_budget_s is not None and sum(x.latency_s for x in spent) + latency > fed.time_budget_s:",
+               "if fed.time_budget_s is not None and latency > fed.time_budget_s:")],
+             ["tests/test_meter.py::test_a_time_budget_ends_the_run_before_the_round_that_would_exceed_it"]),
     Mutation("lr-schedule", "the learning-rate schedule restarts every round", "client.py",
              [("lambda f: lr((task.round + f) / rounds)", "lambda f: lr(f)")],
              ["tests/test_engine.py::test_learning_rate_spans_the_federation"]),
 ]
 
 
-def apply(tree: Path, m: Mutation) -> None:
+def apply(tree: Path, m: Mutation) -> bool:
+    """Apply the mutation; False if this version of the code has nothing it applies to."""
     path = tree / "src" / "fedlodrop" / m.file
-    text = path.read_text()
+    text = path.read_text() if path.is_file() else ""
     for old, new in m.edits:
         if text.count(old) == 1:
             path.write_text(text.replace(old, new))
-            return
-    raise SystemExit(f"{m.name}: none of its spellings occurs exactly once in {m.file}")
+            return True
+    return False
 
 
 def run(m: Mutation, src_root: Path) -> tuple[str, float, str]:
@@ -99,7 +112,8 @@ def run(m: Mutation, src_root: Path) -> tuple[str, float, str]:
         for part in ("src", "tests", "pyproject.toml", "README.md", "configs"):
             source = src_root / part
             (shutil.copytree if source.is_dir() else shutil.copy)(source, tree / part)
-        apply(tree, m)
+        if not apply(tree, m):
+            return "n/a", 0.0, f"not in this version of {m.file}"
         tests = [t for t in m.tests if (tree / t.split("::")[0]).is_file()]
         env = dict(os.environ, PYTHONPATH=str(tree / "src"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    OMP_NUM_THREADS="1")

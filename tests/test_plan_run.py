@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from fedlodrop.cli import app
@@ -20,7 +22,7 @@ def _plan(tmp_path, devices=3):
     return plan, json.loads(plan.read_text())
 
 
-def test_run_takes_the_plans_rates_and_logs_modelled_costs(tiny_bert, sst2_dir, tmp_path):
+def test_run_takes_the_plans_rates_and_prices_rounds_with_its_resources(tiny_bert, sst2_dir, tmp_path):
     plan, tree = _plan(tmp_path)
     gammas = [d["gamma"] for d in tree["devices"]]
     out = tmp_path / "run"
@@ -31,10 +33,13 @@ def test_run_takes_the_plans_rates_and_logs_modelled_costs(tiny_bert, sst2_dir, 
     assert r.exit_code == 0, r.output
     row = read_metrics(out)[0]
     assert [d.rate for d in row.devices] == gammas
-    model = row.model
-    assert len(model["device_latency_s"]) == 3 and model["latency_s"] == max(model["device_latency_s"])
-    assert all(e > 0 for e in model["device_energy_j"])
-    assert model["energy_j"] == sum(model["device_energy_j"])
+    # priced with the plan's bandwidth, power and frequency: its compute time is the plan's for
+    # the samples each device trained (the plan's system sizes the shards)
+    devices = tree["devices"]
+    for d, planned in zip(row.devices, devices):
+        assert d.system.compute_s == pytest.approx(planned["compute_s"] * d.samples / tree["system"]["devices"][d.device]["samples"], rel=1e-6)
+        assert d.system.energy_j > 0
+    assert row.system.latency_s == max(d.system.latency_s for d in row.devices)
 
 
 def test_plan_for_other_device_count_is_refused(tiny_bert, sst2_dir, tmp_path):
