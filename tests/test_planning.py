@@ -13,7 +13,8 @@ from fedlodrop.cli import app
 from fedlodrop.cli_planning import solve
 from fedlodrop.planning.bound import Bound
 from fedlodrop.planning.feasibility import min_bandwidth
-from fedlodrop.planning.system import build_model, random_system
+from fedlodrop.planning.scenarios import random_system
+from fedlodrop.planning.system import system_model
 
 
 def recheck(plan, m):
@@ -45,7 +46,7 @@ def brute_force(m, step=0.01):
 @pytest.mark.parametrize("seed", [1])
 def test_bnb_matches_brute_force_and_psca_is_close(seed):
     spec = random_system(2, seed=seed)
-    m = build_model(spec)
+    m = system_model(spec)
     bnb = solve(spec, "bnb")
     grid_best = brute_force(m)
     # B&B is certified: never worse than any feasible grid point, and the grid (step 0.01) comes
@@ -61,7 +62,7 @@ def test_bnb_matches_brute_force_and_psca_is_close(seed):
 
 def test_baselines_respect_constraints_and_are_no_better_than_bnb():
     spec = random_system(3, seed=1, latency_s=None)
-    m = build_model(spec)
+    m = system_model(spec)
     best = solve(spec, "bnb").objective
     for method in ("fixed", "psca"):
         plan = solve(spec, method)
@@ -81,7 +82,7 @@ def test_rates_rise_as_the_latency_limit_tightens():
 
 
 def _write(tmp_path, spec):
-    from fedlodrop.planning.system import save_system
+    from fedlodrop.planning.spec import save_system
 
     path = tmp_path / "system.yaml"
     save_system(spec, path)

@@ -8,8 +8,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fedlodrop.cli import app
-from fedlodrop.planning import load_plan, load_system
-from fedlodrop.planning.system import random_system, save_system
+from fedlodrop.planning import load_plan, load_system, random_system, save_system
 
 runner = CliRunner()
 

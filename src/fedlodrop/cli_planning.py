@@ -63,7 +63,7 @@ def system_random(
     samples: Annotated[int, typer.Option(help="training samples over all devices")] = 6000,
 ) -> None:
     """Write a realistic random system: devices in a 500 m cell, Rayleigh fading, random budgets."""
-    from fedlodrop.planning.system import build_model, dump_system, random_system
+    from fedlodrop.planning import dump_system, random_system, system_model
 
     if devices < 1:
         raise UserError(f"--devices must be at least 1 (got {devices})")
@@ -76,7 +76,7 @@ def system_random(
     spec = random_system(devices, seed, model=model, samples_total=samples, bandwidth_hz=bandwidth_mhz * 1e6,
                          latency_s=latency)
     text = dump_system(spec)
-    m = build_model(spec)
+    m = system_model(spec)
     summary = (f"{devices} devices, {int(m.N)} samples, T_max {m.T:.4g} s, B_tot {m.B_tot / 1e6:.4g} MHz, "
                f"Q {m.Q:,} adapter values + {m.head:,} head values ({m.bits:g} bits each)")
     if out is None:
@@ -386,7 +386,7 @@ def plot_tradeoff(
 ) -> None:
     """PNG of the optimal bound and rates against T_max and against the energy budgets."""
 
-    from fedlodrop.planning import METHODS, build_model, load_system
+    from fedlodrop.planning import METHODS, load_system, system_model
     from fedlodrop.planning.bound import Bound
     from fedlodrop.planning.feasibility import (
         check_feasible,
@@ -404,7 +404,7 @@ def plot_tradeoff(
     if not 0 < tol < 1 or time_limit <= 0:
         raise UserError("--tol must lie in (0, 1) and --time-limit be positive")
     spec = load_system(system)
-    m = build_model(spec)
+    m = system_model(spec)
     check_feasible(m)
     g_free = Bound.of(m).best_common(0.0, m.gamma_max)
     # each sweep ends past the limit at which the best common rate fits once that limit no longer

@@ -13,23 +13,16 @@ from __future__ import annotations
 
 from fedlodrop.planning.feasibility import InfeasibleError
 from fedlodrop.planning.plan import Plan, SolverStats, load_plan, make_plan, round_costs
-from fedlodrop.planning.system import (
-    SystemModel,
-    SystemSpec,
-    build_model,
-    dump_system,
-    load_system,
-    random_system,
-    save_system,
-    system_from_dict,
-)
+from fedlodrop.planning.scenarios import random_system
+from fedlodrop.planning.spec import SystemSpec, dump_system, load_system, save_system, system_from_dict
+from fedlodrop.planning.system import SystemModel, system_model
 
 METHODS = ("bnb", "psca", "fixed", "equal-bandwidth", "none")
 
 __all__ = [
-    "METHODS", "InfeasibleError", "Plan", "SolverStats", "SystemModel", "SystemSpec", "build_model",
+    "METHODS", "InfeasibleError", "Plan", "SolverStats", "SystemModel", "SystemSpec",
     "dump_system", "load_plan", "load_system", "make_plan", "optimize", "random_system", "round_costs",
-    "save_system", "solve", "system_from_dict",
+    "save_system", "solve", "system_from_dict", "system_model",
 ]
 
 
@@ -67,6 +60,6 @@ def solve(m: SystemModel, method: str, gamma: float | str = "min", tol: float = 
 
 def optimize(spec: SystemSpec, method: str = "bnb", **options) -> Plan:
     """Solve P1 with `method` and return the plan (rates, resources, bound, solver stats)."""
-    m = build_model(spec)
+    m = system_model(spec)
     result = solve(m, method, **options)
     return make_plan(spec, result.gamma, method, result.stats, getattr(result, "bandwidth", None), m)
