@@ -253,7 +253,7 @@ def test_plot_tradeoff_energy_half_has_points_where_g_free_never_fits(tmp_path):
 def test_plot_tradeoff_empty_panels_say_why(tmp_path, monkeypatch, error):
     import matplotlib.figure
 
-    import fedlodrop.planning
+    from fedlodrop.planning import tradeoff
     from fedlodrop.planning.feasibility import InfeasibleError
     from fedlodrop.planning.psca import SolverFailedError
 
@@ -269,7 +269,7 @@ def test_plot_tradeoff_empty_panels_say_why(tmp_path, monkeypatch, error):
         texts.extend(t.get_text() for ax in fig.axes for t in ax.texts)
         return real_savefig(fig, *args, **kwargs)
 
-    monkeypatch.setattr(fedlodrop.planning, "solve", no_point)
+    monkeypatch.setattr(tradeoff, "solve", no_point)
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     system = system_file(tmp_path, K=2)
     out = tmp_path / "trade.png"

@@ -286,94 +286,6 @@ def calibrate(
 # --------------------------------------------------------------------------------------------
 
 
-def _sweep(m, methods: list[str], values, make, tol: float, time_limit: float) -> dict:
-    from fedlodrop.planning import solve
-    from fedlodrop.planning.feasibility import InfeasibleError
-    from fedlodrop.planning.psca import SolverFailedError
-
-    rows = {meth: {"x": [], "objective": [], "gamma": []} for meth in methods}
-    for x in values:
-        mx = make(x)
-        for meth in methods:
-            try:
-                res = solve(mx, meth, tol=tol, time_limit=time_limit)
-            except InfeasibleError:
-                continue
-            except SolverFailedError as err:  # no made-up point: leave it out and say so
-                err_console.print(f"  warning: {meth} at {x:.5g} left out: {err}", highlight=False)
-                continue
-            rows[meth]["x"].append(float(x))
-            rows[meth]["objective"].append(float(res.objective))
-            rows[meth]["gamma"].append([float(g) for g in res.gamma])
-        err_console.print(f"  {x:.5g} done", highlight=False)
-    return rows
-
-
-def _plot(sweeps: list[tuple[dict, str, float, str]], weights, path: Path) -> None:
-    """One figure: per sweep, the optimal bound (left) and the rates (right: weighted mean, band
-    from the smallest to the largest device rate), one line style per method. A sweep with no
-    point gets its note (why not) written across both panels instead of empty axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    styles = {"bnb": ("-", "o", "B&B"), "psca": ("--", "x", "P-SCA"), "fixed": (":", "s", "fixed"),
-              "equal-bandwidth": ("-.", "^", "equal bandwidth"), "none": (":", "v", "no dropout")}
-    fig, axes = plt.subplots(len(sweeps), 2, figsize=(11, 4.0 * len(sweeps)), squeeze=False)
-    for (rows, xlabel, mark, note), (ax1, ax2) in zip(sweeps, axes):
-        drawn = False
-        for meth, r in rows.items():
-            if not r["x"]:
-                continue
-            drawn = True
-            ls, mk, label = styles.get(meth, ("-", ".", meth))
-            ax1.plot(r["x"], r["objective"], ls, marker=mk, label=label)
-            G = np.array(r["gamma"])
-            line = ax2.plot(r["x"], G @ weights, ls, marker=mk, lw=2, label=f"{label}: weighted mean")[0]
-            ax2.fill_between(r["x"], G.min(axis=1), G.max(axis=1), alpha=0.12, color=line.get_color())
-        for ax in (ax1, ax2):
-            if drawn:
-                ax.axvline(mark, color="grey", lw=0.8)
-            else:
-                ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", wrap=True,
-                        color="firebrick", fontsize=10)
-            ax.set_xlabel(xlabel)
-            ax.grid(alpha=0.3)
-        ax1.set_ylabel("optimal bound G")
-        ax2.set_ylabel("dropout rate (mean; band: min to max)")
-        if drawn:
-            ax1.legend()
-            ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _sweep_values(lo: float, hi: float, at: float, points: int):
-    """From just above the tightest feasible limit `lo` to past `hi`, where every rate is as free as
-    the other limit allows, and past the system's own limit `at`; None if an end is not finite."""
-    import math
-
-    import numpy as np
-
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return None
-    return np.linspace(lo * 1.001, max(hi + 0.5 * (hi - lo), at * 1.05, lo * 1.01), points)
-
-
-def _best_common_that_fits(relaxed, g_free: float) -> float:
-    """The best common rate once the swept limit no longer binds: G is convex in a common rate and
-    larger rates fit more easily, so it is g_free or the smallest common rate that fits."""
-    import math
-
-    from fedlodrop.planning.feasibility import smallest_common_gamma
-
-    g = smallest_common_gamma(relaxed)
-    return max(g_free, g) if math.isfinite(g) else relaxed.gamma_max
-
-
 @_user_errors
 def plot_tradeoff(
     system: Annotated[Path, typer.Argument(help="system YAML")],
@@ -385,15 +297,8 @@ def plot_tradeoff(
     time_limit: Annotated[float, typer.Option(help="B&B seconds per point")] = 120.0,
 ) -> None:
     """PNG of the optimal bound and rates against T_max and against the energy budgets."""
-
     from fedlodrop.planning import METHODS, load_system, system_model
-    from fedlodrop.planning.bound import Bound
-    from fedlodrop.planning.feasibility import (
-        check_feasible,
-        energy_free_scale,
-        min_energy_scale,
-        min_latency_limit,
-    )
+    from fedlodrop.planning.tradeoff import plot, tradeoff
 
     chosen = [x.strip() for x in methods.split(",") if x.strip()]
     bad = [x for x in chosen if x not in METHODS]
@@ -403,36 +308,10 @@ def plot_tradeoff(
         raise UserError(f"--points must lie in [2, 200] (got {points})")
     if not 0 < tol < 1 or time_limit <= 0:
         raise UserError("--tol must lie in (0, 1) and --time-limit be positive")
-    spec = load_system(system)
-    m = system_model(spec)
-    check_feasible(m)
-    g_free = Bound.of(m).best_common(0.0, m.gamma_max)
-    # each sweep ends past the limit at which the best common rate fits once that limit no longer
-    # binds; the other limit stays as given (g_free itself may never fit under it)
-    g_lat = _best_common_that_fits(m.with_limits(latency_s=1e3 * m.T), g_free)
-    g_en = _best_common_that_fits(m.with_limits(energy_scale=energy_free_scale(m)), g_free)
-    t_vals = _sweep_values(min_latency_limit(m, m.gamma_max), min_latency_limit(m, g_lat), m.T, points)
-    e_vals = _sweep_values(min_energy_scale(m, m.gamma_max), min_energy_scale(m, g_en), 1.0, points)
-    sweeps = []
-    for name, values, make, xlabel, mark in (
-        ("T_max", t_vals, lambda x: m.with_limits(latency_s=x), "latency limit T_max [s]", m.T),
-        ("the energy budgets x", e_vals, lambda x: m.with_limits(energy_scale=x),
-         "energy budgets (factor on every E_k^max)", 1.0),
-    ):
-        if values is None:
-            rows, note = {meth: {"x": [], "objective": [], "gamma": []} for meth in chosen}, (
-                f"nothing to draw: no finite range of {name} found")
-        else:
-            err_console.print(f"sweeping {name} over [{values[0]:.4g}, {values[-1]:.4g}]", highlight=False)
-            rows = _sweep(m, chosen, values, make, tol, time_limit)
-            note = (f"nothing to draw: no method found a feasible point for {name} "
-                    f"in [{values[0]:.4g}, {values[-1]:.4g}]")
-        if not any(r["x"] for r in rows.values()):
-            err_console.print(f"warning: {note}", highlight=False)
-        sweeps.append((rows, xlabel, mark, note))
-    lat, en = sweeps[0][0], sweeps[1][0]
+    m = system_model(load_system(system))
+    result = tradeoff(m, chosen, points, tol, time_limit,
+                      report=lambda line: err_console.print(line, highlight=False))
     out.parent.mkdir(parents=True, exist_ok=True)
-    _plot(sweeps, m.w, out)
-    data = {"latency": lat, "energy": en, "weights": m.w.tolist(), "latency_limit_s": m.T}
-    _write_text(out.with_suffix(".json"), json.dumps(data, indent=1))
+    plot(result, out)
+    _write_text(out.with_suffix(".json"), json.dumps(result.data(), indent=1))
     err_console.print(f"wrote {out} and {out.with_suffix('.json')}", highlight=False)
