@@ -15,6 +15,7 @@ from fedlodrop.planning.bound import Bound
 from fedlodrop.planning.feasibility import min_bandwidth
 from fedlodrop.planning.scenarios import random_system
 from fedlodrop.planning.system import system_model
+from fedlodrop.records import DeviceRecord, RoundRecord
 
 
 def recheck(plan, m):
@@ -133,6 +134,13 @@ def test_system_random_writes_a_loadable_file_and_rejects_zero_devices(tmp_path)
     assert r.exit_code == 2 and not bad.exists()
 
 
+def final_round(loss):
+    """A metrics.jsonl line of round 1 whose train_loss is `loss` (one device with one sample)."""
+    dev = DeviceRecord(device=0, rate=0.0, downlink_bytes=0, kept_values=1, samples=1, steps=1, train_loss=loss,
+                       uplink_bytes=0, train_s=0.0)
+    return json.dumps(RoundRecord(round=1, participants=[0], devices=[dev]).to_json()) + "\n"
+
+
 def test_calibrate_recovers_constants_from_a_sweep(tmp_path):
     e0, c = 0.2, 0.05
     for i, rate in enumerate([0.0, 0.3, 0.5, 0.7]):
@@ -140,7 +148,7 @@ def test_calibrate_recovers_constants_from_a_sweep(tmp_path):
         run.mkdir()
         (run / "config.yaml").write_text(yaml.safe_dump({"dropout": {"rate": rate}}))
         loss = e0 + c * rate / (1 - rate)
-        (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "train_loss": loss, "train": {}, "eval": {}}) + "\n")
+        (run / "metrics.jsonl").write_text(final_round(loss))
     out = tmp_path / "bound.yaml"
     r = CliRunner().invoke(app, ["calibrate", str(tmp_path), "--out", str(out)])
     assert r.exit_code == 0, r.output
@@ -152,7 +160,7 @@ def test_calibrate_needs_two_rates(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"dropout": {"rate": 0.3}}))
-    (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "train_loss": 0.4, "train": {}, "eval": {}}) + "\n")
+    (run / "metrics.jsonl").write_text(final_round(0.4))
     r = CliRunner().invoke(app, ["calibrate", str(tmp_path)])
     assert r.exit_code == 2 and "two or more" in r.stderr
 

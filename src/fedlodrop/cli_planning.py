@@ -174,46 +174,6 @@ def optimize(
 # --------------------------------------------------------------------------------------------
 
 
-def _read_run(folder: Path, metric: Optional[str]) -> tuple[float | list[float], float, int]:
-    """(dropout.rate, final-round error, final round) of one run folder."""
-    import yaml
-
-    try:
-        cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"{folder / 'config.yaml'}: cannot read: {err}") from None
-    rate = (cfg.get("dropout") or {}).get("rate", 0.0) if isinstance(cfg, dict) else None
-    rates = rate if isinstance(rate, list) else [rate]
-    if not rates or not all(isinstance(r, (int, float)) and 0 <= r < 1 for r in rates):
-        raise UserError(f"{folder / 'config.yaml'}: dropout.rate must be a number or list in [0, 1) (got {rate!r})")
-    last = None
-    try:
-        lines = (folder / "metrics.jsonl").read_text().splitlines()
-    except OSError as err:
-        raise UserError(f"{folder / 'metrics.jsonl'}: cannot read: {err.strerror or err}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{folder / 'metrics.jsonl'}: line {n} is not JSON") from None
-        if isinstance(rec, dict) and "round" in rec and (last is None or rec["round"] >= last["round"]):
-            last = rec
-    if last is None:
-        raise UserError(f"{folder / 'metrics.jsonl'}: no record with a `round`")
-    if metric is None:
-        value = last.get("train_loss")
-        if not isinstance(value, (int, float)):
-            raise UserError(f"{folder / 'metrics.jsonl'}: final round has no numeric train_loss")
-    else:
-        value = (last.get("train") or {}).get(metric)
-        if not isinstance(value, (int, float)):
-            raise UserError(f"{folder / 'metrics.jsonl'}: final round has no train metric '{metric}'")
-        value = 1.0 - value
-    return (rates if isinstance(rate, list) else float(rate)), float(value), int(last["round"])
-
-
 @_user_errors
 def calibrate(
     sweep_dir: Annotated[Path, typer.Argument(help="folder holding run folders (config.yaml + metrics.jsonl)")],
@@ -222,61 +182,30 @@ def calibrate(
     system: Annotated[Optional[Path], typer.Option(help="write this system file updated with the fit to --out")] = None,
 ) -> None:
     """Fit Emp(gamma) = e0 + c_emp gamma/(1-gamma) to the final training error of a dropout sweep."""
-    import numpy as np
     import yaml
 
-    from fedlodrop.planning.bound import emp_feature, fit_empirical
+    from fedlodrop.calibration import calibrate as fit_sweep
+    from fedlodrop.planning import dump_system, load_system
 
-    if not sweep_dir.is_dir():
-        raise UserError(f"sweep folder {sweep_dir} does not exist")
     if system is not None and out is None:
         raise UserError("--system needs --out for the updated system file")
-    spec = None
-    if system is not None:
-        from fedlodrop.planning import load_system
-
-        spec = load_system(system)
-    folders = sorted({p.parent for p in sweep_dir.rglob("metrics.jsonl") if (p.parent / "config.yaml").exists()})
-    if not folders:
-        raise UserError(f"no run folders (config.yaml + metrics.jsonl) under {sweep_dir}")
-    runs = [_read_run(folder, metric) for folder in folders]
-    last_round = max(r[2] for r in runs)
-    short = [f for f, r in zip(folders, runs) if r[2] < last_round]
-    if short:  # interrupted runs: their "final" loss is from an earlier round, not comparable
-        err_console.print(f"skipping {len(short)} run(s) that stopped before round {last_round}: "
-                          f"{', '.join(str(f) for f in short[:3])}{' ...' if len(short) > 3 else ''}", highlight=False)
-    groups: dict[float, list[float]] = {}
-    labels: dict[float, str] = {}
-    for rate, value, rnd in runs:
-        if rnd < last_round:
-            continue
-        x = round(emp_feature(rate), 12)
-        groups.setdefault(x, []).append(value)
-        labels[x] = json.dumps(rate)
-    xs = sorted(groups)
-    if len(xs) < 2:
-        raise UserError(f"all finished runs under {sweep_dir} use one dropout rate; need two or more")
-    means = [float(np.mean(groups[x])) for x in xs]
-    rates = [x / (1 + x) for x in xs]  # the rate with the same gamma/(1-gamma)
-    e0, c_emp, rmse = fit_empirical(rates, means)
-    what = "train_loss" if metric is None else f"1 - train {metric}"
-    table = Table(title=f"calibration of Emp on round-{last_round} {what} ({sum(len(v) for v in groups.values())} runs)")
+    spec = load_system(system) if system is not None else None
+    fit = fit_sweep(sweep_dir, metric, report=lambda line: err_console.print(line, highlight=False))
+    table = Table(title=f"calibration of Emp on round-{fit.last_round} {fit.what} ({fit.runs} runs)")
     for col in ("dropout.rate", "gamma/(1-gamma)", "runs", "mean", "fit"):
         table.add_column(col, justify="right")
-    for x, mean in zip(xs, means):
-        table.add_row(labels[x], f"{x:.4f}", str(len(groups[x])), f"{mean:.5f}", f"{e0 + c_emp * x:.5f}")
+    for row in fit.rows:
+        table.add_row(row.rate, f"{row.feature:.4f}", str(row.runs), f"{row.mean:.5f}", f"{row.fit:.5f}")
     out_console.print(table)
-    out_console.print(f"e0 = {e0:.6g}, c_emp = {c_emp:.6g} (rmse {rmse:.3g})", highlight=False)
+    out_console.print(f"e0 = {fit.e0:.6g}, c_emp = {fit.c_emp:.6g} (rmse {fit.rmse:.3g})", highlight=False)
     if out is None:
         return
     if spec is not None:
-        from fedlodrop.planning import dump_system
-
-        spec.bound.e0, spec.bound.c_emp = e0, c_emp
+        spec.bound.e0, spec.bound.c_emp = fit.e0, fit.c_emp
         _write_text(out, dump_system(spec))
     else:
-        snippet = {"bound": {"e0": e0, "c_emp": c_emp}}
-        _write_text(out, f"# fitted on {sweep_dir} ({what}); merge into the system file\n"
+        snippet = {"bound": {"e0": fit.e0, "c_emp": fit.c_emp}}
+        _write_text(out, f"# fitted on {sweep_dir} ({fit.what}); merge into the system file\n"
                     + yaml.safe_dump(snippet, sort_keys=False))
     err_console.print(f"wrote {out}", highlight=False)
 
