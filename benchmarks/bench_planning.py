@@ -16,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedlodrop.planning import solve
-from fedlodrop.planning.system import build_model, random_system
+from fedlodrop.planning import random_system, solve, system_model
 
 PSCA_TARGET = (100, 5.0)
 BNB_TARGET = (10, 60.0)
@@ -49,7 +48,7 @@ def main() -> int:
     for K in sorted(set(psca_sizes) | set(bnb_sizes)):
         results = {"psca": [], "bnb": []}
         for seed in seeds:
-            m = build_model(random_system(K, seed=seed))
+            m = system_model(random_system(K, seed=seed))
             for method in ("psca", "bnb"):
                 if K in (psca_sizes if method == "psca" else bnb_sizes):
                     results[method].append(timed(m, method, args.tol))

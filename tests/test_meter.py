@@ -63,10 +63,9 @@ def test_every_round_is_priced_from_what_travelled_on_both_engines(tiny_bert, po
     flower_app.serve(FakeGrid(cfg.federation.devices, rc), rc)
     assert compare(tmp_path / "inproc", tmp_path / "flower") == (0.0, [])  # the costs included
 
-    from fedlodrop.meter import _system_model
-    from fedlodrop.planning import load_system
+    from fedlodrop.planning import load_system, system_model
 
-    m = _system_model(load_system(system))
+    m = system_model(load_system(system))
     rows = RunFolder(tmp_path / "inproc").records()
     # the devices train on the system's sample counts (192 examples split 20 : 60 : 112)
     assert [d.samples for d in rows[0].devices] == [20, 60, 112]

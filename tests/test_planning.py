@@ -13,7 +13,9 @@ from fedlodrop.cli import app
 from fedlodrop.cli_planning import solve
 from fedlodrop.planning.bound import Bound
 from fedlodrop.planning.feasibility import min_bandwidth
-from fedlodrop.planning.system import build_model, random_system
+from fedlodrop.planning.scenarios import random_system
+from fedlodrop.planning.system import system_model
+from fedlodrop.records import DeviceRecord, RoundRecord
 
 
 def recheck(plan, m):
@@ -45,7 +47,7 @@ def brute_force(m, step=0.01):
 @pytest.mark.parametrize("seed", [1])
 def test_bnb_matches_brute_force_and_psca_is_close(seed):
     spec = random_system(2, seed=seed)
-    m = build_model(spec)
+    m = system_model(spec)
     bnb = solve(spec, "bnb")
     grid_best = brute_force(m)
     # B&B is certified: never worse than any feasible grid point, and the grid (step 0.01) comes
@@ -61,7 +63,7 @@ def test_bnb_matches_brute_force_and_psca_is_close(seed):
 
 def test_baselines_respect_constraints_and_are_no_better_than_bnb():
     spec = random_system(3, seed=1, latency_s=None)
-    m = build_model(spec)
+    m = system_model(spec)
     best = solve(spec, "bnb").objective
     for method in ("fixed", "psca"):
         plan = solve(spec, method)
@@ -81,7 +83,7 @@ def test_rates_rise_as_the_latency_limit_tightens():
 
 
 def _write(tmp_path, spec):
-    from fedlodrop.planning.system import save_system
+    from fedlodrop.planning.spec import save_system
 
     path = tmp_path / "system.yaml"
     save_system(spec, path)
@@ -132,6 +134,13 @@ def test_system_random_writes_a_loadable_file_and_rejects_zero_devices(tmp_path)
     assert r.exit_code == 2 and not bad.exists()
 
 
+def final_round(loss):
+    """A metrics.jsonl line of round 1 whose train_loss is `loss` (one device with one sample)."""
+    dev = DeviceRecord(device=0, rate=0.0, downlink_bytes=0, kept_values=1, samples=1, steps=1, train_loss=loss,
+                       uplink_bytes=0, train_s=0.0)
+    return json.dumps(RoundRecord(round=1, participants=[0], devices=[dev]).to_json()) + "\n"
+
+
 def test_calibrate_recovers_constants_from_a_sweep(tmp_path):
     e0, c = 0.2, 0.05
     for i, rate in enumerate([0.0, 0.3, 0.5, 0.7]):
@@ -139,7 +148,7 @@ def test_calibrate_recovers_constants_from_a_sweep(tmp_path):
         run.mkdir()
         (run / "config.yaml").write_text(yaml.safe_dump({"dropout": {"rate": rate}}))
         loss = e0 + c * rate / (1 - rate)
-        (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "train_loss": loss, "train": {}, "eval": {}}) + "\n")
+        (run / "metrics.jsonl").write_text(final_round(loss))
     out = tmp_path / "bound.yaml"
     r = CliRunner().invoke(app, ["calibrate", str(tmp_path), "--out", str(out)])
     assert r.exit_code == 0, r.output
@@ -151,7 +160,7 @@ def test_calibrate_needs_two_rates(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"dropout": {"rate": 0.3}}))
-    (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "train_loss": 0.4, "train": {}, "eval": {}}) + "\n")
+    (run / "metrics.jsonl").write_text(final_round(0.4))
     r = CliRunner().invoke(app, ["calibrate", str(tmp_path)])
     assert r.exit_code == 2 and "two or more" in r.stderr
 

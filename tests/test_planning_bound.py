@@ -5,7 +5,7 @@ import pytest
 from scipy.optimize import minimize
 
 from fedlodrop.planning.bound import Bound, fit_empirical
-from fedlodrop.planning.system import BoundSpec
+from fedlodrop.planning.spec import BoundSpec
 
 
 def bound(K=3, N=6000.0, **kw):

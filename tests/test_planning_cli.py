@@ -8,8 +8,8 @@ import yaml
 from typer.testing import CliRunner
 
 from fedlodrop.cli import app
-from fedlodrop.planning import load_plan, load_system
-from fedlodrop.planning.system import random_system, save_system
+from fedlodrop.planning import load_plan, load_system, random_system, save_system
+from fedlodrop.records import DeviceRecord, RoundRecord
 
 runner = CliRunner()
 
@@ -165,18 +165,32 @@ def test_psca_solver_failure_is_an_error_not_a_gamma_max_plan(tmp_path, monkeypa
     assert json.loads(out.read_text())["method"] == "bnb"
 
 
-def make_sweep(root, e0, c, rates, seeds=(0, 1), noise=0.0, key="train_loss"):
+def round_record(rnd, loss, accuracy, eval_accuracy=0.8):
+    """One metrics.jsonl line: one device whose local training loss is `loss` (the round's train_loss)."""
+    dev = DeviceRecord(device=0, rate=0.0, downlink_bytes=0, kept_values=1, samples=1, steps=1, train_loss=loss,
+                       uplink_bytes=0, train_s=0.0)
+    return RoundRecord(round=rnd, participants=[0], devices=[dev], train={"accuracy": accuracy},
+                       eval={"accuracy": eval_accuracy}).to_json()
+
+
+def run_config(seed, rate):
+    tree = {"seed": seed, "dropout": {"rate": rate}}
+    if isinstance(rate, list):
+        tree["federation"] = {"devices": len(rate)}
+    return yaml.safe_dump(tree)
+
+
+def make_sweep(root, e0, c, rates, seeds=(0, 1), noise=0.0):
     rng = np.random.default_rng(0)
     for rate in rates:
         for seed in seeds:
             run = root / f"rate{json.dumps(rate)}-s{seed}"
             run.mkdir(parents=True)
-            (run / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "dropout": {"rate": rate}}))
+            (run / "config.yaml").write_text(run_config(seed, rate))
             r = np.atleast_1d(rate)
             loss = e0 + c * float(np.mean(r / (1 - r))) + noise * rng.standard_normal()
-            lines = [{"round": i, "train_loss": 9.0, "train": {"accuracy": 0.0}, "eval": {}} for i in (1, 2)]
-            final = {"round": 3, "train_loss": loss, "train": {"accuracy": 1 - loss}, "eval": {"accuracy": 0.8}}
-            (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in [*lines, final]) + "\n")
+            lines = [round_record(i, 9.0, 0.0) for i in (1, 2)] + [round_record(3, loss, 1 - loss)]
+            (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
 
 
 def test_calibrate_recovers_constants_averaging_seeds(tmp_path):
@@ -205,12 +219,24 @@ def test_calibrate_updates_a_system_file(tmp_path):
     (lambda p: make_sweep(p, 0.1, 0.1, [0.3]), "two or more"),
     (lambda p: p.mkdir(), "no run folders"),
     (lambda p: make_sweep(p, 0.1, 0.1, [0.0, 1.5]), "dropout.rate"),
+    (lambda p: _break(make_sweep(p, 0.1, 0.1, [0.0, 0.5]) or p, "metrics.jsonl", "{not json\n"), "not JSON"),
+    (lambda p: _break(make_sweep(p, 0.1, 0.1, [0.0, 0.5]) or p, "metrics.jsonl", '{"round": 1}\n'),
+     "not a round record"),
+    (lambda p: _break(make_sweep(p, 0.1, 0.1, [0.0, 0.5]) or p, "config.yaml", "dropout: [\n"), "not valid YAML"),
+    (lambda p: _break(make_sweep(p, 0.1, 0.1, [0.0, 0.5]) or p, "config.yaml", "dropout: {rat: 0.1}\n"),
+     "config.yaml: unknown config key"),
 ])
 def test_calibrate_bad_sweeps_exit_2(tmp_path, setup, needle):
     setup(tmp_path / "sweep")
     out = tmp_path / "bound.yaml"
     r = runner.invoke(app, ["calibrate", str(tmp_path / "sweep"), "--out", str(out)])
     assert r.exit_code == 2 and needle in r.stderr and not out.exists()
+    assert r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def _break(sweep, name, text):
+    """Overwrite `name` in the first run folder of `sweep` with `text`."""
+    (min(sweep.iterdir()) / name).write_text(text)
 
 
 def test_plot_tradeoff_writes_a_png_and_its_data(tmp_path):
@@ -254,7 +280,7 @@ def test_plot_tradeoff_energy_half_has_points_where_g_free_never_fits(tmp_path):
 def test_plot_tradeoff_empty_panels_say_why(tmp_path, monkeypatch, error):
     import matplotlib.figure
 
-    import fedlodrop.planning
+    from fedlodrop.planning import tradeoff
     from fedlodrop.planning.feasibility import InfeasibleError
     from fedlodrop.planning.psca import SolverFailedError
 
@@ -270,7 +296,7 @@ def test_plot_tradeoff_empty_panels_say_why(tmp_path, monkeypatch, error):
         texts.extend(t.get_text() for ax in fig.axes for t in ax.texts)
         return real_savefig(fig, *args, **kwargs)
 
-    monkeypatch.setattr(fedlodrop.planning, "solve", no_point)
+    monkeypatch.setattr(tradeoff, "solve", no_point)
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     system = system_file(tmp_path, K=2)
     out = tmp_path / "trade.png"
@@ -289,8 +315,8 @@ def test_calibrate_skips_interrupted_runs(tmp_path):
     make_sweep(tmp_path / "sweep", 0.2, 0.1, [0.0, 0.4])
     short = tmp_path / "sweep" / "broken"
     short.mkdir()
-    (short / "config.yaml").write_text(yaml.safe_dump({"dropout": {"rate": 0.8}}))
-    (short / "metrics.jsonl").write_text(json.dumps({"round": 1, "train_loss": 5.0, "train": {}, "eval": {}}) + "\n")
+    (short / "config.yaml").write_text(run_config(0, 0.8))
+    (short / "metrics.jsonl").write_text(json.dumps(round_record(1, 5.0, 0.0)) + "\n")
     out = tmp_path / "bound.yaml"
     r = runner.invoke(app, ["calibrate", str(tmp_path / "sweep"), "--out", str(out)])
     assert r.exit_code == 0, r.output

@@ -15,7 +15,9 @@ from fedlodrop.planning.feasibility import (
     min_bandwidth_bisect,
     smallest_common_gamma,
 )
-from fedlodrop.planning.system import build_model, random_system, system_from_dict
+from fedlodrop.planning.scenarios import random_system
+from fedlodrop.planning.spec import system_from_dict
+from fedlodrop.planning.system import system_model
 
 
 def feasible_by_scan(m, k, gamma, B, n=20001):
@@ -33,7 +35,7 @@ def feasible_by_scan(m, k, gamma, B, n=20001):
 
 @pytest.fixture(scope="module")
 def m():
-    return build_model(random_system(6, seed=11))
+    return system_model(random_system(6, seed=11))
 
 
 def test_bandwidth_for_rate_inverts_shannon():
@@ -93,7 +95,7 @@ def test_gamma_lower_and_smallest_common(m):
 
 def one_device(**dev):
     base = {"samples": 500, "distance_m": 200.0, "fading": 1.0, "energy_budget_j": 5.0}
-    return build_model(system_from_dict({"devices": [{**base, **dev}, base], "round": {"latency_s": 6.0}}))
+    return system_model(system_from_dict({"devices": [{**base, **dev}, base], "round": {"latency_s": 6.0}}))
 
 
 def test_infeasible_by_latency_names_the_device():
@@ -115,7 +117,7 @@ def test_infeasible_by_energy_names_the_device():
 def test_infeasible_band_is_the_bandwidth_constraint():
     tree = {"devices": [{"samples": 500, "distance_m": 480.0, "fading": 0.2, "energy_budget_j": 50.0}] * 4,
             "cell": {"bandwidth_hz": 1.5e6}, "round": {"latency_s": 6.0}}
-    m = build_model(system_from_dict(tree))
+    m = system_model(system_from_dict(tree))
     beta = min_bandwidth(m, np.arange(4), np.full(4, m.gamma_max))
     assert np.all(beta <= m.B_tot) and beta.sum() > m.B_tot  # each alone fits, together they do not
     with pytest.raises(InfeasibleError) as err:
@@ -124,7 +126,7 @@ def test_infeasible_band_is_the_bandwidth_constraint():
 
 
 def test_nearly_infeasible_system_still_fits_at_its_edge():
-    m = build_model(random_system(4, seed=3))
+    m = system_model(random_system(4, seed=3))
     from fedlodrop.planning.feasibility import min_latency_limit
 
     t_min = min_latency_limit(m, m.gamma_max, rel_tol=1e-9)
@@ -138,7 +140,7 @@ def test_nearly_infeasible_system_still_fits_at_its_edge():
 def test_smallest_limit_is_the_edge_of_feasibility(limit):
     from fedlodrop.planning.feasibility import min_energy_scale, min_latency_limit, system_feasible
 
-    m = build_model(random_system(4, seed=3))
+    m = system_model(random_system(4, seed=3))
     search, at = {"latency": (min_latency_limit, lambda x: m.with_limits(latency_s=x)),
                   "energy": (min_energy_scale, lambda x: m.with_limits(energy_scale=x))}[limit]
     loose = at(1e3 * (m.T if limit == "latency" else 1.0))  # the swept limit all but lifted
@@ -214,14 +216,14 @@ def test_plans_leave_room_for_the_downlink(method):
 def test_a_system_that_fits_only_without_the_downlink_is_infeasible():
     from fedlodrop.planning.feasibility import min_latency_limit
 
-    without = build_model(system_from_dict(downlink_tree(downlink=False)))
-    t_dn = build_model(system_from_dict(downlink_tree())).downlink_time(without.gamma_max, np.arange(2))
+    without = system_model(system_from_dict(downlink_tree(downlink=False)))
+    t_dn = system_model(system_from_dict(downlink_tree())).downlink_time(without.gamma_max, np.arange(2))
     # by hand: the shortest downlink is that of (1 - gamma_max) Q + head + extra values at the
     # better channel's rate; T_max lies between the tightest limit without it and that plus it
     by_hand = (0.1 * 400_000 + 100_000 + 20_000) * 16 / (1e6 * math.log2(1 + 10.0 * 1e-10 / (N0_DL * 2e6)))
     assert t_dn.min() == pytest.approx(by_hand, rel=1e-12)
     T = min_latency_limit(without, without.gamma_max) + 0.5 * by_hand
-    check_feasible(build_model(system_from_dict(downlink_tree(T, downlink=False))))
+    check_feasible(system_model(system_from_dict(downlink_tree(T, downlink=False))))
     with pytest.raises(InfeasibleError) as err:
-        check_feasible(build_model(system_from_dict(downlink_tree(T))))
+        check_feasible(system_model(system_from_dict(downlink_tree(T))))
     assert err.value.constraint == "latency" and "downlink" in str(err.value)

@@ -10,7 +10,9 @@ from fedlodrop.planning.bnb import solve_bnb
 from fedlodrop.planning.bound import Bound
 from fedlodrop.planning.feasibility import min_bandwidth_bisect, min_latency_limit, smallest_common_gamma
 from fedlodrop.planning.psca import solve_psca
-from fedlodrop.planning.system import build_model, random_system, system_from_dict
+from fedlodrop.planning.scenarios import random_system
+from fedlodrop.planning.spec import system_from_dict
+from fedlodrop.planning.system import system_model
 
 
 def recheck(plan, m):
@@ -49,7 +51,7 @@ def grid_search(m, grids):
 
 @pytest.mark.parametrize("K, seed", [(2, 1), (2, 4), (3, 0), (3, 2)])
 def test_bnb_is_the_global_optimum_of_a_brute_force_grid(K, seed):
-    m = build_model(random_system(K, seed=seed))
+    m = system_model(random_system(K, seed=seed))
     res = solve_bnb(m)
     assert res.stats.status == "optimal" and res.stats.gap <= 1e-4 * res.objective
     # 1. a coarse exhaustive grid over the whole box: no feasible grid point beats B&B
@@ -69,7 +71,7 @@ def test_bnb_is_the_global_optimum_of_a_brute_force_grid(K, seed):
 @pytest.mark.parametrize("K, seed", [(4, 1), (6, 2), (8, 3)])
 def test_psca_lands_within_two_percent_of_bnb(K, seed):
     spec = random_system(K, seed=seed)
-    m = build_model(spec)
+    m = system_model(spec)
     bnb = solve_bnb(m, eps_rel=1e-3)
     psca = solve_psca(m)
     assert psca.stats.status == "converged"
@@ -80,7 +82,7 @@ def test_psca_lands_within_two_percent_of_bnb(K, seed):
 
 @pytest.mark.parametrize("start", ["feasible", "equal", (1.0, 1e-3)])
 def test_psca_converges_from_feasible_and_infeasible_starts(start):
-    m = build_model(random_system(5, seed=4))
+    m = system_model(random_system(5, seed=4))
     ref = solve_psca(m)
     res = solve_psca(m, start=start)
     assert res.stats.status == "converged" and res.stats.max_slack <= 1e-6
@@ -89,7 +91,7 @@ def test_psca_converges_from_feasible_and_infeasible_starts(start):
 
 def test_every_method_returns_a_plan_that_meets_every_limit():
     spec = random_system(5, seed=6, latency_s=None)
-    m = build_model(spec)
+    m = system_model(spec)
     best = optimize(spec, "bnb", tol=1e-3)
     recheck(best, m)
     for method in ("psca", "fixed", "equal-bandwidth"):
@@ -105,7 +107,7 @@ def test_every_method_returns_a_plan_that_meets_every_limit():
 def test_baselines_do_what_they_say():
     spec = random_system(4, seed=2, latency_s=None)
     spec.round.latency_s *= 1.3  # loose enough for all baselines
-    m = build_model(spec)
+    m = system_model(spec)
     fixed = optimize(spec, "fixed")
     gam = {d.gamma for d in fixed.devices}
     assert len(gam) == 1 and gam.pop() == pytest.approx(smallest_common_gamma(m), abs=1e-9)
@@ -127,13 +129,13 @@ def test_weak_device_gets_the_higher_rate():
             "cell": {"bandwidth_hz": 2e6}, "round": {"latency_s": 6.0}}
     spec = system_from_dict(tree)
     plan = optimize(spec, "bnb")
-    recheck(plan, build_model(spec))
+    recheck(plan, system_model(spec))
     assert plan.devices[1].gamma > plan.devices[0].gamma
     assert plan.totals["bandwidth_binding"]
 
 
 def test_rates_rise_as_latency_or_energy_tighten():
-    m = build_model(random_system(4, seed=5))
+    m = system_model(random_system(4, seed=5))
     w = m.w
     t_lo = min_latency_limit(m, m.gamma_max)
     prev = None
@@ -151,7 +153,7 @@ def test_rates_rise_as_latency_or_energy_tighten():
 
 
 def test_bnb_reports_an_honest_gap_when_stopped_early():
-    m = build_model(random_system(6, seed=1))
+    m = system_model(random_system(6, seed=1))
     res = solve_bnb(m, time_limit=1e-3)
     assert res.stats.status == "limit"
     assert res.stats.lower_bound <= res.objective and res.stats.gap == pytest.approx(

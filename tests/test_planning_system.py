@@ -9,15 +9,11 @@ import yaml
 
 from fedlodrop.errors import UserError
 from fedlodrop.planning import round_costs
+from fedlodrop.planning.arch import resolve_arch
 from fedlodrop.planning.feasibility import allocate, min_bandwidth, min_latency_limit
-from fedlodrop.planning.system import (
-    build_model,
-    dump_system,
-    load_system,
-    random_system,
-    resolve_arch,
-    system_from_dict,
-)
+from fedlodrop.planning.scenarios import random_system
+from fedlodrop.planning.spec import dump_system, load_system, system_from_dict
+from fedlodrop.planning.system import system_model
 
 
 def small_tree(**round_kw):
@@ -46,7 +42,7 @@ def test_payload_from_a_local_config_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     tree = small_tree()
     tree["payload"] = {"model": str(tmp_path), "rank": 2, "target_modules": ["query", "value"], "num_labels": 2}
-    m = build_model(system_from_dict(tree))
+    m = system_model(system_from_dict(tree))
     assert m.Q == 2 * 2 * 2 * (64 + 64) and m.head == 64 * 2 + 2
 
 
@@ -87,7 +83,7 @@ def test_yaml_round_trip_and_missing_file(tmp_path):
     path.write_text(dump_system(spec))
     again = load_system(path)
     assert again == spec
-    assert np.array_equal(build_model(again).h, build_model(spec).h)  # fading reproducible from cell.seed
+    assert np.array_equal(system_model(again).h, system_model(spec).h)  # fading reproducible from cell.seed
     with pytest.raises(UserError, match="cannot read"):
         load_system(tmp_path / "nope.yaml")
     (tmp_path / "bad.yaml").write_text("devices: [\n")
@@ -147,7 +143,7 @@ def _edit(tree, *keys_and_value):
 def test_channel_gain_is_path_loss_times_seeded_fading():
     tree = small_tree()
     tree["cell"] = {"seed": 3}
-    m = build_model(system_from_dict(tree))
+    m = system_model(system_from_dict(tree))
     fade = max(np.random.default_rng(3).exponential(1.0, size=2)[0], 0.1)
     pl_db = 128.1 + 37.6 * math.log10(0.1)
     assert m.h[0] == pytest.approx(10 ** (-pl_db / 10) * fade, rel=1e-12)
@@ -156,7 +152,7 @@ def test_channel_gain_is_path_loss_times_seeded_fading():
 
 
 def test_latency_and_energy_follow_spec_formulas():
-    m = build_model(system_from_dict(small_tree()))
+    m = system_model(system_from_dict(small_tree()))
     g, B, p, f = 0.3, 1e6, 0.15, 1.2e9
     lat, en = m.latency_energy(np.array([g, g]), np.array([B, B]), np.array([p, p]), np.array([f, f]))
     for k in range(2):
@@ -168,7 +164,7 @@ def test_latency_and_energy_follow_spec_formulas():
 
 
 def test_cycles_come_from_flops_per_sample():
-    m = build_model(system_from_dict(small_tree(tokens_per_sample=50, flops_per_cycle=1000)))
+    m = system_model(system_from_dict(small_tree(tokens_per_sample=50, flops_per_cycle=1000)))
     assert m.c0 == pytest.approx(6 * (355.4e6 * 50 + m.head) / 1000)
     assert m.c1 == pytest.approx(6 * 393_216 * 50 / 1000)
 
@@ -176,7 +172,7 @@ def test_cycles_come_from_flops_per_sample():
 def test_downlink_time_counts_when_modelled():
     tree = small_tree()
     tree["cell"] = {"downlink_bandwidth_hz": 20e6, "server_power_w": 5.0}
-    m = build_model(system_from_dict(tree))
+    m = system_model(system_from_dict(tree))
     snr = 5.0 * m.h / (m.N0 * 20e6)
     rate = 20e6 / 2 * np.log2(1 + snr)
     assert np.allclose(m.downlink_time(0.5, np.arange(2)), m.downlink_bits(0.5, np.arange(2)) / rate)
@@ -185,7 +181,7 @@ def test_downlink_time_counts_when_modelled():
 def test_random_system_is_reproducible_feasible_and_binding():
     a, b = random_system(10, seed=7), random_system(10, seed=7)
     assert a == b and a != random_system(10, seed=8)
-    m = build_model(a)
+    m = system_model(a)
     assert m.N == pytest.approx(6000, abs=10)
     g_max = np.full(m.K, m.gamma_max)
     assert min_bandwidth(m, np.arange(m.K), g_max).sum() <= m.B_tot  # feasible at the easiest corner
@@ -200,7 +196,7 @@ def test_random_system_is_reproducible_feasible_and_binding():
 
 def test_round_costs_price_the_measured_bits():
     spec = system_from_dict(small_tree())
-    m = build_model(spec)
+    m = system_model(spec)
     devices = [{"gamma": 0.2, "bandwidth_hz": 2e6, "power_w": 0.1, "frequency_hz": 1e9}] * 2
     bits = [3e6, 5e6]
     costs = round_costs(spec, devices, bits)

@@ -63,7 +63,7 @@ def system_random(
     samples: Annotated[int, typer.Option(help="training samples over all devices")] = 6000,
 ) -> None:
     """Write a realistic random system: devices in a 500 m cell, Rayleigh fading, random budgets."""
-    from fedlodrop.planning.system import build_model, dump_system, random_system
+    from fedlodrop.planning import dump_system, random_system, system_model
 
     if devices < 1:
         raise UserError(f"--devices must be at least 1 (got {devices})")
@@ -76,7 +76,7 @@ def system_random(
     spec = random_system(devices, seed, model=model, samples_total=samples, bandwidth_hz=bandwidth_mhz * 1e6,
                          latency_s=latency)
     text = dump_system(spec)
-    m = build_model(spec)
+    m = system_model(spec)
     summary = (f"{devices} devices, {int(m.N)} samples, T_max {m.T:.4g} s, B_tot {m.B_tot / 1e6:.4g} MHz, "
                f"Q {m.Q:,} adapter values + {m.head:,} head values ({m.bits:g} bits each)")
     if out is None:
@@ -174,46 +174,6 @@ def optimize(
 # --------------------------------------------------------------------------------------------
 
 
-def _read_run(folder: Path, metric: Optional[str]) -> tuple[float | list[float], float, int]:
-    """(dropout.rate, final-round error, final round) of one run folder."""
-    import yaml
-
-    try:
-        cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"{folder / 'config.yaml'}: cannot read: {err}") from None
-    rate = (cfg.get("dropout") or {}).get("rate", 0.0) if isinstance(cfg, dict) else None
-    rates = rate if isinstance(rate, list) else [rate]
-    if not rates or not all(isinstance(r, (int, float)) and 0 <= r < 1 for r in rates):
-        raise UserError(f"{folder / 'config.yaml'}: dropout.rate must be a number or list in [0, 1) (got {rate!r})")
-    last = None
-    try:
-        lines = (folder / "metrics.jsonl").read_text().splitlines()
-    except OSError as err:
-        raise UserError(f"{folder / 'metrics.jsonl'}: cannot read: {err.strerror or err}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{folder / 'metrics.jsonl'}: line {n} is not JSON") from None
-        if isinstance(rec, dict) and "round" in rec and (last is None or rec["round"] >= last["round"]):
-            last = rec
-    if last is None:
-        raise UserError(f"{folder / 'metrics.jsonl'}: no record with a `round`")
-    if metric is None:
-        value = last.get("train_loss")
-        if not isinstance(value, (int, float)):
-            raise UserError(f"{folder / 'metrics.jsonl'}: final round has no numeric train_loss")
-    else:
-        value = (last.get("train") or {}).get(metric)
-        if not isinstance(value, (int, float)):
-            raise UserError(f"{folder / 'metrics.jsonl'}: final round has no train metric '{metric}'")
-        value = 1.0 - value
-    return (rates if isinstance(rate, list) else float(rate)), float(value), int(last["round"])
-
-
 @_user_errors
 def calibrate(
     sweep_dir: Annotated[Path, typer.Argument(help="folder holding run folders (config.yaml + metrics.jsonl)")],
@@ -222,61 +182,30 @@ def calibrate(
     system: Annotated[Optional[Path], typer.Option(help="write this system file updated with the fit to --out")] = None,
 ) -> None:
     """Fit Emp(gamma) = e0 + c_emp gamma/(1-gamma) to the final training error of a dropout sweep."""
-    import numpy as np
     import yaml
 
-    from fedlodrop.planning.bound import emp_feature, fit_empirical
+    from fedlodrop.calibration import calibrate as fit_sweep
+    from fedlodrop.planning import dump_system, load_system
 
-    if not sweep_dir.is_dir():
-        raise UserError(f"sweep folder {sweep_dir} does not exist")
     if system is not None and out is None:
         raise UserError("--system needs --out for the updated system file")
-    spec = None
-    if system is not None:
-        from fedlodrop.planning import load_system
-
-        spec = load_system(system)
-    folders = sorted({p.parent for p in sweep_dir.rglob("metrics.jsonl") if (p.parent / "config.yaml").exists()})
-    if not folders:
-        raise UserError(f"no run folders (config.yaml + metrics.jsonl) under {sweep_dir}")
-    runs = [_read_run(folder, metric) for folder in folders]
-    last_round = max(r[2] for r in runs)
-    short = [f for f, r in zip(folders, runs) if r[2] < last_round]
-    if short:  # interrupted runs: their "final" loss is from an earlier round, not comparable
-        err_console.print(f"skipping {len(short)} run(s) that stopped before round {last_round}: "
-                          f"{', '.join(str(f) for f in short[:3])}{' ...' if len(short) > 3 else ''}", highlight=False)
-    groups: dict[float, list[float]] = {}
-    labels: dict[float, str] = {}
-    for rate, value, rnd in runs:
-        if rnd < last_round:
-            continue
-        x = round(emp_feature(rate), 12)
-        groups.setdefault(x, []).append(value)
-        labels[x] = json.dumps(rate)
-    xs = sorted(groups)
-    if len(xs) < 2:
-        raise UserError(f"all finished runs under {sweep_dir} use one dropout rate; need two or more")
-    means = [float(np.mean(groups[x])) for x in xs]
-    rates = [x / (1 + x) for x in xs]  # the rate with the same gamma/(1-gamma)
-    e0, c_emp, rmse = fit_empirical(rates, means)
-    what = "train_loss" if metric is None else f"1 - train {metric}"
-    table = Table(title=f"calibration of Emp on round-{last_round} {what} ({sum(len(v) for v in groups.values())} runs)")
+    spec = load_system(system) if system is not None else None
+    fit = fit_sweep(sweep_dir, metric, report=lambda line: err_console.print(line, highlight=False))
+    table = Table(title=f"calibration of Emp on round-{fit.last_round} {fit.what} ({fit.runs} runs)")
     for col in ("dropout.rate", "gamma/(1-gamma)", "runs", "mean", "fit"):
         table.add_column(col, justify="right")
-    for x, mean in zip(xs, means):
-        table.add_row(labels[x], f"{x:.4f}", str(len(groups[x])), f"{mean:.5f}", f"{e0 + c_emp * x:.5f}")
+    for row in fit.rows:
+        table.add_row(row.rate, f"{row.feature:.4f}", str(row.runs), f"{row.mean:.5f}", f"{row.fit:.5f}")
     out_console.print(table)
-    out_console.print(f"e0 = {e0:.6g}, c_emp = {c_emp:.6g} (rmse {rmse:.3g})", highlight=False)
+    out_console.print(f"e0 = {fit.e0:.6g}, c_emp = {fit.c_emp:.6g} (rmse {fit.rmse:.3g})", highlight=False)
     if out is None:
         return
     if spec is not None:
-        from fedlodrop.planning import dump_system
-
-        spec.bound.e0, spec.bound.c_emp = e0, c_emp
+        spec.bound.e0, spec.bound.c_emp = fit.e0, fit.c_emp
         _write_text(out, dump_system(spec))
     else:
-        snippet = {"bound": {"e0": e0, "c_emp": c_emp}}
-        _write_text(out, f"# fitted on {sweep_dir} ({what}); merge into the system file\n"
+        snippet = {"bound": {"e0": fit.e0, "c_emp": fit.c_emp}}
+        _write_text(out, f"# fitted on {sweep_dir} ({fit.what}); merge into the system file\n"
                     + yaml.safe_dump(snippet, sort_keys=False))
     err_console.print(f"wrote {out}", highlight=False)
 
@@ -284,94 +213,6 @@ def calibrate(
 # --------------------------------------------------------------------------------------------
 # plot-tradeoff
 # --------------------------------------------------------------------------------------------
-
-
-def _sweep(m, methods: list[str], values, make, tol: float, time_limit: float) -> dict:
-    from fedlodrop.planning import solve
-    from fedlodrop.planning.feasibility import InfeasibleError
-    from fedlodrop.planning.psca import SolverFailedError
-
-    rows = {meth: {"x": [], "objective": [], "gamma": []} for meth in methods}
-    for x in values:
-        mx = make(x)
-        for meth in methods:
-            try:
-                res = solve(mx, meth, tol=tol, time_limit=time_limit)
-            except InfeasibleError:
-                continue
-            except SolverFailedError as err:  # no made-up point: leave it out and say so
-                err_console.print(f"  warning: {meth} at {x:.5g} left out: {err}", highlight=False)
-                continue
-            rows[meth]["x"].append(float(x))
-            rows[meth]["objective"].append(float(res.objective))
-            rows[meth]["gamma"].append([float(g) for g in res.gamma])
-        err_console.print(f"  {x:.5g} done", highlight=False)
-    return rows
-
-
-def _plot(sweeps: list[tuple[dict, str, float, str]], weights, path: Path) -> None:
-    """One figure: per sweep, the optimal bound (left) and the rates (right: weighted mean, band
-    from the smallest to the largest device rate), one line style per method. A sweep with no
-    point gets its note (why not) written across both panels instead of empty axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    styles = {"bnb": ("-", "o", "B&B"), "psca": ("--", "x", "P-SCA"), "fixed": (":", "s", "fixed"),
-              "equal-bandwidth": ("-.", "^", "equal bandwidth"), "none": (":", "v", "no dropout")}
-    fig, axes = plt.subplots(len(sweeps), 2, figsize=(11, 4.0 * len(sweeps)), squeeze=False)
-    for (rows, xlabel, mark, note), (ax1, ax2) in zip(sweeps, axes):
-        drawn = False
-        for meth, r in rows.items():
-            if not r["x"]:
-                continue
-            drawn = True
-            ls, mk, label = styles.get(meth, ("-", ".", meth))
-            ax1.plot(r["x"], r["objective"], ls, marker=mk, label=label)
-            G = np.array(r["gamma"])
-            line = ax2.plot(r["x"], G @ weights, ls, marker=mk, lw=2, label=f"{label}: weighted mean")[0]
-            ax2.fill_between(r["x"], G.min(axis=1), G.max(axis=1), alpha=0.12, color=line.get_color())
-        for ax in (ax1, ax2):
-            if drawn:
-                ax.axvline(mark, color="grey", lw=0.8)
-            else:
-                ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", wrap=True,
-                        color="firebrick", fontsize=10)
-            ax.set_xlabel(xlabel)
-            ax.grid(alpha=0.3)
-        ax1.set_ylabel("optimal bound G")
-        ax2.set_ylabel("dropout rate (mean; band: min to max)")
-        if drawn:
-            ax1.legend()
-            ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _sweep_values(lo: float, hi: float, at: float, points: int):
-    """From just above the tightest feasible limit `lo` to past `hi`, where every rate is as free as
-    the other limit allows, and past the system's own limit `at`; None if an end is not finite."""
-    import math
-
-    import numpy as np
-
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return None
-    return np.linspace(lo * 1.001, max(hi + 0.5 * (hi - lo), at * 1.05, lo * 1.01), points)
-
-
-def _best_common_that_fits(relaxed, g_free: float) -> float:
-    """The best common rate once the swept limit no longer binds: G is convex in a common rate and
-    larger rates fit more easily, so it is g_free or the smallest common rate that fits."""
-    import math
-
-    from fedlodrop.planning.feasibility import smallest_common_gamma
-
-    g = smallest_common_gamma(relaxed)
-    return max(g_free, g) if math.isfinite(g) else relaxed.gamma_max
 
 
 @_user_errors
@@ -385,15 +226,8 @@ def plot_tradeoff(
     time_limit: Annotated[float, typer.Option(help="B&B seconds per point")] = 120.0,
 ) -> None:
     """PNG of the optimal bound and rates against T_max and against the energy budgets."""
-
-    from fedlodrop.planning import METHODS, build_model, load_system
-    from fedlodrop.planning.bound import Bound
-    from fedlodrop.planning.feasibility import (
-        check_feasible,
-        energy_free_scale,
-        min_energy_scale,
-        min_latency_limit,
-    )
+    from fedlodrop.planning import METHODS, load_system, system_model
+    from fedlodrop.planning.tradeoff import plot, tradeoff
 
     chosen = [x.strip() for x in methods.split(",") if x.strip()]
     bad = [x for x in chosen if x not in METHODS]
@@ -403,36 +237,10 @@ def plot_tradeoff(
         raise UserError(f"--points must lie in [2, 200] (got {points})")
     if not 0 < tol < 1 or time_limit <= 0:
         raise UserError("--tol must lie in (0, 1) and --time-limit be positive")
-    spec = load_system(system)
-    m = build_model(spec)
-    check_feasible(m)
-    g_free = Bound.of(m).best_common(0.0, m.gamma_max)
-    # each sweep ends past the limit at which the best common rate fits once that limit no longer
-    # binds; the other limit stays as given (g_free itself may never fit under it)
-    g_lat = _best_common_that_fits(m.with_limits(latency_s=1e3 * m.T), g_free)
-    g_en = _best_common_that_fits(m.with_limits(energy_scale=energy_free_scale(m)), g_free)
-    t_vals = _sweep_values(min_latency_limit(m, m.gamma_max), min_latency_limit(m, g_lat), m.T, points)
-    e_vals = _sweep_values(min_energy_scale(m, m.gamma_max), min_energy_scale(m, g_en), 1.0, points)
-    sweeps = []
-    for name, values, make, xlabel, mark in (
-        ("T_max", t_vals, lambda x: m.with_limits(latency_s=x), "latency limit T_max [s]", m.T),
-        ("the energy budgets x", e_vals, lambda x: m.with_limits(energy_scale=x),
-         "energy budgets (factor on every E_k^max)", 1.0),
-    ):
-        if values is None:
-            rows, note = {meth: {"x": [], "objective": [], "gamma": []} for meth in chosen}, (
-                f"nothing to draw: no finite range of {name} found")
-        else:
-            err_console.print(f"sweeping {name} over [{values[0]:.4g}, {values[-1]:.4g}]", highlight=False)
-            rows = _sweep(m, chosen, values, make, tol, time_limit)
-            note = (f"nothing to draw: no method found a feasible point for {name} "
-                    f"in [{values[0]:.4g}, {values[-1]:.4g}]")
-        if not any(r["x"] for r in rows.values()):
-            err_console.print(f"warning: {note}", highlight=False)
-        sweeps.append((rows, xlabel, mark, note))
-    lat, en = sweeps[0][0], sweeps[1][0]
+    m = system_model(load_system(system))
+    result = tradeoff(m, chosen, points, tol, time_limit,
+                      report=lambda line: err_console.print(line, highlight=False))
     out.parent.mkdir(parents=True, exist_ok=True)
-    _plot(sweeps, m.w, out)
-    data = {"latency": lat, "energy": en, "weights": m.w.tolist(), "latency_limit_s": m.T}
-    _write_text(out.with_suffix(".json"), json.dumps(data, indent=1))
+    plot(result, out)
+    _write_text(out.with_suffix(".json"), json.dumps(result.data(), indent=1))
     err_console.print(f"wrote {out} and {out.with_suffix('.json')}", highlight=False)

@@ -107,10 +107,9 @@ def meter_for(cfg, plan, spec) -> Meter:
 
 
 def _system_model(spec):
-    from fedlodrop import planning
+    from fedlodrop.planning import system_model
 
-    make = getattr(planning, "system_model", None) or getattr(planning, "build_model")
-    return make(spec)
+    return system_model(spec)
 
 
 def shard_sizes(spec, n: int) -> list[int]:

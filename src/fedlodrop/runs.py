@@ -183,6 +183,12 @@ class RunFolder:
         return adapter, fold
 
 
+def run_folders(root: Path) -> list[RunFolder]:
+    """The run folders at or below `root` (those holding config.yaml and metrics.jsonl), by path."""
+    found = {p.parent for p in Path(root).rglob(METRICS) if (p.parent / CONFIG).is_file()}
+    return [RunFolder(p) for p in sorted(found)]
+
+
 # -------------------------------------------------------------------- comparing two runs
 VOLATILE = ("wall_s", "timing", "flower")  # time, and an engine's own details (Flower node ids, count_bytes)
 

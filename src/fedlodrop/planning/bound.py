@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import nnls
 
-from fedlodrop.planning.system import BoundSpec
+from fedlodrop.planning.spec import BoundSpec
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedlodrop.planning.bound import Bound
 from fedlodrop.planning.feasibility import allocate, min_bandwidth
-from fedlodrop.planning.system import SystemModel, SystemSpec, as_model, build_model, load_file, validate
+from fedlodrop.planning.spec import SystemSpec, load_file, validate
+from fedlodrop.planning.system import SystemModel, as_model, system_model
 
 _BIND_TOL = 1e-6  # a constraint counts as binding within this relative distance of its limit
 
@@ -78,7 +79,7 @@ class Plan(BaseModel):
         Path(path).write_text(self.to_json() + "\n")
 
     def model(self) -> SystemModel:
-        return build_model(self.system)
+        return system_model(self.system)
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -112,7 +113,7 @@ def make_plan(
     """Resources for the rates: B_k = beta_k(gamma_k) plus a pro-rata share of any spare band
     (or the given `bandwidth`), then the energy-minimal p_k, f_k; latency and energy recomputed
     from SPEC 3's formulas. The caller guarantees that the rates fit."""
-    m = m or build_model(spec)
+    m = m or system_model(spec)
     ks = np.arange(m.K)
     g = np.asarray(gamma, dtype=float)
     beta = min_bandwidth(m, ks, g)

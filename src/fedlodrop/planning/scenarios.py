@@ -1,0 +1,73 @@
+"""Realistic random systems (`fedlodrop system random`): devices in a cell, random budgets, and a
+latency limit placed where the dropout rates matter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedlodrop.errors import UserError
+from fedlodrop.planning.bound import Bound
+from fedlodrop.planning.feasibility import min_latency_limit
+from fedlodrop.planning.spec import CellSpec, DeviceSpec, PayloadSpec, RoundSpec, SystemSpec
+from fedlodrop.planning.system import system_model
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def random_system(
+    devices: int,
+    seed: int = 0,
+    *,
+    model: str = "roberta-large",
+    samples_total: int = 6000,
+    bandwidth_hz: float = 10e6,
+    local_epochs: float = 1.0,
+    energy_range: tuple[float, float] = (0.6, 1.3),
+    latency_s: float | None = None,
+    latency_position: float = 0.5,
+) -> SystemSpec:
+    """K devices uniform in the cell, Rayleigh fading, samples split by a Dirichlet(4) draw.
+
+    Energy budgets are a random factor in `energy_range` times what the device spends computing
+    at f_max and uploading at P_max over an equal share of the band, so budgets below 1 force a
+    device to slow down. Unless `latency_s` is given, T_max sits at `latency_position` between
+    the smallest limit feasible at gamma_max and the one at which the unconstrained optimum
+    rate (the same for all devices) fits: the weakest devices then need higher rates.
+    """
+    if devices < 1:
+        raise UserError(f"--devices must be at least 1 (got {devices})")
+    rng = np.random.default_rng(seed)
+    radius = CellSpec().radius_m
+    dist = np.maximum(radius * np.sqrt(rng.uniform(size=devices)), 20.0)
+    shares = rng.dirichlet(np.full(devices, 4.0))
+    samples = np.maximum(1, np.round(shares * samples_total)).astype(int)
+    factors = rng.uniform(*energy_range, size=devices)
+    devs = [
+        DeviceSpec(name=f"dev{k}", samples=int(samples[k]), distance_m=_sig(dist[k]), energy_budget_j=1.0)
+        for k in range(devices)
+    ]
+    spec = SystemSpec(
+        devices=devs,
+        cell=CellSpec(bandwidth_hz=bandwidth_hz, seed=seed),
+        round=RoundSpec(latency_s=1.0, local_epochs=local_epochs),
+        payload=PayloadSpec(model=model),
+    )
+    m = system_model(spec)
+    ks = np.arange(devices)
+    e_full = m.kappa * m.cycles(0.0, ks) * m.fmax**2
+    e_full += m.P * m.uplink_bits(0.0, ks) / m.rate(m.B_tot / devices, m.P, ks)
+    for k, dev in enumerate(spec.devices):
+        dev.energy_budget_j = _sig(factors[k] * e_full[k])
+    if latency_s is None:
+        m = system_model(spec)
+        g_free = Bound.of(m).best_common(0.0, m.gamma_max)
+        t_lo = min_latency_limit(m, m.gamma_max)
+        t_hi = min_latency_limit(m, g_free)
+        latency_s = _sig(t_lo + latency_position * (t_hi - t_lo), 5)
+        if latency_s <= t_lo:
+            latency_s = _sig(t_lo * 1.0001, 6)
+    spec.round.latency_s = float(latency_s)
+    return spec
