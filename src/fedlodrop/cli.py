@@ -123,6 +123,39 @@ def sweep(
 
 @app.command()
 @user_errors
+def compare(
+    system: Annotated[Path, typer.Argument(help="system YAML (devices, cell, latency limit, energy budgets)")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="training seeds per method (base: config seed)")] = 3,
+    methods: Annotated[
+        str, typer.Option(help="comma-separated: bnb, psca, fixed, equal-bandwidth, none, unplanned")
+    ] = "bnb,psca,fixed,equal-bandwidth,none,unplanned",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="folder (default runs/compare-...)")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="runs in parallel processes")] = 1,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads per run (default: CPUs / jobs)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Plan the system with every method, train each plan over seeds on the simulated clock, and
+    tabulate accuracy, gap, rounds, simulated time and energy, bytes and dropped devices."""
+    from fedlodrop.comparison import compare as run_compare
+    from fedlodrop.comparison import write_table
+    from fedlodrop.config import load_config
+
+    _offline_env()
+    cfg = load_config(config, set_ or [])
+    out = out or Path("runs") / f"compare-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    err_console.print(f"fedlodrop compare: task {cfg.task}, system {system}, methods {', '.join(chosen)}, "
+                      f"{seeds} seed(s) -> {out}", highlight=False)
+    results = run_compare(cfg, system, out, chosen, seeds, jobs, threads, console=err_console,
+                          show_progress=not quiet)
+    out_console.print(write_table(results, out / "compare.md", out / "compare.csv", cfg, system), highlight=False)
+    err_console.print(f"wrote {out / 'compare.md'}, compare.csv and compare.png", highlight=False)
+
+
+@app.command()
+@user_errors
 def report(
     folder: Annotated[Path, typer.Argument(help="a sweep folder (or any folder of run folders)")],
     out_prefix: Annotated[

@@ -197,3 +197,34 @@ def round_costs(
         energy = m.kappa * W * f**2 + p * t_up
         out.append((latency, energy if math.isfinite(energy) else math.inf))
     return out
+
+
+def as_is_plan(spec: SystemSpec, gamma: Sequence[float], method: str, reason: str,
+               m: SystemModel | None = None) -> Plan:
+    """What a method does when its rates cannot meet the limits: its rates with an equal share of
+    the band, full power and full CPU frequency (the fastest a device can go without a plan that
+    fits), marked infeasible. Trained as is, the devices that still miss a limit are dropped each
+    round (`system.enforce: drop`), as in a real deployment."""
+    m = m or system_model(spec)
+    g = np.asarray(gamma, dtype=float)
+    B = np.full(m.K, m.B_tot / m.K)
+    lat, en = m.latency_energy(g, B, m.P, m.fmax)
+    bound = Bound.of(m)
+    devices = []
+    for k in range(m.K):
+        compute = float(m.cycles(g[k], k) / m.fmax[k])
+        t_dn = float(m.downlink_time(g[k], k))
+        devices.append(PlanDevice(
+            index=k, name=m.names[k], gamma=float(g[k]), bandwidth_hz=float(B[k]), power_w=float(m.P[k]),
+            frequency_hz=float(m.fmax[k]), latency_s=float(lat[k]), energy_j=float(en[k]), compute_s=compute,
+            upload_s=float(lat[k]) - compute - t_dn, downlink_s=t_dn, uplink_bits=float(m.uplink_bits(g[k], k)),
+            binding=[name for name, broken in (("latency", lat[k] > m.T), ("energy", en[k] > m.E[k])) if broken],
+        ))
+    totals = {"bandwidth_used_hz": float(B.sum()), "bandwidth_total_hz": m.B_tot, "latency_limit_s": m.T,
+              "round_latency_s": float(lat.max()), "energy_total_j": float(en.sum()),
+              "devices_over_limits": [d.index for d in devices if d.binding]}
+    return Plan(
+        method=method, objective=float(bound.value(g)), feasible=False, emp=float(bound.emp(g)),
+        gap=float(bound.gap(g)), sparsity=float(bound.sparsity(g)), devices=devices,
+        solver=SolverStats(status=f"infeasible: {reason}"), totals=totals, system=spec,
+    )
