@@ -378,7 +378,9 @@ def run_points(
     The runner of `fedlodrop sweep` and of the benchmarks. Every check is made before anything is
     written: `jobs`/`threads`, `out`, and the folders already there (a finished or interrupted run
     must hold the point's config, `train.threads` aside; anything else must be a run folder).
-    With `axes`, `out/sweep.json` records the grid for `fedlodrop report`.
+    With `axes`, `out/sweep.json` records the grid for `fedlodrop report`. With `jobs` > 1 the
+    workers are spawned, so a script that calls this must guard its entry point
+    (`if __name__ == "__main__":`): each worker imports the script's module again.
     """
     from rich.console import Console
 
