@@ -7,8 +7,8 @@ the majority class). QNLI ships only its dev split here, so its first 3,000 shuf
 (seed 0) serve as the training file and the other 2,463 as validation (written to
 bench_out/glue-qnli). CoLA and STS-B are not in ../shared/data/glue, so they are not measured.
 The runs go through `fedlodrop.sweep.run_points` (finished ones reused, interrupted ones resumed)
-into bench_out/defaults-glue[-<override>...]; the last column, s, is each run's time (its rounds'
-wall time when reused) plus scoring its final model.
+into bench_out/defaults-glue[-<override>...], then their final models are scored, `--jobs` at a
+time; the last column, s, is each run's time (its rounds' wall time when reused) plus scoring it.
 
 `--pooler` prints, without training, the packaged MiniLM's pooler as stored (an untrained one:
 bias 0, small weights) and how much each input a head could read varies across sentences.
@@ -20,9 +20,11 @@ bias 0, small weights) and how much each input a head could read varies across s
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import random
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from _tables import GLUE, Point, header, point
@@ -128,7 +130,11 @@ def main() -> None:
     name = "defaults-glue" + "".join(f"-{e.replace('=', '-').replace('.', '_')}" for e in args.extra)
     # threads=None: each point's config already holds train.threads (before the --set items, as it always did)
     outcomes = run_points(pts, ROOT / "bench_out" / name, jobs=args.jobs, threads=None, show_progress=False)
-    results = [score(o) for o in outcomes]
+    if args.jobs == 1:
+        results = [score(o) for o in outcomes]
+    else:  # score the final models in parallel too, as the runs were
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(score, outcomes))
     lines = [("| task | seed | head | metric | round 1 | round 2 | round 3 | MCC (final) | predicted positive | positive "
              "| left the majority class | s |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
