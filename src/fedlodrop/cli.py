@@ -97,14 +97,27 @@ def sweep(
         Optional[Path],
         typer.Option("--out", "-o", help="sweep folder; the same one again continues it (default runs/...)"),
     ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option("--jobs", "-j", help="runs at once, each in its own process; a line per start and end"),
+    ] = 1,
+    threads: Annotated[
+        Optional[int],
+        typer.Option(
+            "--threads",
+            help="torch threads per run (sets train.threads); default: the config's train.threads, else "
+            "CPUs / jobs (at least 1) with --jobs > 1, torch's own choice with one job",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """One run per grid point and seed (finished ones reused), then a table, CSV and plot against the rate."""
     from fedlodrop.config import load_config
     from fedlodrop.report import build_report
-    from fedlodrop.sweep import expand_grid, make_axes, run_sweep
+    from fedlodrop.sweep import check_jobs, expand_grid, make_axes, run_sweep
 
     _offline_env()
+    check_jobs(jobs, threads)
     cfg = load_config(config, set_ or [])
     axes = make_axes(rates, vary or [])
     if not axes and seeds == 1:
@@ -114,10 +127,11 @@ def sweep(
     n = len(expand_grid(cfg, axes, seeds))
     grid = " x ".join(f"{a.key} ({len(a.values)})" for a in axes) or "no varied key"
     err_console.print(
-        f"fedlodrop sweep: task {cfg.task}, model {cfg.model}, {grid}, {seeds} seed(s): {n} runs -> {out}",
+        f"fedlodrop sweep: task {cfg.task}, model {cfg.model}, {grid}, {seeds} seed(s): {n} runs"
+        + (f", {jobs} at a time" if jobs > 1 else "") + f" -> {out}",
         highlight=False,
     )
-    run_sweep(cfg, axes, seeds, out, console=err_console, show_progress=not quiet)
+    run_sweep(cfg, axes, seeds, out, console=err_console, show_progress=not quiet, jobs=jobs, threads=threads)
     build_report(out, console=out_console)
 
 

@@ -1,8 +1,9 @@
 """Tables and plots from run folders: what `fedlodrop sweep` prints at its end, and `fedlodrop report`.
 
-Input: a folder whose sub-folders are run folders (config.yaml + summary.json); unfinished ones
-(no summary.json) are skipped. The varied keys are the ones `sweep.json` names (in its order), then
-any other config key whose value differs between the runs (`seed` aside: seeds are repetitions).
+Input: a folder whose sub-folders are run folders (config.yaml + summary.json), read through
+`fedlodrop.runs.RunFolder`; unfinished ones (no summary.json) are skipped. The varied keys are the
+ones `sweep.json` names (in its order), then any other config key whose value differs between the
+runs (`seed` aside: seeds are repetitions).
 
 Outputs, for a prefix P (default `DIR/sweep`):
 
@@ -29,6 +30,7 @@ from typing import Any
 import yaml
 
 from fedlodrop.errors import UserError
+from fedlodrop.runs import RunFolder
 from fedlodrop.sweep import MANIFEST, REUSE_IGNORED, flatten, format_value, read_manifest
 
 # Fields of a run row that are aggregated across seeds, with their table headings.
@@ -108,14 +110,28 @@ def _num(x: Any) -> float | None:
 
 
 def _read_run(path: Path) -> tuple[dict, dict] | None:
+    """A finished run's summary and flattened config, read through RunFolder; None if unreadable."""
+    folder = RunFolder(path)
     try:
-        summary = json.loads((path / "summary.json").read_text())
-        cfg = yaml.safe_load((path / "config.yaml").read_text())
-    except (OSError, ValueError, yaml.YAMLError):
+        summary = folder.summary()
+        cfg = folder.config()
+    except (OSError, ValueError, UserError, yaml.YAMLError):
         return None
-    if not isinstance(summary, dict) or not isinstance(cfg, dict) or "main_metric" not in summary:
+    if not isinstance(summary, dict) or "main_metric" not in summary:
         return None
-    return summary, cfg
+    return summary, flatten(cfg.model_dump(mode="json"))
+
+
+def run_row(path: Path, values: dict[str, Any]) -> RunRow:
+    """One finished run folder as a report row whose grid point is `values` (any labels, e.g. a
+    benchmark's own); raises UserError if the folder holds no readable finished run."""
+    read = _read_run(Path(path))
+    if read is None:
+        raise UserError(f"{path} holds no readable finished run (summary.json and config.yaml)")
+    summary, flat = read
+    row = _row(Path(path).name, summary, flat, [])
+    row.values = dict(values)
+    return row
 
 
 def _row(name: str, summary: dict, flat: dict, keys: list[str]) -> RunRow:
@@ -176,16 +192,17 @@ def collect(folder: Path) -> Report:
         raise UserError(f"{folder} is not a folder")
     runs, skipped = [], []
     for path in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if not (path / "summary.json").is_file():
-            if (path / "config.yaml").is_file():
+        run = RunFolder(path)
+        if not run.finished:
+            if run.started:
                 skipped.append(path.name)
             continue
         read = _read_run(path)
         if read is None:
             skipped.append(path.name)
             continue
-        summary, cfg = read
-        runs.append((path.name, summary, flatten(cfg)))
+        summary, flat = read
+        runs.append((path.name, summary, flat))
     if not runs:
         raise UserError(f"no finished run folders (with summary.json) in {folder}")
 
@@ -429,4 +446,4 @@ def build_report(folder: Path, prefix: Path | str | None = None, console=None) -
     return rep
 
 
-__all__ = ["MANIFEST", "Group", "Report", "RunRow", "build_report", "collect", "plot", "table"]
+__all__ = ["MANIFEST", "Group", "Report", "RunRow", "build_report", "collect", "plot", "run_row", "table"]

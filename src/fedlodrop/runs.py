@@ -67,6 +67,11 @@ class RunFolder:
     def finished(self) -> bool:
         return (self.path / SUMMARY).is_file()
 
+    @property
+    def started(self) -> bool:
+        """A run was started here (`start` wrote its config.yaml): a run folder, finished or not."""
+        return (self.path / CONFIG).is_file()
+
     def rounds_done(self) -> int:
         pointer = self.path / POINTER
         return json.loads(pointer.read_text())["rounds_done"] if pointer.is_file() else 0

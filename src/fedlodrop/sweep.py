@@ -11,8 +11,13 @@ Every grid point is validated before anything is written. Each run goes to
 `DIR/<key>=<value>__...__seed=<s>` (readable, filesystem-safe). A folder holding `summary.json`
 is a finished run and is reused (after checking that its config is the one this sweep asks for),
 so an interrupted sweep continues where it stopped; an interrupted run continues from its last
-checkpointed round (`engine.resume`), and one killed before its first round is run again. `DIR/sweep.json` records the grid, so `fedlodrop report DIR` knows which
-key is the x axis.
+checkpointed round (`engine.resume`), and one killed before its first round is run again.
+`DIR/sweep.json` records the grid, so `fedlodrop report DIR` knows which key is the x axis.
+
+`--jobs N` runs N points at once, each in its own (spawned) process with `train.threads` fixed
+(`--threads T`; default: the config's, else the CPUs shared out, at least 1 each), one line as a
+run starts and one as it ends. Each run's result depends only on its config, never on N.
+Folders are read only through `RunFolder`; the training engine is called only by `_run_one`.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
 import shutil
-from dataclasses import dataclass
+import time
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +82,7 @@ class Outcome:
     path: Path
     summary: dict
     reused: bool
+    seconds: float | None = None  # how long the run took here (None: reused)
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -249,38 +258,39 @@ def config_differences(saved: dict, cfg: RunConfig) -> list[str]:
     ]
 
 
-def is_finished(path: Path) -> bool:
-    return (path / "summary.json").is_file()
-
-
-def is_resumable(path: Path) -> bool:
-    """An interrupted run with at least one complete round checkpointed."""
-    return not is_finished(path) and RunFolder(path).rounds_done() > 0
+def _saved_config(folder: RunFolder, what: str) -> dict:
+    """A reused or resumed run's config, as RunFolder reads it (validated; folders from before
+    `pooling` read as `pooling: cls`), as a tree to compare with the sweep's."""
+    if not folder.started:
+        raise UserError(f"{what} {folder.path} has no readable config.yaml; remove it to re-run")
+    try:
+        return folder.config().model_dump(mode="json")
+    except (OSError, ValueError, yaml.YAMLError):
+        raise UserError(f"{what} {folder.path} has no readable config.yaml; remove it to re-run") from None
+    except UserError as err:
+        raise UserError(f"{what} {folder.path} has a config.yaml this version does not accept ({err}); "
+                        "remove it to re-run") from None
 
 
 def check_folders(out: Path, points: list[Point]) -> None:
     """Before any run: finished folders must hold this sweep's config; others must be run folders."""
     for p in points:
-        path = out / p.name
+        folder = RunFolder(out / p.name)
+        path = folder.path
         if not path.exists():
             continue
         if not path.is_dir():
             raise UserError(f"{path} exists and is not a folder; remove it or choose another --out")
-        if is_finished(path) or is_resumable(path):
-            what = "finished run" if is_finished(path) else "interrupted run"
-            try:
-                saved = yaml.safe_load((path / "config.yaml").read_text())
-            except (OSError, yaml.YAMLError):
-                msg = f"{what} {path} has no readable config.yaml; remove it to re-run"
-                raise UserError(msg) from None
-            diff = config_differences(saved, p.cfg)
+        if folder.finished or folder.rounds_done() > 0:
+            what = "finished run" if folder.finished else "interrupted run"
+            diff = config_differences(_saved_config(folder, what), p.cfg)
             if diff:
                 shown = ", ".join(diff[:5]) + (" ..." if len(diff) > 5 else "")
                 raise UserError(
                     f"{what} {path} was made with another configuration (differs in {shown}); "
                     "remove it or choose another --out"
                 )
-        elif any(path.iterdir()) and not (path / "config.yaml").is_file():
+        elif any(path.iterdir()) and not folder.started:
             raise UserError(f"{path} exists but is not a run folder; remove it or choose another --out")
 
 
@@ -311,6 +321,32 @@ def read_manifest(out: Path) -> dict | None:
 # ---------------------------------------------------------------------------- running
 
 
+def cpu_count() -> int:
+    """CPUs this process may use (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_jobs(jobs: int, threads: int | None) -> None:
+    if not isinstance(jobs, int) or jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise UserError(f"--threads must be at least 1, got {threads}")
+
+
+def run_threads(cfg: RunConfig, jobs: int, threads: int | None) -> RunConfig:
+    """`cfg` with the torch thread count its run uses: `threads` when given; else the config's own
+    `train.threads` when set; else, with several jobs, the CPUs shared out (at least 1 each);
+    else (one job) torch's default, `train.threads` left unset."""
+    if threads is None:
+        if cfg.train.threads is not None or jobs == 1:
+            return cfg
+        threads = max(1, cpu_count() // jobs)
+    return cfg if cfg.train.threads == threads else with_overrides(cfg, {"train.threads": threads})
+
+
 def run_sweep(
     base: RunConfig,
     axes: list[Axis],
@@ -318,24 +354,52 @@ def run_sweep(
     out: Path,
     console=None,
     show_progress: bool = True,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> list[Outcome]:
-    """Validate the whole grid, then run (or reuse) every point in `out`."""
+    """Validate the whole grid, then run (or reuse) every point in `out`, `jobs` at a time."""
+    check_jobs(jobs, threads)
+    points = expand_grid(base, axes, seeds)
+    return run_points(points, out, jobs, threads, console, show_progress, axes=axes)
+
+
+def run_points(
+    points: list[Point],
+    out: Path,
+    jobs: int = 1,
+    threads: int | None = None,
+    console=None,
+    show_progress: bool = True,
+    axes: list[Axis] | None = None,
+) -> list[Outcome]:
+    """Run (or reuse, or resume) each point in `out / point.name`, in point order with one job,
+    else in `jobs` processes; returns one Outcome per point, in point order.
+
+    The runner of `fedlodrop sweep` and of the benchmarks. Every check is made before anything is
+    written: `jobs`/`threads`, `out`, and the folders already there (a finished or interrupted run
+    must hold the point's config, `train.threads` aside; anything else must be a run folder).
+    With `axes`, `out/sweep.json` records the grid for `fedlodrop report`. With `jobs` > 1 the
+    workers are spawned, so a script that calls this must guard its entry point
+    (`if __name__ == "__main__":`): each worker imports the script's module again.
+    """
     from rich.console import Console
 
-    from fedlodrop import engine
-
+    check_jobs(jobs, threads)
     console = console or Console(stderr=True)
     out = Path(out)
-    points = expand_grid(base, axes, seeds)
+    points = [replace(p, cfg=run_threads(p.cfg, jobs, threads)) for p in points]
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     check_folders(out, points)
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    write_manifest(out, axes, points, sorted({p.seed for p in points}))
+    if axes is not None:
+        write_manifest(out, axes, points, sorted({p.seed for p in points}))
     try:
-        return _run_points(points, out, console, show_progress, engine.run, engine.resume)
+        if jobs == 1:
+            return _run_in_process(points, out, console, show_progress)
+        return _run_in_processes(points, out, console, jobs)
     except UserError:
         # e.g. the data or the model is missing: found by the first run's preparation, before it
         # wrote anything. Leave no empty sweep folder behind.
@@ -344,30 +408,127 @@ def run_sweep(
         raise
 
 
-def _run_points(points: list[Point], out: Path, console, show_progress: bool, run, resume) -> list[Outcome]:
-    outcomes: list[Outcome] = []
+def _run_one(point: Point, path: Path, resume: bool, console=None, show_progress: bool = True) -> dict:
+    """The one place that calls the training engine: run `point` into the empty (or absent) folder
+    `path`, or continue the interrupted run there from its last complete round. Returns its summary."""
+    from fedlodrop import engine
+
+    if resume:
+        return engine.resume(path, console=console, show_progress=show_progress)
+    return engine.run(point.cfg, path, console=console, show_progress=show_progress)
+
+
+def _start(point: Point, path: Path, tag: str, console) -> bool | None:
+    """What to do with a point's folder, said in one line: None: reuse it (finished); True: resume
+    it; False: run it (an interrupted run with no complete round is removed first)."""
+    folder = RunFolder(path)
+    if folder.finished:
+        console.print(f"{tag}: finished earlier, reused", highlight=False)
+        return None
+    done = folder.rounds_done()
+    if done > 0:
+        console.print(f"{tag}: interrupted after round {done}, resuming", highlight=False)
+        return True
+    if path.exists():
+        console.print(f"{tag}: interrupted before its first round, running again", highlight=False)
+        shutil.rmtree(path)
+    else:
+        console.print(f"{tag}: running", highlight=False)
+    return False
+
+
+def _finished(tag: str, summary: dict, console, seconds: float | None = None) -> None:
+    main = summary.get("main_metric")
+    final = summary.get("final", {}).get(main, math.nan)
+    took = f" ({seconds:.0f} s)" if seconds is not None else ""
+    console.print(f"{tag}: final {main} {final:.4f}{took}", highlight=False)
+
+
+def _tags(points: list[Point]) -> list[str]:
     width = len(str(len(points)))
-    for i, p in enumerate(points, 1):
+    return [f"[{i:>{width}}/{len(points)}] {p.name}" for i, p in enumerate(points, 1)]
+
+
+def _run_in_process(points: list[Point], out: Path, console, show_progress: bool) -> list[Outcome]:
+    """One run after the other in this process, each printing its rounds."""
+    outcomes: list[Outcome] = []
+    for p, tag in zip(points, _tags(points)):
         path = out / p.name
-        tag = f"[{i:>{width}}/{len(points)}] {p.name}"
-        if is_finished(path):
-            summary = json.loads((path / "summary.json").read_text())
-            console.print(f"{tag}: finished earlier, reused", highlight=False)
-            outcomes.append(Outcome(p, path, summary, reused=True))
+        resume = _start(p, path, tag, console)
+        if resume is None:
+            outcomes.append(Outcome(p, path, RunFolder(path).summary(), reused=True))
             continue
-        if is_resumable(path):
-            done = RunFolder(path).rounds_done()
-            console.print(f"{tag}: interrupted after round {done}, resuming", highlight=False)
-            summary = resume(path, console=console, show_progress=show_progress)
-        else:
-            if path.exists():
-                console.print(f"{tag}: interrupted before its first round, running again", highlight=False)
-                shutil.rmtree(path)
-            else:
-                console.print(f"{tag}: running", highlight=False)
-            summary = run(p.cfg, path, console=console, show_progress=show_progress)
-        main = summary.get("main_metric")
-        final = summary.get("final", {}).get(main, math.nan)
-        console.print(f"{tag}: final {main} {final:.4f}", highlight=False)
-        outcomes.append(Outcome(p, path, summary, reused=False))
+        t0 = time.perf_counter()
+        summary = _run_one(p, path, resume, console=console, show_progress=show_progress)
+        seconds = time.perf_counter() - t0
+        _finished(tag, summary, console)
+        outcomes.append(Outcome(p, path, summary, reused=False, seconds=seconds))
     return outcomes
+
+
+def _worker_init(filters: list) -> None:
+    """A spawned worker takes the parent's warning filters (the CLI hides other packages' notices)."""
+    warnings.filters[:] = filters
+
+
+def _worker(point: Point, path: Path, resume: bool) -> tuple[dict, float]:
+    """One run in a worker process: its rounds are not printed (parallel runs would interleave)."""
+    from rich.console import Console
+
+    t0 = time.perf_counter()
+    summary = _run_one(point, path, resume, console=Console(stderr=True, quiet=True), show_progress=False)
+    return summary, time.perf_counter() - t0
+
+
+def _run_in_processes(points: list[Point], out: Path, console, jobs: int) -> list[Outcome]:
+    """Up to `jobs` runs at once, each in its own spawned process, started in point order; one line
+    when a run starts and one when it ends. After a failure no new run starts; the running ones
+    finish, then the first failure is raised."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    outcomes: dict[int, Outcome] = {}
+    running: dict = {}  # future -> (index, tag)
+    failure: BaseException | None = None
+    pool = None
+
+    def collect() -> None:
+        """Wait for one run or more to end; record each outcome, or the first failure."""
+        nonlocal failure
+        done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+        for fut in done:
+            i, tag = running.pop(fut)
+            p = points[i]
+            try:
+                summary, seconds = fut.result()
+            except BaseException as err:  # noqa: BLE001 - re-raised below, after the others end
+                console.print(f"{tag}: failed", highlight=False)
+                failure = failure or err
+                continue
+            _finished(tag, summary, console, seconds)
+            outcomes[i] = Outcome(p, out / p.name, summary, reused=False, seconds=seconds)
+
+    try:
+        for i, (p, tag) in enumerate(zip(points, _tags(points))):
+            path = out / p.name
+            if RunFolder(path).finished:
+                _start(p, path, tag, console)
+                outcomes[i] = Outcome(p, path, RunFolder(path).summary(), reused=True)
+                continue
+            while len(running) >= jobs:
+                collect()
+            if failure is not None:
+                break
+            if pool is None:
+                pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=_worker_init, initargs=(list(warnings.filters),))
+            resume = _start(p, path, tag, console)
+            running[pool.submit(_worker, p, path, resume)] = (i, tag)
+        while running:
+            collect()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    if failure is not None:
+        raise failure
+    return [outcomes[i] for i in range(len(points))]
