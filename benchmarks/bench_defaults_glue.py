@@ -58,14 +58,12 @@ def score(outcome: Outcome) -> dict:
 
     from fedlodrop.client import predict
     from fedlodrop.data import make_loader
-    from fedlodrop.engine import load_global
+    from fedlodrop.experiment import load_run
 
     t0 = time.perf_counter()
     folder = RunFolder(outcome.path)
     summary, records = folder.summary(), folder.records()
-    exp, adapter = load_global(folder.path)  # sets torch's threads to the run's train.threads
-    exp.fm.set_view(None)
-    exp.fm.set_state(adapter)
+    exp = load_run(folder.path, eval_data=True).exp  # sets torch's threads to the run's train.threads
     loader = make_loader(exp.eval_set, exp.fm.tokenizer, 64, False, 0, sort_by_length=True)
     preds, labels, _ = predict(exp.fm, loader, False)
     main = summary["main_metric"]

@@ -63,19 +63,19 @@ def main() -> None:
                 out = tmp / f"{name}-{engine}"
                 wall = _run([sys.executable, "-m", "fedlodrop", *sub, "--quiet", "--out", str(out), *sets], env)
                 folders[engine] = out
-                m = RunFolder(out).metrics()
-                count = (sum(r["flower"]["uplink_count_bytes"] for r in m),
-                         sum(r["flower"]["downlink_count_bytes"] for r in m)) if engine == "flower" else None
+                m = RunFolder(out).records()
+                count = (sum(r.flower["uplink_count_bytes"] for r in m),
+                         sum(r.flower["downlink_count_bytes"] for r in m)) if engine == "flower" else None
                 summary = RunFolder(out).summary()
                 rows.append(
                     f"| {name} | {engine} | {wall:.1f} | {summary['final']['accuracy']:.4f} | "
-                    f"{sum(r['uplink_bytes'] for r in m):,} | {sum(r['downlink_bytes'] for r in m):,} | "
+                    f"{sum(r.uplink_bytes for r in m):,} | {sum(r.downlink_bytes for r in m):,} | "
                     + (f"{count[0]:,} / {count[1]:,} |" if count else "- |")
                 )
                 print(rows[-1], flush=True)
 
             worst, problems = compare(folders["in-process"], folders["flower"])
-            participants = [r.get("participants") for r in RunFolder(folders["flower"]).metrics()]
+            participants = [r.participants for r in RunFolder(folders["flower"]).records()]
             checks.append(
                 f"- {name}: largest |difference| over every adapter and base-delta tensor {worst:.3g}; "
                 f"metrics (losses, accuracies, bytes, per-device records) and summary "

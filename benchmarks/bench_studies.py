@@ -21,7 +21,6 @@ Run folders under bench_out/, tables and plots in docs/benchmarks/study-<name>.{
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -144,7 +143,7 @@ def decoders(args) -> None:
     import torch
     from conftest import write_polarity
 
-    from fedlodrop import engine
+    from fedlodrop.experiment import build
     from fedlodrop.config import validate
     from fedlodrop.model import resolve_model_path
     from fedlodrop.runs import RunFolder
@@ -171,7 +170,7 @@ def decoders(args) -> None:
             kind, rate, cfg = o.point.values["kind"], o.point.values["rate"], o.point.cfg
             rows = RunFolder(o.path).records()
             curves[f"{kind}, rate {rate}"] = [r.eval["accuracy"] for r in rows]
-            exp = engine.prepare(cfg, with_training=False)
+            exp = build(cfg, train_data=False)
             targets = sorted({m.name.rsplit(".", 1)[-1] for m in exp.fm.layout.modules})
             out_rows.append(
                 f"| {kind} | {', '.join(targets)} | {', '.join(k.split('.')[1] for k in exp.fm.layout.head_keys)} | "

@@ -99,3 +99,10 @@ def test_apply_masks_zeroes_columns_of_a_and_rows_of_b():
     drop_a, drop_b = ~masks[m.name].a_cols, ~masks[m.name].b_rows
     assert (out[m.key_a][:, drop_a] == 0).all() and (out[m.key_a][:, ~drop_a] != 0).all()
     assert (out[m.key_b][drop_b, :] == 0).all() and (out[m.key_b][~drop_b, :] != 0).all()
+
+
+@pytest.mark.parametrize("n,rate,kept", [(100, 0.29, 71), (32, 0.8, 6), (384, 0.3, 268), (10, 0.0, 10), (4, 0.99, 1)])
+def test_budget_sampler_never_keeps_more_than_one_minus_rate(n, rate, kept):
+    for seed in range(3):
+        keep = draw_keep(n, rate, "budget", np.random.default_rng(seed))
+        assert keep.sum() == kept and (kept <= (1 - rate) * n + 1e-9 or kept == 1)

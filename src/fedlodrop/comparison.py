@@ -12,9 +12,14 @@ federation trains with its plan, over several seeds, on the simulated clock and 
     none               no dropout, resources optimised
     unplanned          no planning at all: rate 0, equal bandwidth, full power and frequency
 
+Every run draws its masks with `dropout.sampler: budget` (ceil(rate n) rows and columns dropped),
+so a device never sends more than its plan priced: a plan sits on its latency limit, and
+Bernoulli masks would send more than the expected bytes about half the time and miss it.
+
 A method whose rates cannot meet the limits is trained as it would really behave (its rates, an
 equal share of the band, full power and frequency; devices that still miss a limit are dropped
-each round), never skipped. The result is one table (markdown and CSV) and one plot: the task's
+each round, and a round in which every device missed leaves the model as it was:
+`federation.min_devices: 0`), never skipped. The result is one table (markdown and CSV) and one plot: the task's
 metric, the generalization gap, rounds completed, simulated time and energy, bytes, and the
 devices dropped for missing a limit, mean and spread over seeds.
 """
@@ -87,13 +92,17 @@ def check(cfg: RunConfig, spec, system: Path, methods: list[str], seeds: int) ->
     if spec.round.local_epochs != cfg.federation.local_epochs:
         raise UserError(f"system {system} prices {spec.round.local_epochs:g} local epochs a round but "
                         f"federation.local_epochs is {cfg.federation.local_epochs:g}")
+    bits = {"float32": 32, "float16": 16, "bfloat16": 16}[cfg.federation.comm_dtype]
+    if spec.payload.bits_per_value != bits:
+        raise UserError(f"system {system} plans {spec.payload.bits_per_value:g} bits a value but "
+                        f"federation.comm_dtype {cfg.federation.comm_dtype} sends {bits}: the plans would not "
+                        f"fit what travels; set payload.bits_per_value or federation.comm_dtype")
 
 
 def compare(cfg: RunConfig, system: Path, out: Path, methods: list[str], seeds: int, jobs: int = 1,
             threads: int | None = None, console=None, show_progress: bool = True) -> list[MethodResult]:
     """Plan with every method, train each plan for `seeds` seeds, then tabulate and plot in `out`."""
     from fedlodrop.planning import load_system
-    from fedlodrop.runs import RunFolder
     from fedlodrop.sweep import Point, check_jobs, run_points
 
     system = Path(system).expanduser().resolve()
@@ -108,7 +117,7 @@ def compare(cfg: RunConfig, system: Path, out: Path, methods: list[str], seeds: 
     for seed in range(cfg.seed, cfg.seed + seeds):
         for method in methods:
             over = {"system.file": str(system), "plan": str(plans[method].resolve()) if plans[method] else None,
-                    "seed": seed}
+                    "seed": seed, "dropout.sampler": "budget", "federation.min_devices": 0}
             if method == UNPLANNED:
                 over["dropout.rate"] = 0.0
             point_cfg = with_overrides(cfg, over)

@@ -61,7 +61,8 @@ class FederationConfig(_Section):
         None, ge=1, description="devices sampled (from the seed) to train each round; null: all of them"
     )
     min_devices: int = Field(
-        1, ge=1, description="a round fails unless at least this many devices return a usable update"
+        1, ge=0, description="a round fails unless at least this many devices return a usable update; 0: a "
+        "round in which none did leaves the model as it was and the run goes on (what `compare` uses)"
     )
     time_budget_s: float | None = Field(
         None, gt=0, description="end the run before the round that would take the simulated clock past "
@@ -100,7 +101,11 @@ def _registered(key: str, value: str) -> str:
 
 class DropoutConfig(_Section):
     rate: float | list[float] = 0.0
-    sampler: Literal["bernoulli", "exact"] = "bernoulli"
+    sampler: Literal["bernoulli", "exact", "budget"] = Field(
+        "bernoulli", description="bernoulli: each row/column kept with probability 1 - rate (the paper); exact: "
+        "floor(rate n) dropped (the released code); budget: ceil(rate n) dropped, so a device never sends more "
+        "than (1 - rate) of a factor and a plan's bytes are never exceeded (what `fedlodrop compare` trains with)"
+    )
     variant: str = Field(
         "update",
         description="update: the forward pass uses the whole global adapter, only the kept rows/columns "

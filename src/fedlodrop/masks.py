@@ -20,7 +20,7 @@ from fedlodrop.rng import numpy_rng
 if TYPE_CHECKING:
     from fedlodrop.config import RunConfig
 
-Sampler = Literal["bernoulli", "exact"]
+Sampler = Literal["bernoulli", "exact", "budget"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ Masks = dict[str, ModuleMask]  # keyed by module name
 
 
 def draw_keep(n: int, rate: float, sampler: Sampler, rng: np.random.Generator) -> np.ndarray:
-    """Keep-vector of length n: i.i.d. Bernoulli(1 - rate), or exactly floor(rate n) drops.
+    """Keep-vector of length n: i.i.d. Bernoulli(1 - rate), or exactly floor(rate n) drops
+    (`exact`), or exactly ceil(rate n) drops (`budget`: never more kept than (1 - rate) n).
 
     At least one index is always kept, so no module loses its whole update.
     """
@@ -42,7 +43,10 @@ def draw_keep(n: int, rate: float, sampler: Sampler, rng: np.random.Generator) -
         if not keep.any():
             keep[rng.integers(n)] = True
         return keep
-    drops = min(math.floor(rate * n + 1e-9), n - 1)  # 0.29 * 100 is 28.999999999999996
+    if sampler == "budget":
+        drops = min(math.ceil(rate * n - 1e-9), n - 1)
+    else:
+        drops = min(math.floor(rate * n + 1e-9), n - 1)  # 0.29 * 100 is 28.999999999999996
     keep = np.ones(n, dtype=bool)
     keep[rng.choice(n, size=drops, replace=False)] = False
     return keep

@@ -186,6 +186,9 @@ class Server:
         """Aggregate; for a folding rule also the fold that travels, and what truncating it cost
         (|R - R_k|_F and its ratio to |R|_F; None when the fold is sent exactly)."""
         fed = self.cfg.federation
+        if not updates:  # federation.min_devices 0: a round nobody completed leaves the model as it was
+            self.state.rounds_done += 1
+            return None, (None, None)
         weights = device_weights(updates, fed.weighting)
         new_state, residuals = self.rule.aggregate(self.layout, self.state.global_state, updates, weights)
         self.state.global_state = clone_state(new_state)
