@@ -1,7 +1,7 @@
 """Calibrating SPEC 4's empirical term on a dropout sweep (`fedlodrop calibrate`).
 
 Every run folder below the sweep folder gives its dropout rate (`dropout.rate`, a number or a
-per-device list) and its final round's training error (`train_loss`, or 1 - a train metric); runs
+per-device list, or its plan's per-device rates) and its final round's training error (`train_loss`, or 1 - a train metric); runs
 that stopped before the others' last round are skipped (interrupted), runs with the same rate are
 averaged (seeds), and Emp(gamma) = e0 + c_emp gamma / (1 - gamma) is fitted by non-negative least
 squares (per-device rates enter through the mean of gamma_k / (1 - gamma_k)).
@@ -70,6 +70,10 @@ def read_final_round(folder: RunFolder, metric: str | None = None) -> FinalRound
     except yaml.YAMLError as err:
         raise UserError(f"{config}: not valid YAML: {str(err).splitlines()[0]}") from None
     rate = cfg.dropout.rate
+    if cfg.plan is not None:  # the plan's per-device rates are the ones the run trained with
+        from fedlodrop.planning import load_plan
+
+        rate = [float(g) for g in load_plan(cfg.plan).gammas]
     try:
         records = folder.records()
     except OSError as err:
