@@ -28,6 +28,7 @@ def random_system(
     energy_range: tuple[float, float] = (0.6, 1.3),
     latency_s: float | None = None,
     latency_position: float = 0.5,
+    payload: PayloadSpec | None = None,
 ) -> SystemSpec:
     """K devices uniform in the cell, Rayleigh fading, samples split by a Dirichlet(4) draw.
 
@@ -35,7 +36,9 @@ def random_system(
     at f_max and uploading at P_max over an equal share of the band, so budgets below 1 force a
     device to slow down. Unless `latency_s` is given, T_max sits at `latency_position` between
     the smallest limit feasible at gamma_max and the one at which the unconstrained optimum
-    rate (the same for all devices) fits: the weakest devices then need higher rates.
+    rate (the same for all devices) fits: the weakest devices then need higher rates. `payload`
+    replaces the model's default payload (e.g. the Q, head size and bits a training run really
+    sends), before budgets and limit are placed.
     """
     if devices < 1:
         raise UserError(f"--devices must be at least 1 (got {devices})")
@@ -53,7 +56,7 @@ def random_system(
         devices=devs,
         cell=CellSpec(bandwidth_hz=bandwidth_hz, seed=seed),
         round=RoundSpec(latency_s=1.0, local_epochs=local_epochs),
-        payload=PayloadSpec(model=model),
+        payload=payload or PayloadSpec(model=model),
     )
     m = system_model(spec)
     ks = np.arange(devices)
