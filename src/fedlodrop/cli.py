@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
@@ -114,6 +113,7 @@ def sweep(
     """One run per grid point and seed (finished ones reused), then a table, CSV and plot against the rate."""
     from fedlodrop.config import load_config
     from fedlodrop.report import build_report
+    from fedlodrop.runs import default_run_dir
     from fedlodrop.sweep import check_jobs, expand_grid, make_axes, run_sweep
 
     _offline_env()
@@ -123,7 +123,7 @@ def sweep(
     if not axes and seeds == 1:
         raise UserError("nothing to sweep: give --rates, --vary KEY=V1,V2,... or --seeds N")
     if out is None:
-        out = Path("runs") / f"sweep-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = default_run_dir(cfg, kind="sweep")
     n = len(expand_grid(cfg, axes, seeds))
     grid = " x ".join(f"{a.key} ({len(a.values)})" for a in axes) or "no varied key"
     err_console.print(
@@ -153,12 +153,13 @@ def compare(
     """Plan the system with every method, train each plan over seeds on the simulated clock, and
     tabulate accuracy, gap, rounds, simulated time and energy, bytes and dropped devices."""
     from fedlodrop.comparison import compare as run_compare
+    from fedlodrop.runs import default_run_dir
     from fedlodrop.comparison import write_table
     from fedlodrop.config import load_config
 
     _offline_env()
     cfg = load_config(config, set_ or [])
-    out = out or Path("runs") / f"compare-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = out or default_run_dir(cfg, kind="compare")
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     err_console.print(f"fedlodrop compare: task {cfg.task}, system {system}, methods {', '.join(chosen)}, "
                       f"{seeds} seed(s) -> {out}", highlight=False)

@@ -52,10 +52,13 @@ def _save_tensors(tensors: State, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def default_run_dir(cfg: RunConfig, tag: str = "") -> Path:
-    """runs/<task>-<rule>[-<tag>]-<time>: where a run goes when the user names no folder."""
-    parts = [cfg.task, cfg.federation.aggregation] + ([tag] if tag else []) + [time.strftime("%Y%m%d-%H%M%S")]
-    return Path("runs") / "-".join(parts)
+def default_run_dir(cfg: RunConfig, tag: str = "", kind: str = "") -> Path:
+    """Where output goes when the user names no folder: runs/<task>-<rule>[-<tag>]-<time> for a
+    run, runs/<kind>-<task>-<time> for a sweep or a comparison."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if kind:
+        return Path("runs") / f"{kind}-{cfg.task}-{stamp}"
+    return Path("runs") / "-".join([cfg.task, cfg.federation.aggregation] + ([tag] if tag else []) + [stamp])
 
 
 class RunFolder:
