@@ -57,12 +57,10 @@ def _cli(*args):
     return result
 
 
-def _node_cmd(fed_or_root, device: int, address: str | None = None, ca: Path | None = None) -> list[str]:
+def _node_cmd(root: Path, address: str, ca: Path, device: int) -> list[str]:
     """`fedlodrop flower supernode` for `device` of 2, with its registered key."""
-    if isinstance(fed_or_root, Federation):
-        fed_or_root, address, ca = fed_or_root.root, fed_or_root.address, fed_or_root.ca
     return fedlodrop_cmd("flower", "supernode", "--superlink", address, "--ca", ca,
-                         "--key", fed_or_root / "keys" / f"device{device}_key", "--device", device,
+                         "--key", root / "keys" / f"device{device}_key", "--device", device,
                          "--devices", 2, "--port", launch.free_port())
 
 
@@ -83,7 +81,7 @@ def federation(tmp_path_factory):
         reg = subprocess.run(fedlodrop_cmd("flower", "register", "--superlink", address, "--ca", ca, *keys),
                              env=ws.env, capture_output=True, text=True, timeout=HANG_S, check=False)
         assert reg.returncode == 0 and reg.stderr.count("registered") == 2, reg.stderr
-        nodes = [ws.spawn(f"node{k}", _node_cmd(root, k, address, ca)) for k in range(2)]
+        nodes = [ws.spawn(f"node{k}", _node_cmd(root, address, ca, k)) for k in range(2)]
         yield Federation(root, ws, address, ca, nodes)
     finally:
         left = ws.stop_all()
@@ -178,9 +176,10 @@ def test_a_killed_supernode_is_left_out_then_too_few_devices_fail(federation, ti
     # ClientApp raises: with min_devices 2 round 1 cannot stand
     federation.ws.env, env = federation.ws.env | {TEST_RAISE_ENV: "1"}, federation.ws.env
     try:
-        back = federation.ws.spawn("node1-back", _node_cmd(federation, 1))
+        back = federation.ws.spawn("node1-back", _node_cmd(federation.root, federation.address, federation.ca, 1))
     finally:
         federation.ws.env = env
+    wait_for_text(back.log, "SuperNode ID:", proc=back.popen)  # let in again (fails at once if refused)
     strict = write_config(_cfg(tiny_bert, polarity_dir, **{"federation.min_devices": 2}), tmp_path / "strict.yaml")
     res = subprocess.run(federation.run(strict, tmp_path / "strict"), env=federation.ws.env,
                          capture_output=True, text=True, timeout=HANG_S, check=False)
