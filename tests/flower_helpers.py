@@ -12,6 +12,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 SRC = Path(__file__).resolve().parents[1] / "src"  # this checkout's fedlodrop
 SUPERLINK_NODE = 1  # the node id Flower's SuperLink signs its own error replies with
+# Real Flower runs in the tests: every wait ends on an event (a reply, a line, an exit), never on
+# the clock. A round or discovery timeout is only how long a live device may take (a ClientApp
+# process that imports torch and builds the model, on a slow shared machine): far above what any
+# test needs, so it never decides what happens. HANG_S only stops a test that hangs.
+LIVE_DEVICE_S = 600.0
+HANG_S = 1800.0
 
 
 class FakeGrid(Grid):
@@ -136,8 +142,26 @@ def write_config(cfg, path: Path) -> Path:
     return path
 
 
-def assert_no_processes_left(tmp: Path, timeout: float = 20.0) -> None:
-    """No process (or descendant of one) mentions `tmp` in its command line or environment."""
+def wait_for_text(path: Path, text: str, start: int = 0, proc=None, timeout: float = HANG_S) -> int:
+    """Until `text` is in the file at `path` after character `start`; its position. Fails at once
+    if `proc` (a Popen) has ended first; `timeout` only ends a hang."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        content = path.read_text() if path.is_file() else ""
+        if (at := content.find(text, start)) >= 0:
+            return at
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{text!r} not in {path}; the process ended with code {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not in {path} after {timeout:g} s (a hang)")
+        time.sleep(0.1)
+
+
+def assert_no_processes_left(tmp: Path, timeout: float = 120.0) -> None:
+    """No process (or descendant of one) mentions `tmp` in its command line or environment
+    (waits while some are still exiting; `timeout` only ends a hang)."""
     import time
 
     from fedlodrop.flower.launch import processes_of

@@ -37,6 +37,7 @@ def check_same_model(got: dict, ref: np.ndarray, accuracy: float, labels: list[i
     assert np.mean(got["logits"].argmax(1) == np.asarray(labels)) == pytest.approx(accuracy)
 
 
+@pytest.mark.slow  # trains the packaged MiniLM (fedit_run / fedex_run)
 def test_fedit_exports_merged_and_peft_that_load_without_fedlodrop(fedit_run, glue, tmp_path):
     """The default head on MiniLM reads mean-pooled states: both formats ship the modeling file."""
     run_dir, cfg = fedit_run
@@ -69,6 +70,7 @@ def test_fedit_exports_merged_and_peft_that_load_without_fedlodrop(fedit_run, gl
     assert "trust_remote_code" in got["untrusted"]["refused"]  # never silently BERT's [CLS] head
 
 
+@pytest.mark.slow  # trains the packaged MiniLM (fedit_run / fedex_run)
 def test_fedex_exports_merged_and_exact_peft(fedex_run, glue, tmp_path):
     run_dir, cfg = fedex_run
     rows = dev_rows(glue, "SST-2")
@@ -139,6 +141,7 @@ def _one_error_line(result, needle):
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
 
 
+@pytest.mark.slow  # trains the packaged MiniLM (fedit_run / fedex_run)
 def test_export_errors_are_one_line_and_write_nothing(fedit_run, tmp_path):
     run_dir, _ = fedit_run
     invoke = lambda *args: CliRunner().invoke(app, ["export", *map(str, args)])
@@ -156,6 +159,7 @@ def test_export_errors_are_one_line_and_write_nothing(fedit_run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin", "full"]
 
 
+@pytest.mark.slow  # trains the packaged MiniLM (fedit_run / fedex_run)
 def test_export_into_an_empty_folder_works_and_a_failure_leaves_nothing(fedit_run, tmp_path, monkeypatch):
     import fedlodrop.export as export_mod
 

@@ -16,7 +16,7 @@ from fedlodrop.config import validate
 from fedlodrop.errors import RoundFailed
 from fedlodrop.flower import app as flower_app
 from fedlodrop.flower import strategy as flower_strategy
-from fedlodrop.flower.records import payload_bytes
+from fedlodrop.flower.records import content_task, payload_bytes
 from fedlodrop.flower.transport import Discovery, DiscoveryError
 
 
@@ -63,6 +63,18 @@ def test_partial_participation_fedex_equals_in_process(tiny_bert, polarity_dir, 
     for r in rows:
         assert r["flower"]["downlink_count_bytes"] > r["downlink_bytes"]
         assert r["flower"]["uplink_count_bytes"] > r["uplink_bytes"]
+
+
+def test_ffa_equals_in_process(tiny_bert, polarity_dir, tmp_path):
+    """FFA-LoRA's A never travels: each device rebuilds it from the seed, as `fedlodrop run` does
+    (the only Flower run in which the ClientApp's own seeded initial adapter matters)."""
+    cfg = _cfg(tiny_bert, polarity_dir, **{"federation.devices": 2, "federation.rounds": 2,
+                                          "federation.aggregation": "ffa"})
+    engine.run(cfg, tmp_path / "inproc", show_progress=False)
+    grid = _serve(cfg, tmp_path / "flower")
+    assert_same_run(tmp_path / "inproc", tmp_path / "flower")
+    tasks = [content_task(m.content) for m in grid.pushed if m.metadata.message_type == "train"]
+    assert len(tasks) == 4 and not any(k.endswith("lora_A") for t in tasks for k in t.adapter), "an A travelled"
 
 
 def test_bytes_are_counted_from_the_messages(tiny_bert, polarity_dir, tmp_path, monkeypatch):

@@ -153,8 +153,16 @@ def test_rates_rise_as_latency_or_energy_tighten():
 
 
 def test_bnb_reports_an_honest_gap_when_stopped_early():
+    """Stopped by its node budget, which stops it at the same point on any machine (a 1 ms time
+    limit stopped it before the first box, or later on a faster one): the gap runs from the
+    incumbent down to a lower bound that counts the open boxes. A time limit already passed
+    stops it before the first box."""
     m = system_model(random_system(6, seed=1))
-    res = solve_bnb(m, time_limit=1e-3)
-    assert res.stats.status == "limit"
+    res = solve_bnb(m, max_nodes=1)
+    assert res.stats.status == "limit" and res.stats.nodes == 1 and res.stats.open_boxes > 0
     assert res.stats.lower_bound <= res.objective and res.stats.gap == pytest.approx(
         res.objective - res.stats.lower_bound)
+    assert 0 < res.stats.gap < math.inf  # open boxes below the incumbent: not optimal, not unbounded
+    timed = solve_bnb(m, time_limit=0.0)
+    assert timed.stats.status == "limit" and timed.stats.nodes == 0
+    assert timed.stats.lower_bound <= timed.objective

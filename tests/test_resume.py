@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 from fedlodrop.cli import app
 
 VOLATILE = {"wall_s", "timing", "train_s"}
+SRC = Path(__file__).resolve().parents[1] / "src"  # this checkout's fedlodrop
+HANG_S = 1800  # only ends a hang
 
 
 class Killed(BaseException):
@@ -45,28 +47,37 @@ def _rows(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+# `fedlodrop run` in a process that SIGKILLs itself the instant round 2 is committed (its
+# checkpoint pointer written): the kill lands at the same point on a fast or a slow machine
+KILLED_AFTER_ROUND_2 = """
+import os, signal, sys
+from fedlodrop.runs import RunFolder
+from fedlodrop.cli import main
+
+commit = RunFolder.commit
+
+def commit_then_die(self, folder, rounds_done):
+    commit(self, folder, rounds_done)
+    if rounds_done == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+RunFolder.commit = commit_then_die
+sys.argv = ["fedlodrop", *sys.argv[1:]]
+main()
+"""
+
+
 def test_killed_run_resumes_bit_identical(tiny_bert, sst2_dir, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     result = CliRunner().invoke(app, _args(tiny_bert, sst2_dir, whole))
     assert result.exit_code == 0, result.output
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "fedlodrop", *_args(tiny_bert, sst2_dir, killed)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        pointer = killed / "checkpoint.json"
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if pointer.is_file() and json.loads(pointer.read_text())["rounds_done"] >= 2:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    done = json.loads((killed / "checkpoint.json").read_text())["rounds_done"]
-    assert 2 <= done < 4 and not (killed / "summary.json").exists()
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_ROUND_2, *_args(tiny_bert, sst2_dir, killed)],
+                          env=env, capture_output=True, text=True, timeout=HANG_S, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert json.loads((killed / "checkpoint.json").read_text())["rounds_done"] == 2
+    assert len(_rows(killed)) == 2 and not (killed / "summary.json").exists()
     result = CliRunner().invoke(app, ["run", "--quiet", "--resume", str(killed)])
     assert result.exit_code == 0, result.output
     assert _strip(_rows(killed)) == _strip(_rows(whole))
