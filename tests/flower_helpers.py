@@ -93,10 +93,10 @@ class FakeGrid(Grid):
 
 # ---------------------------------------------------------------------------- comparing runs
 
-def metrics(folder: Path) -> list[dict]:
+def metrics(folder: Path) -> list:
     from fedlodrop.runs import RunFolder
 
-    return RunFolder(Path(folder)).metrics()
+    return RunFolder(Path(folder)).records()
 
 
 def assert_same_run(a: Path, b: Path) -> None:

@@ -8,7 +8,6 @@ last. Every process is stopped by PID at the end and none may be left."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -32,6 +31,7 @@ from flower_helpers import (
 from typer.testing import CliRunner
 
 from fedlodrop.cli import app
+from fedlodrop.runs import RunFolder
 from fedlodrop.flower import launch
 from fedlodrop.flower.app import TEST_RAISE_ENV
 
@@ -106,7 +106,7 @@ def test_deployment_with_tls_and_supernode_auth_equals_fedlodrop_run(federation,
     assert res.returncode == 0, res.stdout + res.stderr
     assert_same_run(tmp_path / "inproc", tmp_path / "flower")
     rows = metrics(tmp_path / "flower")
-    assert all(r["flower"]["uplink_count_bytes"] > r["uplink_bytes"] > 0 for r in rows)
+    assert all(r.flower["uplink_count_bytes"] > r.uplink_bytes > 0 for r in rows)
     assert "submitted run" in res.stderr and "final accuracy" in res.stdout
 
 
@@ -158,19 +158,19 @@ def test_a_killed_supernode_is_left_out_then_too_few_devices_fail(federation, ti
     assert proc.returncode == 0, out + err
     assert "ROUND 2]" not in node.log.read_text()[start:]  # killed in round 1, before round 2
     r1, r2 = metrics(tmp_path / "flower")
-    assert [d["status"] for d in r1["devices"]] == [d["status"] for d in r2["devices"]] == ["ok", "left out"]
-    [f1], [f2] = r1["failures"], r2["failures"]
+    assert [d.status for d in r1.devices] == [d.status for d in r2.devices] == ["ok", "left out"]
+    [f1], [f2] = r1.failures, r2.failures
     # the SuperLink's NODE_UNAVAILABLE for the message it had delivered, not the round timeout
     assert f1["device"] == 1 and f1["reason"].startswith("SuperNode unavailable: "), f1
     assert "heartbeat" in f1["reason"], f1
-    assert r1["devices"][1]["downlink_bytes"] > 0  # its message went out before it died
+    assert r1.devices[1].downlink_bytes > 0  # its message went out before it died
     # round 2 did not wait for the dead node: no message to it at all
     assert f2 == {"device": 1, "reason": "no SuperNode online for this device"}
-    assert r2["devices"][1]["downlink_bytes"] == 0 and list(r2["flower"]["nodes"]) == ["0"]
+    assert r2.devices[1].downlink_bytes == 0 and list(r2.flower["nodes"]) == ["0"]
     for r in (r1, r2):
-        assert r["uplink_bytes"] == r["devices"][0]["uplink_bytes"] > 0
+        assert r.uplink_bytes == r.devices[0].uplink_bytes > 0
     assert "(1 left out)" in err
-    assert json.loads((tmp_path / "flower" / "summary.json").read_text())["devices_left_out"] == 2
+    assert RunFolder(tmp_path / "flower").summary()["devices_left_out"] == 2
 
     # device 1 is back (its node is offline now, so its key may activate again), but its
     # ClientApp raises: with min_devices 2 round 1 cannot stand

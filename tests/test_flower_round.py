@@ -3,7 +3,6 @@ ClientApp in this process. The same run as `fedlodrop run`, bit for bit, and fau
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -14,6 +13,7 @@ from flower_helpers import FakeGrid, assert_same_run, metrics
 from fedlodrop import engine
 from fedlodrop.config import validate
 from fedlodrop.errors import RoundFailed
+from fedlodrop.runs import RunFolder
 from fedlodrop.flower import app as flower_app
 from fedlodrop.flower import strategy as flower_strategy
 from fedlodrop.flower.records import content_task, payload_bytes
@@ -53,16 +53,16 @@ def test_partial_participation_fedex_equals_in_process(tiny_bert, polarity_dir, 
     grid = _serve(cfg, tmp_path / "flower", node_ids=[9_000_000_001, 42, 7_777])
     assert_same_run(tmp_path / "inproc", tmp_path / "flower")
     rows = metrics(tmp_path / "flower")
-    assert [len(r["participants"]) for r in rows] == [2, 2, 2]
-    assert any(d["downlink_bytes"] > rows[0]["devices"][0]["downlink_bytes"] for r in rows[1:] for d in r["devices"])
+    assert [len(r.participants) for r in rows] == [2, 2, 2]
+    assert any(d.downlink_bytes > rows[0].devices[0].downlink_bytes for r in rows[1:] for d in r.devices)
     # the bytes logged are those of the messages pushed (one TRAIN message per participant)
     train = [m for m in grid.pushed if m.metadata.message_type == "train"]
-    assert sum(r["downlink_bytes"] for r in rows) == sum(payload_bytes(m.content["arrays"]) for m in train)
+    assert sum(r.downlink_bytes for r in rows) == sum(payload_bytes(m.content["arrays"]) for m in train)
     arrays_per_msg = {len(m.content["arrays"]) for m in train}
     assert arrays_per_msg == {1} if pack else min(arrays_per_msg) > 1
     for r in rows:
-        assert r["flower"]["downlink_count_bytes"] > r["downlink_bytes"]
-        assert r["flower"]["uplink_count_bytes"] > r["uplink_bytes"]
+        assert r.flower["downlink_count_bytes"] > r.downlink_bytes
+        assert r.flower["uplink_count_bytes"] > r.uplink_bytes
 
 
 def test_ffa_equals_in_process(tiny_bert, polarity_dir, tmp_path):
@@ -95,9 +95,9 @@ def test_bytes_are_counted_from_the_messages(tiny_bert, polarity_dir, tmp_path, 
     engine.run(cfg, tmp_path / "inproc", show_progress=False)
     _serve(cfg, tmp_path / "flower")
     a, b = metrics(tmp_path / "inproc")[0], metrics(tmp_path / "flower")[0]
-    assert [d["downlink_bytes"] for d in b["devices"]] == [d["downlink_bytes"] + 40 for d in a["devices"]]
-    assert b["downlink_bytes"] == a["downlink_bytes"] + 40 * len(a["devices"])
-    assert b["uplink_bytes"] == a["uplink_bytes"]
+    assert [d.downlink_bytes for d in b.devices] == [d.downlink_bytes + 40 for d in a.devices]
+    assert b.downlink_bytes == a.downlink_bytes + 40 * len(a.devices)
+    assert b.uplink_bytes == a.uplink_bytes
 
 
 def test_failed_devices_are_left_out_with_their_reason(tiny_bert, polarity_dir, tmp_path, monkeypatch):
@@ -122,22 +122,22 @@ def test_failed_devices_are_left_out_with_their_reason(tiny_bert, polarity_dir, 
     grid.push_messages = push
     _serve(cfg, tmp_path / "flower", grid=grid)
     r1, r2 = metrics(tmp_path / "flower")
-    reasons = {f["device"]: f["reason"] for f in r1["failures"]}
+    reasons = {f["device"]: f["reason"] for f in r1.failures}
     assert reasons[1] == "no reply within flower.round_timeout_s=1 s"
     assert reasons[2].startswith("SuperNode unavailable")
     assert reasons[3] == "ClientApp raised an exception: RuntimeError: test fault: device 3 raises in round 1"
     assert reasons[4] == "the SuperLink did not take the message"
-    assert {f["device"]: f["reason"] for f in r2["failures"]}[3] == "no SuperNode online for this device"
+    assert {f["device"]: f["reason"] for f in r2.failures}[3] == "no SuperNode online for this device"
     for r in (r1, r2):
-        assert [d["status"] for d in r["devices"]] == ["ok"] + ["left out"] * 4
-        assert r["devices"][4]["downlink_bytes"] == 0
-        ok, *left = r["devices"]
-        assert ok["uplink_bytes"] > 0 and r["uplink_bytes"] == ok["uplink_bytes"]
+        assert [d.status for d in r.devices] == ["ok"] + ["left out"] * 4
+        assert r.devices[4].downlink_bytes == 0
+        ok, *left = r.devices
+        assert ok.uplink_bytes > 0 and r.uplink_bytes == ok.uplink_bytes
         for d in left:
             assert set(d) == {"device", "rate", "downlink_bytes", "status", "reason"}
-        assert math.isfinite(r["train_loss"]) and r["train_loss"] == ok["train_loss"]
-    assert r2["devices"][3]["downlink_bytes"] == 0  # nothing was sent to a node that is not there
-    assert json.loads((tmp_path / "flower" / "summary.json").read_text())["devices_left_out"] == 8
+        assert math.isfinite(r.train_loss) and r.train_loss == ok.train_loss
+    assert r2.devices[3].downlink_bytes == 0  # nothing was sent to a node that is not there
+    assert RunFolder(tmp_path / "flower").summary()["devices_left_out"] == 8
 
 
 def test_too_few_devices_fail_the_run_with_the_reasons(tiny_bert, polarity_dir, tmp_path, monkeypatch):
@@ -145,7 +145,7 @@ def test_too_few_devices_fail_the_run_with_the_reasons(tiny_bert, polarity_dir, 
     monkeypatch.setenv(flower_app.TEST_RAISE_ENV, "1@2")
     with pytest.raises(RoundFailed, match=r"round 2: 1 of 2 devices .*federation.min_devices is 2 .*device 1: ClientApp raised"):
         _serve(cfg, tmp_path / "flower")
-    assert json.loads((tmp_path / "flower" / "checkpoint.json").read_text())["rounds_done"] == 1
+    assert RunFolder(tmp_path / "flower").rounds_done() == 1
 
 
 def _answer(partition, parts):

@@ -68,13 +68,13 @@ def test_simulate_with_partial_participation_equals_fedlodrop_run(tiny_bert, pol
     assert_same_run(tmp_path / "inproc", tmp_path / "flower")
     rows = metrics(tmp_path / "flower")
     for r in rows:  # bytes measured from the messages equal the in-process counts (assert_same_run)
-        assert r["failures"] == [] and len(r["participants"]) == 2
-        assert sorted(r["flower"]["nodes"]) == sorted(str(k) for k in r["participants"])
-        assert r["uplink_bytes"] > 0 and r["flower"]["uplink_count_bytes"] > r["uplink_bytes"]
-    assert rows[1]["downlink_bytes"] > rows[0]["downlink_bytes"]  # round 2 carries round 1's fold
-    assert set(rows[1]["participants"]) & set(rows[2]["participants"])  # state kept across messages
-    sat_out = [set(range(3)) - set(r["participants"]) for r in rows]
-    assert any(k in sat_out[i] and k in rows[i + 1]["participants"] for i in range(2) for k in range(3)), \
+        assert r.failures == [] and len(r.participants) == 2
+        assert sorted(r.flower["nodes"]) == sorted(str(k) for k in r.participants)
+        assert r.uplink_bytes > 0 and r.flower["uplink_count_bytes"] > r.uplink_bytes
+    assert rows[1].downlink_bytes > rows[0].downlink_bytes  # round 2 carries round 1's fold
+    assert set(rows[1].participants) & set(rows[2].participants)  # state kept across messages
+    sat_out = [set(range(3)) - set(r.participants) for r in rows]
+    assert any(k in sat_out[i] and k in rows[i + 1].participants for i in range(2) for k in range(3)), \
         "no device came back after sitting a round out"
     assert "round   3" in res.stderr and "final accuracy" in res.stdout
 
@@ -107,10 +107,10 @@ def test_a_raising_clientapp_is_left_out_and_ctrl_c_stops_every_process(tiny_ber
     assert not (out / "summary.json").exists()
 
     r1, r2, r3 = metrics(out)[:3]
-    assert r1["failures"] == r3["failures"] == []
-    assert r2["failures"] == [{"device": 1, "reason": "ClientApp raised an exception: RuntimeError: "
+    assert r1.failures == r3.failures == []
+    assert r2.failures == [{"device": 1, "reason": "ClientApp raised an exception: RuntimeError: "
                                                       "test fault: device 1 raises in round 2"}]
-    assert [d["status"] for d in r2["devices"]] == ["ok", "left out"]
-    assert [d["status"] for d in r3["devices"]] == ["ok", "ok"]
-    assert r2["uplink_bytes"] == r2["devices"][0]["uplink_bytes"] > 0
+    assert [d.status for d in r2.devices] == ["ok", "left out"]
+    assert [d.status for d in r3.devices] == ["ok", "ok"]
+    assert r2.uplink_bytes == r2.devices[0].uplink_bytes > 0
     assert "(1 left out)" in err

@@ -1,7 +1,6 @@
 """Exact resume: a run killed with SIGKILL after round 2 of 4 and resumed ends bit-identical to an
 uninterrupted one (metrics and weights); a finished run is not overwritten without --force."""
 
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedlodrop.cli import app
+from fedlodrop.runs import RunFolder
 
 VOLATILE = {"wall_s", "timing", "train_s"}
 SRC = Path(__file__).resolve().parents[1] / "src"  # this checkout's fedlodrop
@@ -44,7 +44,8 @@ def _args(model, glue_dir, out, rounds=4):
 
 
 def _rows(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    """The run's round records as their JSON lines, through the run folder's one reader."""
+    return [r.to_json() for r in RunFolder(folder).records()]
 
 
 # `fedlodrop run` in a process that SIGKILLs itself the instant round 2 is committed (its
@@ -76,7 +77,7 @@ def test_killed_run_resumes_bit_identical(tiny_bert, sst2_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_ROUND_2, *_args(tiny_bert, sst2_dir, killed)],
                           env=env, capture_output=True, text=True, timeout=HANG_S, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
-    assert json.loads((killed / "checkpoint.json").read_text())["rounds_done"] == 2
+    assert RunFolder(killed).rounds_done() == 2
     assert len(_rows(killed)) == 2 and not (killed / "summary.json").exists()
     result = CliRunner().invoke(app, ["run", "--quiet", "--resume", str(killed)])
     assert result.exit_code == 0, result.output
@@ -84,7 +85,7 @@ def test_killed_run_resumes_bit_identical(tiny_bert, sst2_dir, tmp_path):
     for name in ("adapter.safetensors", "base_delta.safetensors"):
         a, b = load_file(str(whole / name)), load_file(str(killed / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    sa, sb = (json.loads((f / "summary.json").read_text()) for f in (whole, killed))
+    sa, sb = (RunFolder(f).summary() for f in (whole, killed))
     assert {k: v for k, v in sa.items() if k != "wall_s"} == {k: v for k, v in sb.items() if k != "wall_s"}
 
 
@@ -105,7 +106,7 @@ def test_resume_after_a_partial_round_drops_its_metrics_line(tiny_bert, sst2_dir
     with pytest.raises(Killed):
         CliRunner().invoke(app, _args(tiny_bert, sst2_dir, cut, 3), catch_exceptions=False)
     monkeypatch.setattr(RunFolder, "commit", commit)
-    assert len(_rows(cut)) == 3 and json.loads((cut / "checkpoint.json").read_text())["rounds_done"] == 2
+    assert len(_rows(cut)) == 3 and RunFolder(cut).rounds_done() == 2
     result = CliRunner().invoke(app, ["run", "--quiet", "--resume", str(cut)])
     assert result.exit_code == 0, result.output
     assert _strip(_rows(cut)) == _strip(_rows(whole))

@@ -23,6 +23,7 @@ from conftest import write_sst2
 from fedlodrop import engine
 from fedlodrop.cli import app
 from fedlodrop.config import RunConfig, dump_config, load_config, with_overrides
+from fedlodrop.runs import RunFolder
 from fedlodrop.errors import UserError
 from fedlodrop.report import build_report, collect, plot
 from fedlodrop.sweep import (
@@ -462,7 +463,7 @@ def test_tiny_sweep_reruns_an_interrupted_run(tiny_sweep, tmp_path, monkeypatch)
     assert calls == [victim.name]
     assert (victim / "summary.json").is_file()
     # same seed, same config: the re-run reproduces the interrupted run's numbers
-    again = json.loads((victim / "summary.json").read_text())
+    again = RunFolder(victim).summary()
     first = json.loads((out / victim.name / "summary.json").read_text())
     assert again["final"] == first["final"] and again["uplink_bytes_total"] == first["uplink_bytes_total"]
 

@@ -103,7 +103,7 @@ class RunFolder:
         before_pooling = isinstance(tree, dict) and "pooling" not in tree
         return load_config(self.path / CONFIG, (["pooling=cls"] if before_pooling else []) + list(overrides))
 
-    def metrics(self) -> list[dict]:
+    def _rows(self) -> list[dict]:
         path = self.path / METRICS
         if not path.is_file():
             return []
@@ -111,7 +111,7 @@ class RunFolder:
 
     def records(self) -> list[RoundRecord]:
         """metrics.jsonl as typed round records."""
-        return [RoundRecord.from_json(r) for r in self.metrics()]
+        return [RoundRecord.from_json(r) for r in self._rows()]
 
     def append_record(self, record: RoundRecord) -> None:
         with open(self.path / METRICS, "a") as f:
@@ -121,7 +121,7 @@ class RunFolder:
 
     def truncate_records(self, rounds: int) -> list[RoundRecord]:
         """Keep the records of the first `rounds` rounds (those a checkpoint covers)."""
-        rows = [r for r in self.metrics() if r["round"] <= rounds]
+        rows = [r for r in self._rows() if r["round"] <= rounds]
         _write_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
         return [RoundRecord.from_json(r) for r in rows]
 
@@ -231,7 +231,7 @@ def compare(a: Path, b: Path) -> tuple[float, list[str]]:
             worst = max(worst, diff)
             if not torch.equal(x[key], y[key]):
                 problems.append(f"{name}: {key} differs (max {diff:.3g})")
-    if _comparable(fa.metrics()) != _comparable(fb.metrics()):
+    if _comparable(fa._rows()) != _comparable(fb._rows()):
         problems.append(f"{METRICS} differ beyond time")
     sa, sb = fa.summary(), fb.summary()
     sa.pop("wall_s", None), sb.pop("wall_s", None)
