@@ -90,3 +90,20 @@ def test_resume_options_are_checked_before_anything_starts(tiny_bert, polarity_d
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
         assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.output
     assert not (tmp_path / "nowhere").exists() and RunFolder(done).finished
+
+
+def test_the_flower_app_declares_every_key_the_cli_sends(tmp_path):
+    """Flower refuses a run config key its app does not declare ("Invalid run configuration"):
+    the keys `flower simulate` and `flower run` send are exactly the app's."""
+    import tomllib
+
+    from fedlodrop.cli_flower import _run_config
+    from fedlodrop.config import load_config
+    from fedlodrop.flower import launch
+
+    app = launch.write_app(tmp_path / "app")
+    declared = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    for resume in (False, True):
+        sent = _run_config(load_config(None, []), tmp_path / "run", False, resume)
+        assert set(sent) == set(declared)
+        assert all(type(sent[k]) is type(declared[k]) for k in sent)

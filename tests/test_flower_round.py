@@ -134,7 +134,7 @@ def test_failed_devices_are_left_out_with_their_reason(tiny_bert, polarity_dir, 
         ok, *left = r.devices
         assert ok.uplink_bytes > 0 and r.uplink_bytes == ok.uplink_bytes
         for d in left:
-            assert set(d) == {"device", "rate", "downlink_bytes", "status", "reason"}
+            assert set(d.to_json()) == {"device", "rate", "downlink_bytes", "status", "reason"}
         assert math.isfinite(r.train_loss) and r.train_loss == ok.train_loss
     assert r2.devices[3].downlink_bytes == 0  # nothing was sent to a node that is not there
     assert RunFolder(tmp_path / "flower").summary()["devices_left_out"] == 8

@@ -96,6 +96,7 @@ clientapp = "fedlodrop.flower.app:client_app"
 config-json = ""
 run-dir = ""
 force = false
+resume = false
 ''')
     return folder
 
