@@ -236,17 +236,19 @@ class Workspace:
     def run_status(self, conn: str, run_id: int) -> dict:
         return self.flwr_json("ls", conn, "--run-id", str(run_id))["runs"][0]
 
-    def wait_run(self, conn: str, run_id: int, poll_s: float = 2.0,
+    def wait_run(self, conn: str, run_id: int, poll_s: float = 2.0, max_poll_s: float = 8.0,
                  tick: Callable[[], bool] | None = None) -> dict:
         """Until `flwr ls` says the run finished (`flwr run --stream` exits 0 even when a run
-        fails). `tick()` runs every 0.25 s in between; when it returns True, ask at once."""
-        last = 0.0
+        fails). Each `flwr ls` is a new Python process (about 1.5 s of CPU), so the interval grows
+        from `poll_s` to `max_poll_s`; `tick()` runs every 0.25 s in between and, when it returns
+        True (the run folder says the run ended), the status is asked at once."""
+        last, interval = 0.0, poll_s
         while True:
-            if time.monotonic() - last >= poll_s:
+            if time.monotonic() - last >= interval:
                 status = self.run_status(conn, run_id)
                 if str(status["status"]).startswith("finished"):
                     return status
-                last = time.monotonic()
+                last, interval = time.monotonic(), min(interval * 1.5, max_poll_s)
             for proc in self.procs:
                 if proc.name == "superlink" and proc.popen.poll() is not None:
                     raise FlowerError(f"the SuperLink exited with code {proc.popen.returncode}")
