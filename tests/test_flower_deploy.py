@@ -35,7 +35,8 @@ from fedlodrop.runs import RunFolder
 from fedlodrop.flower import launch
 from fedlodrop.flower.app import TEST_RAISE_ENV
 
-pytestmark = pytest.mark.slow  # real SuperLink and SuperNodes
+# real SuperLink and SuperNodes; one xdist worker runs the whole module (its federation is shared)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower-deploy")]
 
 
 @dataclass
