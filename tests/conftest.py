@@ -267,3 +267,22 @@ def fedex_run(glue, tmp_path_factory):
     # BERT's own [CLS] head (the FedIT run has the default, mean-pooled head): both export paths
     cfg = tiny_cfg(MINILM, glue, **LEARN, **{"federation.aggregation": "fedex", "pooling": "cls"})
     return train(cfg, tmp_path_factory.mktemp("fedex") / "run"), cfg
+
+
+# ---------------------------------------------------------------------------- one training per config
+
+_TRAINED: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """`trained(cfg)`: the run folder of `cfg`, trained once per test session (per xdist worker)
+    however many tests read it. A test that changes a run folder must train its own."""
+
+    def get(cfg) -> Path:
+        key = cfg.model_dump_json()
+        if key not in _TRAINED:
+            _TRAINED[key] = train(cfg, tmp_path_factory.mktemp("trained") / "run")
+        return _TRAINED[key]
+
+    return get

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 # A run of the real CLI entry point (main()), with two notices raised during it: one attributed
 # to a third-party module (as transformers' FutureWarning is), one to a fedlodrop module.
 SCRIPT = textwrap.dedent(
@@ -41,6 +43,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # the CLI in a fresh process
 def test_run_hides_third_party_deprecations_but_not_ours(tiny_bert, sst2_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 from typer.testing import CliRunner
 
 from fedlodrop.cli import app
@@ -30,6 +31,7 @@ def _args(tiny_bert, glue, out, system, *extra):
             *[x for s in sets for x in ("--set", s)], *extra]
 
 
+@pytest.mark.slow  # plans and trains 6 runs
 def test_every_method_is_planned_trained_and_tabulated(tiny_bert, polarity_dir, tmp_path):
     system = _system(tmp_path / "system.yaml", tiny_bert)
     out = tmp_path / "cmp"

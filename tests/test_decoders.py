@@ -25,6 +25,7 @@ DECODER = {"train.lr": 5e-2, "train.batch_size": 8, "federation.local_epochs": 3
     "fixture,targets,block",
     [("tiny_bloom", {"query_key_value"}, "transformer.h."), ("tiny_llama", {"q_proj", "v_proj"}, "model.layers.")],
 )
+@pytest.mark.slow  # trains, exports and reloads in a fresh process
 def test_decoder_learns_exports_merged_and_predicts(request, fixture, targets, block, sst2_dir, tmp_path):
     cfg = tiny_cfg(request.getfixturevalue(fixture), sst2_dir, **DECODER)
     run_dir = train(cfg, tmp_path / "run")

@@ -152,15 +152,18 @@ def test_decoder_model_runs(tiny_gpt2, sst2_dir, tmp_path):
     assert 0.0 <= summary["final"]["accuracy"] <= 1.0
 
 
-def test_each_round_scores_the_global_model(mini2, polarity_dir, tmp_path):
+@pytest.mark.xdist_group("mini2-runs")
+@pytest.mark.slow  # trains the 2-layer MiniLM (shared with test_learning)
+def test_each_round_scores_the_global_model(mini2, polarity_dir, trained):
     """The logged eval loss is the saved global model's (not, say, the last device's adapter):
     re-scoring the run folder gives the same loss, on a model that learned something."""
     from conftest import learning_cfg
 
-    cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.3})
-    run(cfg, tmp_path / "r", show_progress=False)
-    last = read_metrics(tmp_path / "r")[-1]
-    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "r")])
+    cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.3, "dropout.variant": "update",
+                                               "federation.aggregation": "fedex", "federation.rounds": 5})
+    folder = trained(cfg)  # the run test_learning's update/fedex case checks learns
+    last = read_metrics(folder)[-1]
+    result = CliRunner().invoke(app, ["evaluate", str(folder)])
     assert result.exit_code == 0, result.output
     rescored = json.loads(result.stdout)
     assert last.eval_loss < 0.6  # it learned: a wrong model would score differently
@@ -226,7 +229,9 @@ def test_devices_are_weighted_by_their_sample_counts(tiny_bert, tmp_path):
     assert not torch.allclose(server.state.global_state[key], uniform, atol=1e-6)
 
 
-def test_test_time_ensemble(mini2, polarity_dir, tmp_path):
+@pytest.mark.xdist_group("mini2-runs")
+@pytest.mark.slow  # trains the 2-layer MiniLM (shared with test_learning)
+def test_test_time_ensemble(mini2, polarity_dir, trained):
     """dropout.test_ensemble N: the mean of N sub-adapter models. Without dropout every member is the
     full model (same scores as N = 0); with dropout the members differ and the mean is what is scored."""
     from conftest import learning_cfg
@@ -237,9 +242,9 @@ def test_test_time_ensemble(mini2, polarity_dir, tmp_path):
     from fedlodrop.evaluation import evaluate
     from fedlodrop.masks import apply_masks, draw_masks
 
-    cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.5, "federation.aggregation": "masked"})
-    run(cfg, tmp_path / "r", show_progress=False)
-    exp, adapter = load_global(tmp_path / "r")
+    cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.3, "dropout.variant": "update",
+                                               "federation.aggregation": "masked", "federation.rounds": 5})
+    exp, adapter = load_global(trained(cfg))  # the run test_learning's update/masked case checks learns
     full = evaluate(exp, exp.eval_set, adapter)
     exp.rates = [0.0] * 3
     exp.cfg = exp.cfg.model_copy(update={"dropout": exp.cfg.dropout.model_copy(update={"test_ensemble": 3})})

@@ -20,6 +20,9 @@ from fedlodrop.model import resolve_model_path
 
 ATOL = 1e-4
 
+# the trained MiniLM runs (conftest fedit_run / fedex_run) are shared by both modules: one worker
+pytestmark = pytest.mark.xdist_group("minilm-runs")
+
 
 def export_cli(run_dir, out, *extra):
     result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(out), *extra])
@@ -100,6 +103,7 @@ def test_fedex_exports_merged_and_exact_peft(fedex_run, glue, tmp_path):
     assert not (tmp_path / "merged" / "modeling_mean_pooled.py").exists()
 
 
+@pytest.mark.slow  # trains and reloads in a fresh process
 def test_gpt2_fedex_export_keeps_conv1d_orientation_and_pad_token(tiny_gpt2, glue, tmp_path):
     cfg = tiny_cfg(tiny_gpt2, glue, **{"train.lr": 5e-2, "train.batch_size": 8, "federation.local_epochs": 3,
                                       "dropout.rate": 0.3, "federation.aggregation": "fedex"})

@@ -39,7 +39,8 @@ pytestmark = pytest.mark.slow  # real SuperLink, SuperExec and Ray
 def _cfg(model, glue, **over):
     base = {"train.threads": 1, "federation.devices": 2, "federation.rounds": 2, "federation.local_epochs": 1,
             "federation.aggregation": "fedex", "dropout.rate": 0.3, "data.train_eval_samples": 16,
-            "flower.round_timeout_s": LIVE_DEVICE_S, "flower.discovery_timeout_s": LIVE_DEVICE_S}
+            "flower.round_timeout_s": LIVE_DEVICE_S, "flower.discovery_timeout_s": LIVE_DEVICE_S,
+            "flower.simulation_cpus": 1}  # one Ray actor serves every device: one backbone to build
     return learning_cfg(model, glue, **(base | over))
 
 

@@ -15,6 +15,8 @@ from fedlodrop.engine import run
 from fedlodrop.evaluation import evaluate
 from fedlodrop.runs import RunFolder
 
+pytestmark = pytest.mark.slow  # every test trains the 2-layer cut of the pretrained MiniLM for several rounds
+
 
 def _ablated_accuracy(run_dir) -> float:
     """Accuracy of the run's global model with the LoRA product and the FedEx fold removed."""
@@ -25,7 +27,12 @@ def _ablated_accuracy(run_dir) -> float:
 
 
 def check_learns(cfg, out, min_accuracy=0.8, adapter_alone_at_chance=True):
-    summary = run(cfg, out, show_progress=False)
+    """`out`: a folder to train `cfg` into, or the `trained` fixture (a run other tests read too)."""
+    if callable(out):
+        out = out(cfg)
+    else:
+        run(cfg, out, show_progress=False)
+    summary = RunFolder(out).summary()
     rows = RunFolder(out).records()
     losses = [r.train_loss for r in rows]
     assert losses[-1] < 0.75 * losses[0], f"training loss did not fall: {losses}"
@@ -36,16 +43,17 @@ def check_learns(cfg, out, min_accuracy=0.8, adapter_alone_at_chance=True):
     return summary, rows
 
 
+@pytest.mark.xdist_group("mini2-runs")  # runs test_engine reads too: one worker trains them once
 @pytest.mark.parametrize("aggregation", ["fedex", "masked"])
 @pytest.mark.parametrize("variant", ["update", "subadapter", "reset"])
-def test_dropout_learns_with_every_variant(mini2, polarity_dir, tmp_path, variant, aggregation):
+def test_dropout_learns_with_every_variant(mini2, polarity_dir, trained, variant, aggregation):
     # reset is the released code's rule: every round a device restarts its dropped slices from zero
     # and the server averages what was sent, so it learns more slowly; it gets more rounds
     rounds = 8 if variant == "reset" else 5
     cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.3, "dropout.variant": variant,
                                                 "federation.aggregation": aggregation,
                                                 "federation.rounds": rounds})
-    check_learns(cfg, tmp_path / "r")
+    check_learns(cfg, trained)
 
 
 def test_fedit_learns_with_dropout(mini2, polarity_dir, tmp_path):

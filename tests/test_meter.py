@@ -87,6 +87,7 @@ def test_every_round_is_priced_from_what_travelled_on_both_engines(tiny_bert, po
     assert summary["stopped_by"] is None and summary["devices_dropped_for_limits"] == 0
 
 
+@pytest.mark.slow  # trains the 2-layer MiniLM
 def test_a_device_over_the_latency_limit_is_dropped_and_the_run_still_learns(mini2, polarity_dir, tmp_path):
     loose = write_system(tmp_path / "loose.yaml", mini2)
     late = device_latencies(_cfg(mini2, polarity_dir, loose))

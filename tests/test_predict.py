@@ -17,6 +17,9 @@ from export_helpers import dev_rows, reference_logits
 from fedlodrop.cli import app
 from test_export import final_accuracy
 
+# the trained MiniLM runs (conftest fedit_run / fedex_run) are shared by both modules: one worker
+pytestmark = pytest.mark.xdist_group("minilm-runs")
+
 
 def softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(1, keepdims=True))

@@ -575,6 +575,7 @@ def _folder_files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # spawns worker processes and trains 6 runs
 def test_jobs_2_gives_the_runs_of_jobs_1_and_resumes_and_reuses(tiny_bert, tmp_path, monkeypatch):
     """The same sweep with one job and with two processes: bit-identical adapters and metrics
     (time aside); an interrupted run resumes in a worker; a finished sweep is reused."""
