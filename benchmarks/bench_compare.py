@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT / ".." / "shared" / "data" / "glue"
 METHODS = ["bnb", "psca", "fixed", "equal-bandwidth", "none", "unplanned"]
 LIMITS = {"tight": 0.3, "loose": None}  # latency_position; loose: 1.1 x what rate 0 needs
-# small runs: 10 devices share 400 training examples, 3 rounds of 1 local epoch
-RUN = ["federation.devices=10", "federation.rounds=3", "data.max_train_samples=400", "data.max_eval_samples=400",
-       "data.train_eval_samples=100", "train.max_length=64", "train.batch_size=8"]
+# small runs (324 of them): 10 devices share 300 training examples, 3 rounds of 1 local epoch
+RUN = ["federation.devices=10", "federation.rounds=3", "data.max_train_samples=300", "data.max_eval_samples=300",
+       "data.train_eval_samples=60", "train.max_length=48", "train.batch_size=8"]
 
 
 def base_config(task: str, glue: Path, threads: int):

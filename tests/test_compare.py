@@ -49,6 +49,7 @@ def test_every_method_is_planned_trained_and_tabulated(tiny_bert, polarity_dir, 
     # at this limit rate 0 does not fit: "none" is trained as it would behave, its late devices
     # dropped every round, and so is the unplanned federation (rate 0, equal band, full power)
     assert not load_plan(out / "plans" / "none.json").feasible and rows["none"]["feasible"] == "False"
+    assert rows["unplanned"]["feasible"] == "False"  # its resources are not a plan, but they do not fit either
     for method in ("none", "unplanned"):
         assert float(rows[method]["dropped_mean"]) > 0
         records = RunFolder(out / "runs" / f"{method}__seed=0").records()

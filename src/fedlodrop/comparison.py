@@ -130,6 +130,8 @@ def compare(cfg: RunConfig, system: Path, out: Path, methods: list[str], seeds: 
 
 
 def collect(out: Path, methods: list[str], plans: dict, cfg: RunConfig, spec) -> list[MethodResult]:
+    import numpy as np
+
     from fedlodrop.data import TASKS
     from fedlodrop.planning import load_plan, system_model
     from fedlodrop.planning.bound import Bound
@@ -139,8 +141,11 @@ def collect(out: Path, methods: list[str], plans: dict, cfg: RunConfig, spec) ->
     results = []
     m = system_model(spec)
     for method in methods:
-        if plans[method] is None:
-            feasible, bound, rate = True, float(Bound.of(m).value([0.0] * m.K)), 0.0
+        if plans[method] is None:  # rate 0, B_tot / K, full power and frequency: fits if every device does
+            zero = np.zeros(m.K)
+            latency, energy = m.latency_energy(zero, np.full(m.K, m.B_tot / m.K), m.P, m.fmax)
+            feasible = bool(np.all(latency <= m.T * (1 + 1e-9)) and np.all(energy <= m.E * (1 + 1e-9)))
+            bound, rate = float(Bound.of(m).value(zero)), 0.0
         else:
             plan = load_plan(plans[method])
             feasible, bound, rate = plan.feasible, plan.objective, statistics.fmean(plan.gammas)
