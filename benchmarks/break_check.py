@@ -118,7 +118,8 @@ def run(m: Mutation, src_root: Path) -> tuple[str, float, str]:
         env = dict(os.environ, PYTHONPATH=str(tree / "src"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    OMP_NUM_THREADS="1")
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-n", "0",
+                               *tests],
                               cwd=tree, env=env, capture_output=True, text=True)
         secs = time.perf_counter() - t0
         last = (proc.stdout.strip().splitlines() or ["?"])[-1]
