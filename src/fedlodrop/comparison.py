@@ -130,11 +130,9 @@ def compare(cfg: RunConfig, system: Path, out: Path, methods: list[str], seeds: 
 
 
 def collect(out: Path, methods: list[str], plans: dict, cfg: RunConfig, spec) -> list[MethodResult]:
-    import numpy as np
-
     from fedlodrop.data import TASKS
     from fedlodrop.planning import load_plan, system_model
-    from fedlodrop.planning.bound import Bound
+    from fedlodrop.planning.plan import as_is_plan
     from fedlodrop.runs import RunFolder
 
     main = TASKS[cfg.task].main_metric
@@ -142,10 +140,8 @@ def collect(out: Path, methods: list[str], plans: dict, cfg: RunConfig, spec) ->
     m = system_model(spec)
     for method in methods:
         if plans[method] is None:  # rate 0, B_tot / K, full power and frequency: fits if every device does
-            zero = np.zeros(m.K)
-            latency, energy = m.latency_energy(zero, np.full(m.K, m.B_tot / m.K), m.P, m.fmax)
-            feasible = bool(np.all(latency <= m.T * (1 + 1e-9)) and np.all(energy <= m.E * (1 + 1e-9)))
-            bound, rate = float(Bound.of(m).value(zero)), 0.0
+            as_is = as_is_plan(spec, [0.0] * m.K, method, "no planning", m)
+            feasible, bound, rate = not as_is.totals["devices_over_limits"], as_is.objective, 0.0
         else:
             plan = load_plan(plans[method])
             feasible, bound, rate = plan.feasible, plan.objective, statistics.fmean(plan.gammas)
