@@ -77,6 +77,22 @@ def test_ffa_equals_in_process(tiny_bert, polarity_dir, tmp_path):
     assert len(tasks) == 4 and not any(k.endswith("lora_A") for t in tasks for k in t.adapter), "an A travelled"
 
 
+@pytest.mark.parametrize("mode,aggregation", [("central", "masked"), ("local", "fedex")])
+def test_differential_privacy_equals_in_process(tiny_bert, polarity_dir, tmp_path, mode, aggregation):
+    """The noise comes from the seed's streams (the server's for the sum, each device's for its
+    own update), so both engines train the same noised model and report the same epsilon."""
+    cfg = _cfg(tiny_bert, polarity_dir, **{"federation.rounds": 2, "federation.devices_per_round": 2,
+                                          "federation.aggregation": aggregation, "federation.weighting": "uniform",
+                                          "privacy.dp": True, "privacy.mode": mode, "privacy.clip_norm": 0.05,
+                                          "privacy.target_epsilon": 50.0})
+    engine.run(cfg, tmp_path / "inproc", show_progress=False)
+    _serve(cfg, tmp_path / "flower")
+    assert_same_run(tmp_path / "inproc", tmp_path / "flower")
+    rows = metrics(tmp_path / "flower")
+    assert all(r.privacy.mode == mode and 0 < r.privacy.epsilon <= 50.0 for r in rows)
+    assert rows[0].privacy.epsilon < rows[1].privacy.epsilon
+
+
 def test_bytes_are_counted_from_the_messages(tiny_bert, polarity_dir, tmp_path, monkeypatch):
     """Whatever a message carries is counted, not what the task holds: add a tensor to each
     TRAIN message (the device ignores it) and the downlink grows by its bytes."""

@@ -117,3 +117,18 @@ def test_mean_pooled_head_learns_with_dropout(mini2, polarity_dir, tmp_path):
     exp.fm.set_fold({}, 0)
     zeroed = {k: torch.zeros_like(v) if k.endswith(".lora_B") else v for k, v in adapter.items()}
     assert full_loss < 0.8 * evaluate(exp, exp.eval_set, zeroed)[1]
+
+
+@pytest.mark.parametrize("mode,aggregation,sigma", [("central", "masked", 0.02), ("local", "fedex", 0.03)])
+def test_differential_privacy_learns(mini2, polarity_dir, tmp_path, mode, aggregation, sigma):
+    """Clipping at C = 4 (below most round-1 updates here, ~4.7) and Gaussian noise, on the server's
+    sum (central) or on each update with FedEx folding the noised updates (local). The noise is
+    small (the epsilon is large): this guards the mechanism's plumbing, not a privacy level."""
+    cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.3, "federation.aggregation": aggregation,
+                                                "federation.weighting": "uniform", "privacy.dp": True,
+                                                "privacy.mode": mode, "privacy.clip_norm": 4.0,
+                                                "privacy.noise_multiplier": sigma})
+    summary, rows = check_learns(cfg, tmp_path / "r", min_accuracy=0.85)
+    spent = [r.privacy.epsilon for r in rows]
+    assert all(a < b for a, b in zip(spent, spent[1:])) and summary["privacy"]["epsilon"] == spent[-1]
+    assert summary["privacy"]["mode"] == mode and summary["privacy"]["noise_multiplier"] == sigma

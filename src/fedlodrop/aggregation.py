@@ -86,6 +86,9 @@ class AggregationRule:
     name: ClassVar[str]
     trains_a: ClassVar[bool] = True  # devices train A (FFA-LoRA freezes it at its seeded start)
     folds: ClassVar[bool] = False  # the server folds the residual that makes the model exact
+    # the aggregate is a function of the (weighted) sum of the devices' updates and of the public
+    # masks alone: central DP may noise that sum, secure aggregation may hide the addends
+    from_sums: ClassVar[bool] = True
 
     def __init__(self, factor_rule: FactorRule = "masked"):
         self.factor_rule: FactorRule = factor_rule
@@ -95,22 +98,29 @@ class AggregationRule:
         return self.trains_a or not key.endswith(".lora_A")
 
     def aggregate(
-        self, layout: AdapterLayout, global_state: State, updates: list[DeviceUpdate], weights: torch.Tensor
+        self, layout: AdapterLayout, global_state: State, updates: list[DeviceUpdate], weights: torch.Tensor,
+        noise: State | None = None,
     ) -> tuple[State, dict[str, Residual]]:
-        """New global state and, for a folding rule, each module's residual for its base weight."""
+        """New global state and, for a folding rule, each module's residual for its base weight.
+        `noise` (central DP, a `from_sums` rule) is added to the weighted sum of the changes before
+        anything is computed from it."""
         new: State = {}
         residuals: dict[str, Residual] = {}
+        noise = noise or {}
         for m in layout.modules:
-            b = _move(m.key_b, lambda u: u.trained[m.name].b_rows[:, None], global_state, updates, weights, self.factor_rule)
+            b = _move(m.key_b, lambda u: u.trained[m.name].b_rows[:, None], global_state, updates, weights,
+                      self.factor_rule, noise.get(m.key_b))
             if self.trains_a:
-                a = _move(m.key_a, lambda u: u.trained[m.name].a_cols[None, :], global_state, updates, weights, self.factor_rule)
+                a = _move(m.key_a, lambda u: u.trained[m.name].a_cols[None, :], global_state, updates, weights,
+                          self.factor_rule, noise.get(m.key_a))
             else:
                 a = global_state[m.key_a].clone()
             new[m.key_a], new[m.key_b] = a, b
             if self.folds:
                 residuals[m.name] = _residual(m, global_state, updates, weights, a, b)
         for key in layout.head_keys:
-            new[key] = global_state[key] + sum(w * (u.end[key] - u.start[key]) for w, u in zip(weights, updates))
+            change = sum(w * (u.end[key] - u.start[key]) for w, u in zip(weights, updates))
+            new[key] = global_state[key] + change + noise.get(key, 0.0)
         return new, residuals
 
 
@@ -150,6 +160,7 @@ class FedEx(AggregationRule):
 
     name = "fedex"
     folds = True
+    from_sums = False  # the fold needs each device's own product B_k A_k
 
 
 @register_rule
@@ -168,18 +179,22 @@ def make_rule(aggregation: str, factor_rule: FactorRule = "masked") -> Aggregati
 
 
 def _move(
-    key: str, trained_of, prev: State, updates: list[DeviceUpdate], w: torch.Tensor, rule: FactorRule
+    key: str, trained_of, prev: State, updates: list[DeviceUpdate], w: torch.Tensor, rule: FactorRule,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The factor plus the mean change of its trained slices, measured from the global value
     (for `reset`, whose dropped slices restart from zero, that is the mean of what devices sent);
-    `masked` averages each slice over the devices that trained it, untrained slices stay."""
+    `masked` averages each slice over the devices that trained it, untrained slices stay.
+    `noise` joins the weighted sum of the changes (it is zero where no device trained)."""
     kept = torch.stack([trained_of(u) for u in updates]).to(prev[key].dtype)  # K x (broadcast)
     change = torch.stack([u.end[key] - prev[key] for u in updates]) * kept
     if rule == "fedit":
-        return prev[key] + torch.einsum("k,kij->ij", w, change)
+        summed = torch.einsum("k,kij->ij", w, change)
+        return prev[key] + (summed if noise is None else summed + noise)
     wk = w.view(-1, 1, 1) * kept
     total = wk.sum(0)
-    mean = (wk * change).sum(0) / total.clamp_min(torch.finfo(change.dtype).tiny)
+    summed = (wk * change).sum(0) if noise is None else (wk * change).sum(0) + noise
+    mean = summed / total.clamp_min(torch.finfo(change.dtype).tiny)
     return prev[key] + torch.where(total > 0, mean, torch.zeros_like(mean))
 
 

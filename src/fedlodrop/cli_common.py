@@ -60,9 +60,11 @@ def announce(command: str, cfg, out) -> None:
 def print_summary(summary: dict, out) -> None:
     """The last line of a run (in-process or on Flower): final and best metric, bytes, time."""
     main = summary["main_metric"]
+    dp = summary.get("privacy")
+    spent = f"; ({dp['epsilon']:.3g}, {dp['delta']:.2g})-DP per device ({dp['mode']})" if dp else ""
     out_console.print(
         f"final {main} {summary['final'][main]:.4f}, best {summary['best'][main]:.4f} "
         f"(round {summary['best_round']}); sent {summary['uplink_bytes_total'] / 1e6:.2f} MB up, "
-        f"{summary['downlink_bytes_total'] / 1e6:.2f} MB down; {summary['wall_s']:.0f} s; run folder {out}",
+        f"{summary['downlink_bytes_total'] / 1e6:.2f} MB down{spent}; {summary['wall_s']:.0f} s; run folder {out}",
         highlight=False,
     )

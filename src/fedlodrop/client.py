@@ -27,6 +27,7 @@ from fedlodrop.data import make_loader
 from fedlodrop.masks import Masks, device_masks
 from fedlodrop.messages import COMM_DTYPES, DeviceReply, DeviceTask, decode_adapter, encode_adapter
 from fedlodrop.model import FedModel
+from fedlodrop import privacy
 from fedlodrop.rng import seed_torch, stream_seed
 from fedlodrop.variants import make_variant
 
@@ -89,7 +90,11 @@ def device_step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: St
         lambda f: lr((task.round + f) / rounds),
         train_a=rule.trains_a,
     )
-    upload = encode_adapter(result.state, layout, trained, rule, COMM_DTYPES[cfg.federation.comm_dtype])
+    end = result.state
+    mech = privacy.mechanism(cfg)
+    if mech is not None:  # clip (and under local DP noise) the update before it leaves
+        end = privacy.privatize_device(start, end, layout, trained, rule.trains_a, mech, cfg.seed, task.round, task.device)
+    upload = encode_adapter(end, layout, trained, rule, COMM_DTYPES[cfg.federation.comm_dtype])
     return DeviceReply(
         task.device, task.round, upload, len(shard), result.loss, result.steps, result.seconds,
         result.lr_first, result.lr_last,

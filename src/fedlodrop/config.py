@@ -199,6 +199,33 @@ class LogConfig(_Section):
     )
 
 
+class PrivacyConfig(_Section):
+    dp: bool = Field(
+        False, description="client-level differential privacy: each device clips its update (the trained slices "
+        "it sends, head included) to clip_norm and Gaussian noise is added (docs/privacy.md)"
+    )
+    mode: Literal["central", "local"] = Field(
+        "central", description="central: the server adds the noise to the sum of the clipped updates (it sees "
+        "clipped updates, publishes only the noised sum; not for fedex); local: each device noises its own "
+        "update before it leaves (more noise, no trust in the server)"
+    )
+    clip_norm: float = Field(1.0, gt=0, description="C: the L2 norm a device's update is clipped to")
+    noise_multiplier: float | None = Field(
+        None, ge=0, description="sigma: noise std / clip_norm; null: the smallest sigma that spends at most "
+        "target_epsilon over federation.rounds"
+    )
+    target_epsilon: float | None = Field(
+        None, gt=0, description="the epsilon the run may spend (its sigma comes from the accountant); "
+        "set this or noise_multiplier"
+    )
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="the delta of (epsilon, delta)-DP; null: min(1e-5, 0.1 / federation.devices)"
+    )
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="Opacus' accountant: rdp (Renyi DP, the usual one) or prv (privacy random variables, tighter)"
+    )
+
+
 class FlowerConfig(_Section):
     """Settings of the Flower engine (`fedlodrop flower ...`); `fedlodrop run` ignores them."""
 
@@ -248,6 +275,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     log: LogConfig = LogConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     flower: FlowerConfig = FlowerConfig()
 
     @model_validator(mode="after")
@@ -277,9 +305,31 @@ class RunConfig(_Section):
             )
         if (f.time_budget_s or f.energy_budget_j) and self.system.file is None and self.plan is None:
             raise ValueError("federation.time_budget_s and energy_budget_j need a system: set system.file or plan")
+        self._check_privacy()
         if self.federation.partition == "continuous" and self.task != "stsb":
             raise ValueError("federation.partition continuous is for the real-valued label of stsb")
         return self
+
+    def _check_privacy(self) -> None:
+        p = self.privacy
+        if not p.dp:
+            return
+        if (p.noise_multiplier is None) == (p.target_epsilon is None):
+            raise ValueError("privacy.dp needs exactly one of privacy.noise_multiplier and privacy.target_epsilon")
+        if self.federation.weighting != "uniform":
+            raise ValueError(
+                f"privacy.dp needs federation.weighting uniform, not {self.federation.weighting!r}: a device's "
+                "sample count would scale its sensitivity and travel in the clear"
+            )
+        from fedlodrop.aggregation import RULES
+
+        rule = self.federation.aggregation
+        if p.mode == "central" and not RULES[rule].from_sums:
+            sums = ", ".join(name for name, cls in RULES.items() if cls.from_sums)
+            raise ValueError(
+                f"privacy.mode central cannot protect federation.aggregation {rule!r}: its aggregate needs each "
+                f"device's own update, not only their noised sum; use privacy.mode local, or one of: {sums}"
+            )
 
     @model_validator(mode="before")
     @classmethod

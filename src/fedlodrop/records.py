@@ -55,6 +55,24 @@ class RoundSim:
 
 
 @dataclass
+class PrivacySpent:
+    """Client-level DP after a round (fedlodrop.privacy): the epsilon spent so far at `delta`."""
+
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    clip_norm: float
+    mode: str
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, d: dict) -> PrivacySpent:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass
 class DeviceRecord:
     """One participant of a round. The fields from `kept_values` on are what the device reported;
     they are None for a device that sent no usable message (no reply, an error reply)."""
@@ -143,6 +161,7 @@ class RoundRecord:
     timing: Timing = field(default_factory=Timing)
     system: RoundSim | None = None  # with a system: the round on the simulated clock and meter
     flower: dict | None = None  # the Flower engine's own details (Flower's byte counts, node ids)
+    privacy: PrivacySpent | None = None  # with privacy.dp: the epsilon spent after this round
 
     # ------------------------------------------------------------------ derived
     @property
@@ -196,6 +215,8 @@ class RoundRecord:
             out["system"] = self.system.to_json()
         if self.flower is not None:
             out["flower"] = self.flower
+        if self.privacy is not None:
+            out["privacy"] = self.privacy.to_json()
         return out
 
     @classmethod
@@ -214,6 +235,7 @@ class RoundRecord:
             timing=Timing.from_json(d.get("timing", {})),
             system=RoundSim.from_json(d["system"]) if d.get("system") else None,
             flower=d.get("flower"),
+            privacy=PrivacySpent.from_json(d["privacy"]) if d.get("privacy") else None,
         )
 
     def line(self, main: str) -> str:
@@ -223,9 +245,10 @@ class RoundRecord:
         n = len(self.failures)
         left = f"  ({n} left out)" if n else ""
         sim = f"  simulated {self.system.latency_s:.3g} s, {self.system.energy_j:.3g} J" if self.system else ""
+        dp = f"  epsilon {self.privacy.epsilon:.3g}" if self.privacy else ""
         return (
             f"round {self.round:>3}  train loss {self.train_loss:.4f}{tr}  eval {ev}  "
-            f"sent {self.uplink_bytes / 1e6:.3f} MB up / {self.downlink_bytes / 1e6:.3f} MB down{sim}  "
+            f"sent {self.uplink_bytes / 1e6:.3f} MB up / {self.downlink_bytes / 1e6:.3f} MB down{sim}{dp}  "
             f"{self.wall_s:.1f}s{left}"
         )
 
@@ -267,4 +290,6 @@ def summarize(cfg, main: str, rates: list[float], adapter_values: int, head_valu
             "limit_violations": sum(1 for r in records for d in r.devices if d.limit),
             "stopped_by": stopped_by,
         }
+    if last.privacy is not None:  # epsilon is cumulative: the last round's is the run's
+        out["privacy"] = last.privacy.to_json()
     return out

@@ -42,6 +42,7 @@ STAT_FIELDS = (
     "uplink_bytes_per_round",
     "downlink_bytes_per_round",
     "bytes_per_round",
+    "epsilon",  # privacy.dp: the epsilon the run spent (None without DP)
 )
 _NOT_VARIED = frozenset({"seed"}) | REUSE_IGNORED
 
@@ -169,6 +170,7 @@ def _row(name: str, summary: dict, flat: dict, keys: list[str]) -> RunRow:
             "uplink_bytes_per_round": up_r,
             "downlink_bytes_per_round": down_r,
             "bytes_per_round": up_r + down_r if up_r is not None and down_r is not None else None,
+            "epsilon": _num((summary.get("privacy") or {}).get("epsilon")),
         },
         uplink_bytes_total=up,
         downlink_bytes_total=down,
@@ -317,13 +319,16 @@ def table(rep: Report):
     for k in rep.keys:
         t.add_column(k, overflow="fold")
     t.add_column("n", justify="right")
-    for h in ("final", "best", "train", "gap", "up MB", "down MB"):
+    private = any(r.stats.get("epsilon") is not None for r in rep.rows)
+    for h in ("final", "best", "train", "gap", "up MB", "down MB") + (("epsilon",) if private else ()):
         t.add_column(h, justify="right")
     for g in rep.groups:
         cells = [format_value(g.values[k]) for k in rep.keys] + [str(len(g.rows))]
         cells += [_fmt(*g.stat(f)) for f in ("final", "best", "train", "gap")]
         for f in ("uplink_bytes_per_round", "downlink_bytes_per_round"):
             cells.append(_fmt(*g.stat(f), scale=1e6, digits=3))
+        if private:
+            cells.append(_fmt(*g.stat("epsilon"), digits=3))
         t.add_row(*cells)
     return t
 

@@ -29,8 +29,9 @@ from fedlodrop.messages import (
     encode_adapter,
     merge_trained,
 )
+from fedlodrop import privacy
 from fedlodrop.rng import numpy_rng
-from fedlodrop.records import LEFT_OUT, DeviceRecord, RoundRecord, RoundSim, SimCost
+from fedlodrop.records import LEFT_OUT, DeviceRecord, PrivacySpent, RoundRecord, RoundSim, SimCost
 from fedlodrop.variants import make_variant
 
 
@@ -75,6 +76,7 @@ class Server:
         self.rule = make_rule(cfg.federation.aggregation, cfg.federation.factor_rule)
         self.variant = make_variant(cfg.dropout.variant)
         self.dtype = COMM_DTYPES[cfg.federation.comm_dtype]
+        self.mech = privacy.mechanism(cfg)  # client-level DP, or None
         if not state.synced:
             state.synced = [0] * cfg.federation.devices
 
@@ -151,6 +153,10 @@ class Server:
                 f"federation.min_devices is {self.cfg.federation.min_devices} ({reasons})"
             )
         fold_update, (record.fold_error, record.fold_error_rel) = self._aggregate(updates)
+        if self.mech is not None:
+            m = self.mech
+            record.privacy = PrivacySpent(privacy.epsilon(m, self.cfg, self.state.rounds_done), m.delta,
+                                          m.noise_multiplier, m.clip_norm, m.mode)
         record.fold_bytes = fold_update.nbytes if fold_update else 0
         for entry in devices:
             if entry.ok:  # the others may or may not hold the catch-up: resend it
@@ -180,6 +186,9 @@ class Server:
         start = decoded[key]
         trained = self.variant.trained(masks, self.layout)
         end = merge_trained(start, reply.upload, self.layout, trained)
+        if self.mech is not None and self.mech.mode == "central":  # the bound holds whatever was sent
+            sent = privacy.sent_masks(self.layout, trained, self.rule.trains_a)
+            end, _ = privacy.clip(start, end, sent, self.mech.clip_norm)
         return DeviceUpdate(start, end, trained, reply.num_samples)
 
     def _aggregate(self, updates: list[DeviceUpdate]) -> tuple[FoldUpdate | None, tuple[float | None, float | None]]:
@@ -190,7 +199,8 @@ class Server:
             self.state.rounds_done += 1
             return None, (None, None)
         weights = device_weights(updates, fed.weighting)
-        new_state, residuals = self.rule.aggregate(self.layout, self.state.global_state, updates, weights)
+        new_state, residuals = self.rule.aggregate(self.layout, self.state.global_state, updates, weights,
+                                                   self._sum_noise(updates, weights))
         self.state.global_state = clone_state(new_state)
         self.state.rounds_done += 1
         if not self.rule.folds:
@@ -208,6 +218,16 @@ class Server:
         self.state.fold_log.append(update)
         self._prune_log()
         return update, stats
+
+    def _sum_noise(self, updates: list[DeviceUpdate], weights: torch.Tensor) -> State | None:
+        """Central DP: N(0, (sigma C)^2) on every coordinate of the sum some device sent, scaled by
+        the (uniform) weight as the sum is; drawn from the round's stream on every engine."""
+        if self.mech is None or self.mech.mode != "central" or self.mech.std == 0:
+            return None
+        sent = [privacy.sent_masks(self.layout, u.trained, self.rule.trains_a) for u in updates]
+        where = {k: sum(s[k] for s in sent) for k in sent[0]}
+        noise = privacy.gaussian(where, self.mech.std, where, self.cfg.seed, "dp-noise-sum", self.state.rounds_done)
+        return {k: v * weights[0] for k, v in noise.items()}
 
     def _prune_log(self) -> None:
         """Keep the newest folds whose sum is at most F's dense size: a device further behind gets F."""
