@@ -3,6 +3,7 @@ the end-to-end tests compare between two run folders."""
 
 from __future__ import annotations
 
+import copy
 import uuid
 from pathlib import Path
 
@@ -79,8 +80,8 @@ class FakeGrid(Grid):
                 reply = Message(Error(5, "Node is unavailable."), reply_to=msg)
                 reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE
             else:
-                try:
-                    reply = self.client_app(msg, self.contexts[node])
+                try:  # a copy, as a SuperNode gets it over the wire (SecAgg+ sends one content to all)
+                    reply = self.client_app(copy.deepcopy(msg), self.contexts[node])
                 except Exception as err:  # noqa: BLE001 - what a SuperNode makes of a raising ClientApp
                     reply = Message(Error(2, f"<class '{type(err).__name__}'>:<'{err}'>"), reply_to=msg)
             reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex

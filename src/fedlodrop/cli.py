@@ -42,6 +42,7 @@ def run(
 ) -> None:
     """Fine-tune across simulated devices; with no arguments, the offline default (MiniLM, Rotten Tomatoes)."""
     from fedlodrop.config import load_config
+    from fedlodrop.engine import IN_PROCESS_SECAGG
     from fedlodrop.engine import resume as resume_engine
     from fedlodrop.engine import run as run_engine
     from fedlodrop.runs import default_run_dir
@@ -56,6 +57,8 @@ def run(
     else:
         cfg = load_config(config, set_ or [])
         out = out or default_run_dir(cfg)
+        if cfg.privacy.secure_aggregation:
+            raise UserError(IN_PROCESS_SECAGG)
         announce("fedlodrop run", cfg, out)
         summary = run_engine(cfg, out, console=err_console, show_progress=not quiet, force=force)
     print_summary(summary, out)

@@ -25,7 +25,7 @@ from fedlodrop.aggregation import make_rule
 from fedlodrop.config import RunConfig, TrainConfig
 from fedlodrop.data import make_loader
 from fedlodrop.masks import Masks, device_masks
-from fedlodrop.messages import COMM_DTYPES, DeviceReply, DeviceTask, decode_adapter, encode_adapter
+from fedlodrop.messages import COMM_DTYPES, DeviceReply, DeviceTask, decode_adapter, encode_adapter, merge_trained
 from fedlodrop.model import FedModel
 from fedlodrop import privacy
 from fedlodrop.rng import seed_torch, stream_seed
@@ -99,6 +99,27 @@ def device_step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: St
         task.device, task.round, upload, len(shard), result.loss, result.steps, result.seconds,
         result.lr_first, result.lr_last,
     )
+
+
+def secure_vector(fm: FedModel, task: DeviceTask, reply: DeviceReply, cfg: RunConfig, known: State) -> np.ndarray:
+    """What the device puts in the secure sum (secagg.py): its reply's update on the values it
+    sent, measured from what it was sent, as one full-length vector. Refuses to send a value the
+    sum would clip or could not carry (SecAgg+ would clip it silently)."""
+    from fedlodrop import secagg
+
+    layout = fm.layout
+    rule, variant = make_rule(cfg.federation.aggregation, cfg.federation.factor_rule), make_variant(cfg.dropout.variant)
+    masks = device_masks(cfg, layout, task.rate, task.round, task.device)
+    start = decode_adapter(task.adapter, layout, variant.view(masks, layout), known)
+    trained = variant.trained(masks, layout)
+    vector = secagg.device_vector(start, merge_trained(start, reply.upload, layout, trained), layout, trained,
+                                  rule.trains_a)
+    if not np.isfinite(vector).all() or not math.isfinite(reply.train_loss):
+        raise RuntimeError("non-finite update or training loss: not added to the secure sum")
+    c = cfg.privacy.secagg_clip_range
+    if np.abs(vector).max(initial=0.0) > c:
+        raise RuntimeError(f"an update value of {np.abs(vector).max():.4g} exceeds privacy.secagg_clip_range {c:g}")
+    return vector
 
 
 def _autocast(fm: FedModel):

@@ -224,6 +224,23 @@ class PrivacyConfig(_Section):
     accountant: Literal["rdp", "prv"] = Field(
         "rdp", description="Opacus' accountant: rdp (Renyi DP, the usual one) or prv (privacy random variables, tighter)"
     )
+    secure_aggregation: bool = Field(
+        False, description="Flower only: Flower's SecAgg+ sums the devices' updates so the server learns only "
+        "the sum (rules fedit, masked, ffa; docs/privacy.md)"
+    )
+    secagg_shares: int | None = Field(
+        None, ge=3, description="SecAgg+: how many devices (itself included) hold shares of each device's "
+        "secrets; null: every device of the round"
+    )
+    secagg_threshold: int | None = Field(
+        None, ge=2, description="SecAgg+: shares needed to unmask; the round survives devices dropping out "
+        "while each device keeps this many live share holders; null: a majority of secagg_shares"
+    )
+    secagg_clip_range: float = Field(
+        8.0, gt=0, description="SecAgg+: update values must lie in [-range, range] (a device with a value "
+        "outside is left out, never clipped silently); the sum is exact up to n x 2 range / T per value, "
+        "T = 2^floor(log2(2^32 / (n + 1))) for n devices"
+    )
 
 
 class FlowerConfig(_Section):
@@ -312,6 +329,8 @@ class RunConfig(_Section):
 
     def _check_privacy(self) -> None:
         p = self.privacy
+        if p.secure_aggregation:
+            self._check_secure_aggregation()
         if not p.dp:
             return
         if (p.noise_multiplier is None) == (p.target_epsilon is None):
@@ -329,6 +348,39 @@ class RunConfig(_Section):
             raise ValueError(
                 f"privacy.mode central cannot protect federation.aggregation {rule!r}: its aggregate needs each "
                 f"device's own update, not only their noised sum; use privacy.mode local, or one of: {sums}"
+            )
+
+    def _check_secure_aggregation(self) -> None:
+        from fedlodrop.aggregation import RULES
+        from fedlodrop.secagg import shares_and_threshold
+
+        p, f = self.privacy, self.federation
+        if not RULES[f.aggregation].from_sums:
+            sums = ", ".join(name for name, cls in RULES.items() if cls.from_sums)
+            raise ValueError(
+                f"privacy.secure_aggregation cannot carry federation.aggregation {f.aggregation!r}: its aggregate "
+                f"needs each device's own update, and the server would see only their sum; use one of: {sums}"
+            )
+        if f.weighting != "uniform":
+            raise ValueError(
+                f"privacy.secure_aggregation needs federation.weighting uniform, not {f.weighting!r}: "
+                "the sum is unweighted"
+            )
+        n = f.devices_per_round or f.devices
+        shares, threshold = shares_and_threshold(p, n)
+        if n < 3:
+            raise ValueError(f"privacy.secure_aggregation needs at least 3 devices a round (SecAgg+), got {n}")
+        if p.secagg_shares is not None and p.secagg_shares > n:
+            raise ValueError(f"privacy.secagg_shares {p.secagg_shares} exceeds the {n} devices of a round")
+        if not 2 <= threshold < shares:
+            raise ValueError(
+                f"privacy.secagg_threshold {threshold} must be at least 2 and below the {shares} shares "
+                f"(the {n} devices of a round)"
+            )
+        if (self.system.file is not None or self.plan is not None) and self.system.enforce == "drop":
+            raise ValueError(
+                "privacy.secure_aggregation cannot leave a late device out after the fact (its update is "
+                "already in the sum): set system.enforce report"
             )
 
     @model_validator(mode="before")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fedlodrop.config import RunConfig
+from fedlodrop.errors import UserError
 from fedlodrop.evaluation import evaluate
 from fedlodrop.experiment import Experiment, build
 from fedlodrop.messages import DeviceReply, DeviceTask, FoldCatchUp
@@ -42,9 +43,15 @@ class RoundEngine(Protocol):
 EngineFactory = Callable[[Experiment], RoundEngine]
 
 
+IN_PROCESS_SECAGG = ("privacy.secure_aggregation runs on Flower (fedlodrop flower simulate | run): in one "
+                     "process there is nobody to hide the updates from")
+
+
 def in_process(exp: Experiment) -> RoundEngine:
     from fedlodrop.inprocess import InProcessEngine
 
+    if exp.cfg.privacy.secure_aggregation:
+        raise UserError(IN_PROCESS_SECAGG)
     return InProcessEngine()
 
 
@@ -52,12 +59,13 @@ def in_process(exp: Experiment) -> RoundEngine:
 
 
 def close_round(exp: Experiment, server: Server, tasks: list[DeviceTask], replies: list[DeviceReply],
-                t_round: float) -> RoundRecord:
+                t_round: float, summed=None) -> RoundRecord:
     """The server's half after the replies, in every engine: aggregate and fold (`server.finish`),
-    bring the evaluating backbone's fold up to date, score the global model, complete the record."""
+    bring the evaluating backbone's fold up to date, score the global model, complete the record.
+    `summed`: the secure sum of the updates (secure aggregation; the replies then carry none)."""
     round_ = server.state.rounds_done
     t0 = time.perf_counter()
-    result = server.finish(tasks, replies)
+    result = server.finish(tasks, replies, summed)
     if result.fold_update is not None:  # the server's own copy of the backbone evaluates
         exp.fm.sync_fold(FoldCatchUp(round_, round_ + 1, [result.fold_update]))
     aggregate_s = time.perf_counter() - t0
@@ -109,7 +117,6 @@ def _over_budget(exp: Experiment, server: Server, round_: int, records: list[Rou
 
 
 def _check_first_round_fits(exp: Experiment) -> None:
-    from fedlodrop.errors import UserError
 
     server = _server(exp, ServerState(rounds_done=0, global_state=exp.fm.get_state()))
     limit = _over_budget(exp, server, 0, [])

@@ -29,7 +29,7 @@ from fedlodrop.messages import (
     encode_adapter,
     merge_trained,
 )
-from fedlodrop import privacy
+from fedlodrop import privacy, secagg
 from fedlodrop.rng import numpy_rng
 from fedlodrop.records import LEFT_OUT, DeviceRecord, PrivacySpent, RoundRecord, RoundSim, SimCost
 from fedlodrop.variants import make_variant
@@ -118,12 +118,15 @@ class Server:
         return FoldCatchUp(held, now, replace=self.state.fold)  # shared, read-only: never copied per device
 
     # ------------------------------------------------------------------ finish
-    def finish(self, tasks: list[DeviceTask], replies: list[DeviceReply]) -> RoundResult:
-        """Leave out failed or non-finite replies, aggregate the rest, fold, and record the round."""
+    def finish(self, tasks: list[DeviceTask], replies: list[DeviceReply], summed: State | None = None) -> RoundResult:
+        """Leave out failed or non-finite replies, aggregate the rest, fold, and record the round.
+
+        `summed`: secure aggregation's sum of the updates of the devices whose replies carry no
+        error (their replies carry only what they reported); a `from_sums` rule aggregates it."""
         round_ = self.state.rounds_done
         by_device = {r.device: r for r in replies if r.round == round_}
         tasks = sorted(tasks, key=lambda t: t.device)
-        updates, devices, decoded = [], [], {}
+        updates, devices, decoded, in_sum = [], [], {}, []
         for task in tasks:
             reply = by_device.get(task.device)
             masks = device_masks(self.cfg, self.layout, task.rate, round_, task.device)
@@ -140,9 +143,16 @@ class Server:
                 if problem is None and entry.limit and self.meter.enforce == "drop":
                     problem = entry.limit
             if problem is not None:
+                if summed is not None and reply is not None and not reply.error:
+                    raise RuntimeError(f"device {task.device}'s update is in the secure sum but unusable: {problem}")
                 entry.status, entry.reason = LEFT_OUT, problem
                 continue
-            updates.append(self._update(task, masks, reply, decoded))
+            if summed is None:
+                updates.append(self._update(task, masks, reply, decoded))
+            else:
+                in_sum.append((task, masks))
+        if summed is not None and in_sum:
+            updates = self._from_sum(in_sum, summed, decoded)
         record = RoundRecord(round_ + 1, [t.device for t in tasks], devices)
         if self.meter is not None:
             record.system = self._round_sim(devices)
@@ -190,6 +200,17 @@ class Server:
             sent = privacy.sent_masks(self.layout, trained, self.rule.trains_a)
             end, _ = privacy.clip(start, end, sent, self.mech.clip_norm)
         return DeviceUpdate(start, end, trained, reply.num_samples)
+
+    def _from_sum(self, in_sum: list[tuple[DeviceTask, Masks]], summed: State, decoded: dict) -> list[DeviceUpdate]:
+        """Stand-in updates with the secure sum's sum, from what each device was sent (secagg.py)."""
+        starts, trained = [], []
+        for task, masks in in_sum:
+            key = tuple(map(id, task.adapter.values()))
+            if key not in decoded:
+                decoded[key] = decode_adapter(task.adapter, self.layout, self.variant.view(masks, self.layout), self.known)
+            starts.append(decoded[key])
+            trained.append(self.variant.trained(masks, self.layout))
+        return secagg.updates_from_sum(summed, starts, trained, self.layout, self.rule.trains_a)
 
     def _aggregate(self, updates: list[DeviceUpdate]) -> tuple[FoldUpdate | None, tuple[float | None, float | None]]:
         """Aggregate; for a folding rule also the fold that travels, and what truncating it cost

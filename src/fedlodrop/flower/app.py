@@ -123,6 +123,7 @@ def config_from_run_config(run_config: dict) -> RunConfig:
 client_app = ClientApp()
 
 FOLD, FOLD_LAYOUT, FOLD_META = "fedlodrop.fold", "fedlodrop.fold.layout", "fedlodrop.fold.meta"
+SECAGG_CONFIGS = "secaggplus_configs"  # Flower's record of a SecAgg+ stage
 
 
 _CACHE: dict[str, object] = {}  # config JSON -> its device-side Experiment (one per process, the latest)
@@ -161,7 +162,30 @@ def query(msg: Message, context: Context) -> Message:
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One device's round: `client.device_step` over this node's fold F, kept in context.state."""
+    """One device's round: `client.device_step` over this node's fold F, kept in context.state.
+    Under secure aggregation every TRAIN message is a SecAgg+ stage: Flower's `secaggplus_mod`
+    answers the protocol's stages and calls `_secure_train` in the stage that collects updates."""
+    if SECAGG_CONFIGS in msg.content.config_records:
+        from flwr.client.mod import secaggplus_mod
+
+        return secaggplus_mod(msg, context, _secure_train)
+    side, task, reply = _device_round(msg, context)
+    return Message(reply_content(reply, side.cfg.flower.pack_arrays), reply_to=msg)
+
+
+def _secure_train(msg: Message, context: Context) -> Message:
+    """The device's round with its update as a vector for the secure sum; its scalars travel in
+    the clear."""
+    from fedlodrop.client import secure_vector
+    from fedlodrop.flower.secure import fitres_reply
+
+    side, task, reply = _device_round(msg, context)
+    vector = secure_vector(side.fm, task, reply, side.cfg, side.known)
+    _, scalars = reply.to_flat()
+    return fitres_reply(vector, scalars, msg)
+
+
+def _device_round(msg: Message, context: Context):
     from fedlodrop.client import device_step
 
     device = _device(context)
@@ -174,7 +198,7 @@ def train(msg: Message, context: Context) -> Message:
     side.fm.set_fold(fold, fold_round)
     reply = device_step(side.fm, task, side.shards[device], side.cfg, side.known)
     save_fold(context.state, side.fm.fold, side.fm.fold_round)
-    return Message(reply_content(reply, side.cfg.flower.pack_arrays), reply_to=msg)
+    return side, task, reply
 
 
 def load_fold(state: RecordDict) -> tuple[dict[str, torch.Tensor], int]:

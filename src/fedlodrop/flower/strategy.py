@@ -25,10 +25,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedlodrop import secagg
 from fedlodrop.config import FlowerConfig
 from fedlodrop.engine import close_round
 from fedlodrop.experiment import Experiment
 from fedlodrop.flower.records import content_bytes, content_reply, task_content
+from fedlodrop.flower.secure import secure_sum
 from fedlodrop.flower.transport import Discovery, error_reason, send_and_receive
 from fedlodrop.messages import DeviceReply, DeviceTask
 from fedlodrop.records import RoundRecord
@@ -62,6 +64,8 @@ class FedLoDropStrategy(FedAvg):
         self.exp, self.server = exp, server
         server_round = round_ + 1
         messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+        if exp.cfg.privacy.secure_aggregation:
+            return self._secure_round(grid, server_round)
         replies, unsent = send_and_receive(
             grid, messages, self.settings.round_timeout_s, self.settings.poll_interval_s
         )
@@ -140,6 +144,45 @@ class FedLoDropStrategy(FedAvg):
         state.record = self._measured(record, state, up)
         ok = len(record.ok_devices)
         return None, MetricRecord({"devices-ok": ok, "devices-left-out": len(record.devices) - ok})
+
+    def _secure_round(self, grid: Grid, server_round: int) -> RoundRecord:
+        """The round's TRAIN messages go through SecAgg+ (flower/secure.py): the Server gets the sum
+        of the updates of the devices in it and what each reported in the clear."""
+        state = self._rounds.pop(server_round)
+        round_, p = server_round - 1, self.exp.cfg.privacy
+        device_of = {m.metadata.dst_node_id: k for k, m in state.sent.items()}
+        shares, threshold = secagg.shares_and_threshold(p, len(state.tasks))
+        levels = secagg.quantization_levels(len(state.tasks))
+        result = secure_sum(grid, {n: state.sent[k] for n, k in device_of.items()}, device_of, shares, threshold,
+                            p.secagg_clip_range, levels, self.settings.round_timeout_s,
+                            self.settings.poll_interval_s, server_round)
+        got: dict[int, DeviceReply] = {}
+        for device, problem in (state.problems | result.problems).items():
+            got[device] = DeviceReply(device, round_, {}, 0, math.nan, 0, 0.0, error=problem)
+        for device, scalars in result.reported.items():
+            reply = DeviceReply.from_flat({}, scalars)
+            if (reply.device, reply.round) != (device, round_):
+                raise RuntimeError(f"SecAgg+: the reply of device {device} says device {reply.device}, round {reply.round + 1}")
+            got[device] = reply
+        summed = None if result.vector is None else secagg.split_vector(
+            result.vector, self.exp.fm.layout, self.server.state.global_state)
+        if any(r.error for r in got.values()):
+            log.warning("round %d: left out %s", server_round, {k: r.error for k, r in got.items() if r.error})
+        record = close_round(self.exp, self.server, state.tasks, [got[k] for k in sorted(got)], state.t_round, summed)
+        for entry in record.devices:
+            entry.downlink_bytes = result.down.get(entry.device, 0)
+            if entry.reported:
+                entry.uplink_bytes = result.up.get(entry.device, 0)
+        in_sum = len(result.reported)
+        record.flower = {
+            "uplink_count_bytes": sum(result.up.values()),
+            "downlink_count_bytes": sum(result.down.values()),
+            "nodes": {str(k): m.metadata.dst_node_id for k, m in sorted(state.sent.items())},
+            "secagg": {"shares": shares, "threshold": threshold, "clip_range": p.secagg_clip_range,
+                       "levels": levels, "devices_in_sum": in_sum,
+                       "error_bound": secagg.error_bound(in_sum, p.secagg_clip_range) if in_sum else 0.0},
+        }
+        return record
 
     def _measured(self, record: RoundRecord, state: _Round, up: dict[int, tuple[int, int]]) -> RoundRecord:
         """The record with the bytes of the messages that travelled, and the Flower details."""
