@@ -206,9 +206,9 @@ def test_devices_are_weighted_by_their_sample_counts(tiny_bert, tmp_path):
     seen = {}
     finish = Server.finish
 
-    def spy(self, tasks, replies):
+    def spy(self, tasks, replies, summed=None):
         seen["replies"] = replies
-        return finish(self, tasks, replies)
+        return finish(self, tasks, replies, summed)
 
     Server.finish = spy
     try:
