@@ -91,9 +91,8 @@ def device_step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: St
         train_a=rule.trains_a,
     )
     end = result.state
-    mech = privacy.mechanism(cfg)
-    if mech is not None:  # clip (and under local DP noise) the update before it leaves
-        end = privacy.privatize_device(start, end, layout, trained, rule.trains_a, mech, cfg.seed, task.round, task.device)
+    if cfg.privacy.dp:  # clip (and under local DP noise) the update before it leaves
+        end = privacy.privatize_device(start, end, layout, trained, rule.trains_a, cfg, task.round, task.device)
     upload = encode_adapter(end, layout, trained, rule, COMM_DTYPES[cfg.federation.comm_dtype])
     return DeviceReply(
         task.device, task.round, upload, len(shard), result.loss, result.steps, result.seconds,

@@ -178,11 +178,14 @@ def gaussian(shapes: State, std: float, where: State, seed: int, stream: str, *i
 
 
 def privatize_device(start: State, end: State, layout: AdapterLayout, trained: Masks, trains_a: bool,
-                     mech: Mechanism, seed: int, round_: int, device: int) -> State:
-    """The device's side: clip its update; under local DP, noise it too."""
+                     cfg, round_: int, device: int) -> State:
+    """The device's side: clip its update; under local DP, noise it too (only then does the
+    device need sigma, and so the accountant)."""
     sent = sent_masks(layout, trained, trains_a)
-    out, _ = clip(start, end, sent, mech.clip_norm)
-    if mech.mode == "local" and mech.std > 0:
-        noise = gaussian(out, mech.std, sent, seed, "dp-noise-device", round_, device)
-        out = {k: out[k] + noise[k] if k in noise else out[k] for k in out}
+    out, _ = clip(start, end, sent, cfg.privacy.clip_norm)
+    if cfg.privacy.mode == "local":
+        std = mechanism(cfg).std
+        if std > 0:
+            noise = gaussian(out, std, sent, cfg.seed, "dp-noise-device", round_, device)
+            out = {k: out[k] + noise[k] for k in out}
     return out
