@@ -77,6 +77,7 @@ def test_ffa_equals_in_process(tiny_bert, polarity_dir, tmp_path):
     assert len(tasks) == 4 and not any(k.endswith("lora_A") for t in tasks for k in t.adapter), "an A travelled"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,aggregation", [("central", "masked"), ("local", "fedex")])
 def test_differential_privacy_equals_in_process(tiny_bert, polarity_dir, tmp_path, mode, aggregation):
     """The noise comes from the seed's streams (the server's for the sum, each device's for its

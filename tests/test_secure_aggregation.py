@@ -49,6 +49,7 @@ def _adapter(run):
 DP = {"privacy.dp": True, "privacy.noise_multiplier": 0.5, "privacy.clip_norm": 0.05}
 
 
+@pytest.mark.slow  # SecAgg+'s four exchanges and its crypto: out of the quick check
 @pytest.mark.parametrize("aggregation,variant,extra", [("masked", "subadapter", {}), ("fedit", "reset", {}),
                                                        ("ffa", "update", {}), ("masked", "update", DP)])
 def test_secure_sum_gives_the_plain_model_within_the_quantisation_bound(tiny_bert, polarity_dir, tmp_path,
@@ -79,6 +80,7 @@ def test_secure_sum_gives_the_plain_model_within_the_quantisation_bound(tiny_ber
     assert all(d.uplink_bytes > 0 and d.downlink_bytes > 0 for d in row.devices)
 
 
+@pytest.mark.slow
 def test_a_device_lost_while_updates_are_collected_is_survived(tiny_bert, polarity_dir, tmp_path, monkeypatch):
     """Device 1's ClientApp raises in the collect stage (after the keys were shared): SecAgg+
     unmasks the other two from the shares, and the model is the plain Flower round's, which
@@ -96,6 +98,7 @@ def test_a_device_lost_while_updates_are_collected_is_survived(tiny_bert, polari
         assert float((a[k] - b[k]).abs().max()) <= bound + 8 * eps * float(a[k].abs().max()), k
 
 
+@pytest.mark.slow
 def test_a_device_silent_from_the_start_is_left_out_and_the_protocol_restarts(tiny_bert, polarity_dir, tmp_path):
     """SecAgg+ cannot survive a device lost while keys are set up (its neighbours miss its
     shares); nothing was trained yet, so the round restarts the protocol without it and the other

@@ -63,9 +63,10 @@ def quantization_levels(devices: int) -> int:
     return int(min(t, 2**30))
 
 
-def error_bound(devices: int, clip_range: float) -> float:
-    """The most the secure sum of `devices` vectors can differ from the exact sum, per value."""
-    return devices * 2 * clip_range / quantization_levels(devices)
+def error_bound(devices: int, clip_range: float, levels: int | None = None) -> float:
+    """The most the secure sum of `devices` vectors, quantised to `levels` (by default those
+    chosen for that many devices), can differ from the exact sum, per value."""
+    return devices * 2 * clip_range / (levels or quantization_levels(devices))
 
 
 def updates_from_sum(summed: State, starts: list[State], trained: list[Masks], layout: AdapterLayout,

@@ -180,7 +180,7 @@ class FedLoDropStrategy(FedAvg):
             "nodes": {str(k): m.metadata.dst_node_id for k, m in sorted(state.sent.items())},
             "secagg": {"shares": shares, "threshold": threshold, "clip_range": p.secagg_clip_range,
                        "levels": levels, "devices_in_sum": in_sum,
-                       "error_bound": secagg.error_bound(in_sum, p.secagg_clip_range) if in_sum else 0.0},
+                       "error_bound": secagg.error_bound(in_sum, p.secagg_clip_range, levels) if in_sum else 0.0},
         }
         return record
 
