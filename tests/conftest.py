@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -286,3 +287,31 @@ def trained(tmp_path_factory):
         return _TRAINED[key]
 
     return get
+
+
+@pytest.fixture
+def fresh_client_cache():
+    """Flower-round tests build ClientApps in this process: start each from an empty model cache
+    and give back the torch thread count the app sets."""
+    from fedlodrop.flower import app as flower_app
+
+    flower_app._CACHE.clear()
+    threads = torch.get_num_threads()
+    yield
+    flower_app._CACHE.clear()
+    torch.set_num_threads(threads)
+
+
+def diverging(devices, from_round=0):
+    """device_step, except that the given devices start from an adapter holding an infinity:
+    their loss turns NaN and their update non-finite, as a diverged local phase does."""
+    from fedlodrop.client import device_step
+
+    def step(fm, task, shard, cfg, known):
+        if task.device in devices and task.round >= from_round:
+            key = next(k for k in task.adapter if k.endswith(".lora_A"))
+            task.adapter[key] = task.adapter[key].clone()
+            task.adapter[key][0, 0] = math.inf
+        return device_step(fm, task, shard, cfg, known)
+
+    return step

@@ -94,6 +94,16 @@ class FakeGrid(Grid):
 
 # ---------------------------------------------------------------------------- comparing runs
 
+def serve(cfg, out: Path, grid: FakeGrid | None = None, **grid_kw) -> FakeGrid:
+    """Our ServerApp's whole run over an in-process Grid (FakeGrid unless one is given)."""
+    from fedlodrop.flower import app as flower_app
+
+    rc = {"config-json": cfg.model_dump_json(), "run-dir": str(out)}
+    grid = grid or FakeGrid(cfg.federation.devices, rc, **grid_kw)
+    flower_app.serve(grid, rc)
+    return grid
+
+
 def metrics(folder: Path) -> list:
     from fedlodrop.runs import RunFolder
 

@@ -4,6 +4,7 @@ a round in which too few devices succeed fails with one line, exit 1, the checkp
 import math
 
 import torch
+from conftest import diverging
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -18,20 +19,6 @@ def _args(model, glue_dir, out, rounds=2, *extra):
             "--set", "data.source=glue_dir", "--set", f"data.glue_dir={glue_dir}", "--set", "lora.r=4",
             "--set", "train.max_length=32", "--set", f"federation.rounds={rounds}",
             "--set", "dropout.rate=0.3", "--set", "data.train_eval_samples=16", *extra]
-
-
-def diverging(devices, from_round=0):
-    """device_step, except that the given devices start from an adapter holding an infinity:
-    their loss turns NaN and their update non-finite, as a diverged local phase does."""
-
-    def step(fm, task, shard, cfg, known):
-        if task.device in devices and task.round >= from_round:
-            key = next(k for k in task.adapter if k.endswith(".lora_A"))
-            task.adapter[key] = task.adapter[key].clone()
-            task.adapter[key][0, 0] = math.inf
-        return device_step(fm, task, shard, cfg, known)
-
-    return step
 
 
 def test_a_diverging_device_is_left_out_and_logged(tiny_bert, sst2_dir, tmp_path, monkeypatch):

@@ -68,7 +68,27 @@ def test_run_and_the_wrappers_refuse_bad_input(tmp_path, tmpdir_here):
     line = _one_error_line(_invoke("flower", "supernode", "--superlink", "127.0.0.1:1", "--ca", tmp_path / "ca.crt",
                                    "--key", tmp_path / "k", "--device", 2, "--devices", 2))
     assert "--device 2 is not below --devices 2" in line
+    line = _one_error_line(_invoke("flower", "supernode", "--superlink", "127.0.0.1:1", "--ca", tmp_path / "ca.crt",
+                                   "--key", tmp_path / "k", "--device", 0, "--devices", 2, "--heartbeat-s", 5))
+    assert "--heartbeat-s 5 is outside [10, 1800]" in line
     assert not (tmp_path / "r").exists() and list(tmpdir_here.iterdir()) == []
+
+
+def test_the_supernode_heartbeat_is_the_one_asked_for(monkeypatch):
+    """`--heartbeat-s` runs Flower's SuperNode through our entry point, which points both places
+    Flower reads the interval from (what the node announces, how often it beats) at the value."""
+    import flwr.supercore.heartbeat as sender
+    import flwr.supernode.fleet_http_connection as connection
+
+    from fedlodrop.flower import supernode
+
+    cmd = launch.supernode_command("127.0.0.1:1", 0, 2, 9, None, None, heartbeat_s=12)
+    assert cmd[:4] == [sys.executable, "-m", "fedlodrop.flower.supernode", "12.0"] and "--superlink" in cmd
+    assert launch.supernode_command("127.0.0.1:1", 0, 2, 9, None, None)[0].endswith("flower-supernode")
+    for module in (sender, connection):
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", module.HEARTBEAT_DEFAULT_INTERVAL)
+    supernode.set_heartbeat(12.0)
+    assert sender.HEARTBEAT_DEFAULT_INTERVAL == connection.HEARTBEAT_DEFAULT_INTERVAL == 12.0
 
 
 def test_certificates_and_keys_are_what_flower_takes(tmp_path):

@@ -59,10 +59,11 @@ def _cli(*args):
 
 
 def _node_cmd(root: Path, address: str, ca: Path, device: int) -> list[str]:
-    """`fedlodrop flower supernode` for `device` of 2, with its registered key."""
+    """`fedlodrop flower supernode` for `device` of 2, with its registered key; a dead one is
+    noticed after 2 x 10 s instead of Flower's 2 x 30 s."""
     return fedlodrop_cmd("flower", "supernode", "--superlink", address, "--ca", ca,
                          "--key", root / "keys" / f"device{device}_key", "--device", device,
-                         "--devices", 2, "--port", launch.free_port())
+                         "--devices", 2, "--port", launch.free_port(), "--heartbeat-s", 10)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_only_registered_supernodes_may_join(federation):
 def test_a_killed_supernode_is_left_out_then_too_few_devices_fail(federation, tiny_bert, polarity_dir, tmp_path):
     """Kill device 1's SuperNode (its process group, SIGKILL, by PID) once it has taken its round-1
     TRAIN message. Round 1 stands on device 0: the SuperLink reports the node unavailable once it
-    has missed its heartbeats (Flower's fixed 2 x 30 s; the round timeout is far longer, so a live
+    has missed two heartbeats (10 s each here, `--heartbeat-s`; the round timeout is far longer, so a live
     device is never cut off). Round 2 sends device 1 nothing, as no node of it is online; the run
     completes. Then device 1 is back with a ClientApp that raises: a run with min_devices 2 fails
     in round 1 with one line and exit code 1.

@@ -6,7 +6,6 @@ is sent the whole fold F instead of the rounds it missed)."""
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import learning_cfg
 from flower_helpers import FakeGrid
 
@@ -14,6 +13,8 @@ from fedlodrop import engine
 from fedlodrop.flower import app as flower_app
 from fedlodrop.inprocess import InProcessEngine
 from fedlodrop.runs import RunFolder, compare
+
+pytestmark = pytest.mark.usefixtures("fresh_client_cache")
 
 
 class _Interrupted(Exception):
@@ -32,15 +33,6 @@ class _StopsAfter(InProcessEngine):
         if round_ == self.after:
             raise _Interrupted
         return super().run_round(exp, server, round_)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_client_cache():
-    flower_app._CACHE.clear()
-    threads = torch.get_num_threads()
-    yield
-    flower_app._CACHE.clear()
-    torch.set_num_threads(threads)
 
 
 def test_an_interrupted_run_resumes_on_flower_as_an_uninterrupted_run(tiny_bert, polarity_dir, tmp_path):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import learning_cfg
-from flower_helpers import FakeGrid, assert_same_run, metrics
+from flower_helpers import FakeGrid, assert_same_run, metrics, serve
 
 from fedlodrop import engine
 from fedlodrop.config import validate
@@ -19,28 +19,14 @@ from fedlodrop.flower import strategy as flower_strategy
 from fedlodrop.flower.records import content_task, payload_bytes
 from fedlodrop.flower.transport import Discovery, DiscoveryError
 
+pytestmark = pytest.mark.usefixtures("fresh_client_cache")
+
 
 def _cfg(model, glue, **over):
     base = {"train.threads": 1, "federation.rounds": 3, "federation.local_epochs": 1,
             "federation.aggregation": "fedex", "dropout.rate": 0.3, "data.train_eval_samples": 16,
             "flower.discovery_timeout_s": 1.0, "flower.round_timeout_s": 1.0, "flower.poll_interval_s": 0.01}
     return learning_cfg(model, glue, **(base | over))
-
-
-def _serve(cfg, out, grid=None, **grid_kw):
-    rc = {"config-json": cfg.model_dump_json(), "run-dir": str(out)}
-    grid = grid or FakeGrid(cfg.federation.devices, rc, **grid_kw)
-    flower_app.serve(grid, rc)
-    return grid
-
-
-@pytest.fixture(autouse=True)
-def _fresh_client_cache():
-    flower_app._CACHE.clear()
-    threads = torch.get_num_threads()
-    yield
-    flower_app._CACHE.clear()
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("pack,dtype", [(True, "bfloat16"), (False, "float16")])
@@ -50,7 +36,7 @@ def test_partial_participation_fedex_equals_in_process(tiny_bert, polarity_dir, 
     cfg = _cfg(tiny_bert, polarity_dir, **{"federation.devices_per_round": 2, "federation.comm_dtype": dtype,
                                           "flower.pack_arrays": pack})
     engine.run(cfg, tmp_path / "inproc", show_progress=False)
-    grid = _serve(cfg, tmp_path / "flower", node_ids=[9_000_000_001, 42, 7_777])
+    grid = serve(cfg, tmp_path / "flower", node_ids=[9_000_000_001, 42, 7_777])
     assert_same_run(tmp_path / "inproc", tmp_path / "flower")
     rows = metrics(tmp_path / "flower")
     assert [len(r.participants) for r in rows] == [2, 2, 2]
@@ -71,7 +57,7 @@ def test_ffa_equals_in_process(tiny_bert, polarity_dir, tmp_path):
     cfg = _cfg(tiny_bert, polarity_dir, **{"federation.devices": 2, "federation.rounds": 2,
                                           "federation.aggregation": "ffa"})
     engine.run(cfg, tmp_path / "inproc", show_progress=False)
-    grid = _serve(cfg, tmp_path / "flower")
+    grid = serve(cfg, tmp_path / "flower")
     assert_same_run(tmp_path / "inproc", tmp_path / "flower")
     tasks = [content_task(m.content) for m in grid.pushed if m.metadata.message_type == "train"]
     assert len(tasks) == 4 and not any(k.endswith("lora_A") for t in tasks for k in t.adapter), "an A travelled"
@@ -87,7 +73,7 @@ def test_differential_privacy_equals_in_process(tiny_bert, polarity_dir, tmp_pat
                                           "privacy.dp": True, "privacy.mode": mode, "privacy.clip_norm": 0.05,
                                           "privacy.target_epsilon": 50.0})
     engine.run(cfg, tmp_path / "inproc", show_progress=False)
-    _serve(cfg, tmp_path / "flower")
+    serve(cfg, tmp_path / "flower")
     assert_same_run(tmp_path / "inproc", tmp_path / "flower")
     rows = metrics(tmp_path / "flower")
     assert all(r.privacy.mode == mode and 0 < r.privacy.epsilon <= 50.0 for r in rows)
@@ -110,7 +96,7 @@ def test_bytes_are_counted_from_the_messages(tiny_bert, polarity_dir, tmp_path, 
     monkeypatch.setattr(flower_strategy, "task_content", with_extra)
     cfg = _cfg(tiny_bert, polarity_dir, **{"federation.rounds": 1})
     engine.run(cfg, tmp_path / "inproc", show_progress=False)
-    _serve(cfg, tmp_path / "flower")
+    serve(cfg, tmp_path / "flower")
     a, b = metrics(tmp_path / "inproc")[0], metrics(tmp_path / "flower")[0]
     assert [d.downlink_bytes for d in b.devices] == [d.downlink_bytes + 40 for d in a.devices]
     assert b.downlink_bytes == a.downlink_bytes + 40 * len(a.devices)
@@ -137,7 +123,7 @@ def test_failed_devices_are_left_out_with_their_reason(tiny_bert, polarity_dir, 
         return ids
 
     grid.push_messages = push
-    _serve(cfg, tmp_path / "flower", grid=grid)
+    serve(cfg, tmp_path / "flower", grid=grid)
     r1, r2 = metrics(tmp_path / "flower")
     reasons = {f["device"]: f["reason"] for f in r1.failures}
     assert reasons[1] == "no reply within flower.round_timeout_s=1 s"
@@ -161,7 +147,7 @@ def test_too_few_devices_fail_the_run_with_the_reasons(tiny_bert, polarity_dir, 
     cfg = _cfg(tiny_bert, polarity_dir, **{"federation.devices": 2, "federation.min_devices": 2})
     monkeypatch.setenv(flower_app.TEST_RAISE_ENV, "1@2")
     with pytest.raises(RoundFailed, match=r"round 2: 1 of 2 devices .*federation.min_devices is 2 .*device 1: ClientApp raised"):
-        _serve(cfg, tmp_path / "flower")
+        serve(cfg, tmp_path / "flower")
     assert RunFolder(tmp_path / "flower").rounds_done() == 1
 
 

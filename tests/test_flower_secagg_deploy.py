@@ -2,21 +2,32 @@
 authentication, three registered SuperNodes, `fedlodrop flower run` with
 `privacy.secure_aggregation`. Every SecAgg+ stage crosses the SuperLink as real messages (the
 client mod keeps its keys in the SuperNode's context between them); the model equals the same
-round in the clear (`fedlodrop run`) within the quantisation bound. Every process is stopped by
-PID at the end."""
+round in the clear (`fedlodrop run`) within the quantisation bound, here with one device whose
+SuperNode is killed mid-protocol, as Flower's SecAgg+ allows. Every process is stopped by PID at
+the end."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 
 import pytest
 import torch
-from conftest import learning_cfg
-from flower_helpers import HANG_S, assert_no_processes_left, fedlodrop_cmd, metrics, subprocess_env, write_config
+from conftest import diverging, learning_cfg
+from flower_helpers import (
+    HANG_S,
+    assert_no_processes_left,
+    fedlodrop_cmd,
+    metrics,
+    subprocess_env,
+    wait_for_text,
+    write_config,
+)
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fedlodrop import secagg
+from fedlodrop import inprocess, secagg
 from fedlodrop.cli import app
 from fedlodrop.flower import launch
 
@@ -29,10 +40,17 @@ def _cli(*args):
     return result
 
 
-def test_secure_aggregation_deployment_equals_the_plain_round(tiny_bert, polarity_dir, tmp_path):
+def test_secure_aggregation_deployment_survives_a_killed_device_and_equals_the_plain_round(
+    tiny_bert, polarity_dir, tmp_path, monkeypatch
+):
+    """Device 2's SuperNode is killed (its process group, SIGKILL, by PID) once it has taken the
+    collect stage's message, after the keys were shared. The SuperLink reports it unavailable
+    after two missed heartbeats (10 s each here); Flower's protocol unmasks the two others from
+    the shares, and the model is the plain round's with device 2 left out."""
     root = tmp_path
     ws = launch.Workspace.create(root)
     ws.env = launch.flower_env(ws.flwr_home, base=subprocess_env(root))
+    proc = None
     try:
         _cli("flower", "certs", "--out", root / "certs", "--host", "127.0.0.1")
         _cli("flower", "keys", "--out", root / "keys", "--devices", 3)
@@ -45,10 +63,11 @@ def test_secure_aggregation_deployment_equals_the_plain_round(tiny_bert, polarit
         reg = subprocess.run(fedlodrop_cmd("flower", "register", "--superlink", address, "--ca", ca, *keys),
                              env=ws.env, capture_output=True, text=True, timeout=HANG_S, check=False)
         assert reg.returncode == 0, reg.stderr
-        for k in range(3):
-            ws.spawn(f"node{k}", fedlodrop_cmd("flower", "supernode", "--superlink", address, "--ca", ca,
-                                               "--key", root / "keys" / f"device{k}_key", "--device", k,
-                                               "--devices", 3, "--port", launch.free_port()))
+        nodes = [ws.spawn(f"node{k}", fedlodrop_cmd("flower", "supernode", "--superlink", address, "--ca", ca,
+                                                    "--key", root / "keys" / f"device{k}_key", "--device", k,
+                                                    "--devices", 3, "--port", launch.free_port(),
+                                                    "--heartbeat-s", 10))
+                 for k in range(3)]
         over = {"train.threads": 1, "federation.rounds": 1, "federation.local_epochs": 1,
                 "federation.aggregation": "masked", "federation.weighting": "uniform", "dropout.rate": 0.3,
                 "data.train_eval_samples": 16, "privacy.secagg_clip_range": 1.0,
@@ -56,20 +75,35 @@ def test_secure_aggregation_deployment_equals_the_plain_round(tiny_bert, polarit
         plain = write_config(learning_cfg(tiny_bert, polarity_dir, **over), root / "plain.yaml")
         secure = write_config(learning_cfg(tiny_bert, polarity_dir, **over, **{"privacy.secure_aggregation": True}),
                               root / "secure.yaml")
-        result = CliRunner().invoke(app, ["run", "--quiet", "--config", str(plain), "--out", str(root / "plain")])
+        with monkeypatch.context() as m:  # the plain round with device 2 left out
+            m.setattr(inprocess, "device_step", diverging({2}))
+            result = CliRunner().invoke(app, ["run", "--quiet", "--config", str(plain), "--out", str(root / "plain")])
         assert result.exit_code == 0, result.output
-        res = subprocess.run(fedlodrop_cmd("flower", "run", "--config", secure, "--superlink", address, "--ca", ca,
-                                           "--out", root / "secure"),
-                             env=ws.env, capture_output=True, text=True, timeout=HANG_S, check=False)
-        assert res.returncode == 0, res.stdout + res.stderr
+        proc = subprocess.Popen(fedlodrop_cmd("flower", "run", "--config", secure, "--superlink", address, "--ca", ca,
+                                              "--out", root / "secure"),
+                                env=ws.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        at = 0
+        for _ in range(3):  # SecAgg+'s stages: setup, share keys, collect (then unmask)
+            at = wait_for_text(nodes[2].log, "Receiving: train message", at, proc) + 1
+        wait_for_text(nodes[2].log, "Received successfully", at, proc)
+        os.killpg(nodes[2].pid, signal.SIGKILL)
+        nodes[2].popen.wait(timeout=HANG_S)
+        out, err = proc.communicate(timeout=HANG_S)
+        assert proc.returncode == 0, out + err
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
         left = ws.stop_all()
         assert not left, f"processes left running: {left}"
         assert_no_processes_left(root)
-    [row] = metrics(root / "secure")
-    assert [d.status for d in row.devices] == ["ok"] * 3 and row.flower["secagg"]["devices_in_sum"] == 3
-    assert all(d.uplink_bytes > 0 for d in row.devices)
+    [ref], [row] = metrics(root / "plain"), metrics(root / "secure")
+    assert [d.status for d in ref.devices] == [d.status for d in row.devices] == ["ok", "ok", "left out"]
+    reason = row.devices[2].reason
+    assert reason.startswith("SecAgg+ collect_masked_vectors: SuperNode unavailable"), reason
+    assert row.flower["secagg"]["devices_in_sum"] == 2
+    assert all(d.uplink_bytes > 0 for d in row.devices[:2])
     a, b = (load_file(str(root / name / "adapter.safetensors")) for name in ("plain", "secure"))
-    bound, eps = secagg.error_bound(3, 1.0), torch.finfo(torch.float32).eps
+    bound, eps = secagg.error_bound(2, 1.0), torch.finfo(torch.float32).eps
     for k in a:
         assert float((a[k] - b[k]).abs().max()) <= bound + 8 * eps * float(a[k].abs().max()), k

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from conftest import learning_cfg
 from flower_helpers import FakeGrid
 from typer.testing import CliRunner
@@ -19,6 +18,8 @@ from fedlodrop.flower import app as flower_app
 from fedlodrop.planning import random_system, save_system
 from fedlodrop.runs import RunFolder, compare
 from fedlodrop.server import Server, ServerState
+
+pytestmark = pytest.mark.usefixtures("fresh_client_cache")
 
 
 def write_system(path, model, devices=3, latency_s=1e3, energy_j=1e3, samples=(20, 60, 112), local_epochs=2.0):
@@ -43,15 +44,6 @@ def device_latencies(cfg) -> list[float]:
     server = Server(cfg, exp.fm.layout, ServerState(0, exp.fm.get_state()), exp.rates, exp.known, exp.meter)
     return [exp.meter.price(t.device, t.rate, len(exp.shards[t.device]), server.upload_bytes(t), t.nbytes).latency_s
             for t in server.configure(0)]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_client_cache():
-    flower_app._CACHE.clear()
-    threads = torch.get_num_threads()
-    yield
-    flower_app._CACHE.clear()
-    torch.set_num_threads(threads)
 
 
 def test_every_round_is_priced_from_what_travelled_on_both_engines(tiny_bert, polarity_dir, tmp_path):

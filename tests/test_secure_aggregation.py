@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import learning_cfg
-from flower_helpers import FakeGrid, metrics
+from flower_helpers import FakeGrid, metrics, serve
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -17,6 +17,8 @@ from fedlodrop.cli import app
 from fedlodrop.flower import app as flower_app
 from fedlodrop.flower.app import TEST_RAISE_ENV
 
+pytestmark = pytest.mark.usefixtures("fresh_client_cache")
+
 
 def _cfg(model, glue, **over):
     base = {"train.threads": 1, "federation.rounds": 1, "federation.local_epochs": 1,
@@ -24,22 +26,6 @@ def _cfg(model, glue, **over):
             "data.train_eval_samples": 16, "flower.discovery_timeout_s": 1.0, "flower.round_timeout_s": 5.0,
             "flower.poll_interval_s": 0.01}
     return learning_cfg(model, glue, **(base | over))
-
-
-def _serve(cfg, out):
-    rc = {"config-json": cfg.model_dump_json(), "run-dir": str(out)}
-    grid = FakeGrid(cfg.federation.devices, rc)
-    flower_app.serve(grid, rc)
-    return grid
-
-
-@pytest.fixture(autouse=True)
-def _fresh_client_cache():
-    flower_app._CACHE.clear()
-    threads = torch.get_num_threads()
-    yield
-    flower_app._CACHE.clear()
-    torch.set_num_threads(threads)
 
 
 def _adapter(run):
@@ -63,7 +49,7 @@ def test_secure_sum_gives_the_plain_model_within_the_quantisation_bound(tiny_ber
     plain = _cfg(tiny_bert, polarity_dir, **over)
     secure = _cfg(tiny_bert, polarity_dir, **over, **{"privacy.secure_aggregation": True})
     engine.run(plain, tmp_path / "plain", show_progress=False)
-    grid = _serve(secure, tmp_path / "secure")
+    grid = serve(secure, tmp_path / "secure")
     a, b = _adapter(tmp_path / "plain"), _adapter(tmp_path / "secure")
     bound = secagg.error_bound(3, 1.0)  # on the sum; every mean divides it by at least 1
     eps = torch.finfo(torch.float32).eps
@@ -86,10 +72,10 @@ def test_a_device_lost_while_updates_are_collected_is_survived(tiny_bert, polari
     unmasks the other two from the shares, and the model is the plain Flower round's, which
     leaves device 1 out too."""
     monkeypatch.setenv(TEST_RAISE_ENV, "1")
-    _serve(_cfg(tiny_bert, polarity_dir), tmp_path / "plain")
-    _serve(_cfg(tiny_bert, polarity_dir, **{"privacy.secure_aggregation": True}), tmp_path / "secure")
+    serve(_cfg(tiny_bert, polarity_dir), tmp_path / "plain")
+    serve(_cfg(tiny_bert, polarity_dir, **{"privacy.secure_aggregation": True}), tmp_path / "secure")
     [p], [s] = metrics(tmp_path / "plain"), metrics(tmp_path / "secure")
-    assert [d.status for d in s.devices] == ["ok", "left out", "ok"]
+    assert [d.status for d in p.devices] == [d.status for d in s.devices] == ["ok", "left out", "ok"]
     assert s.devices[1].reason.startswith("SecAgg+ collect_masked_vectors: ") and "test fault" in s.devices[1].reason
     assert s.flower["secagg"]["devices_in_sum"] == 2
     a, b = _adapter(tmp_path / "plain"), _adapter(tmp_path / "secure")
@@ -99,21 +85,26 @@ def test_a_device_lost_while_updates_are_collected_is_survived(tiny_bert, polari
 
 
 @pytest.mark.slow
-def test_a_device_silent_from_the_start_is_left_out_and_the_protocol_restarts(tiny_bert, polarity_dir, tmp_path):
+@pytest.mark.parametrize("lost,why", [("offline", "no reply within flower.round_timeout_s=1 s"),
+                                      ("unavailable", "SuperNode unavailable: Node is unavailable.")])
+def test_a_device_lost_from_the_start_is_left_out_and_the_protocol_restarts(tiny_bert, polarity_dir, tmp_path,
+                                                                              lost, why):
     """SecAgg+ cannot survive a device lost while keys are set up (its neighbours miss its
     shares); nothing was trained yet, so the round restarts the protocol without it and the other
-    two make the round: the plain Flower round with that device offline, within the bound."""
+    two make the round: the plain Flower round with that device lost, within the bound. A silent
+    node (offline) and one the SuperLink declares gone (unavailable: its error comes signed by
+    the SuperLink, not by the node) are both told apart by the message they answer."""
     over = {"flower.round_timeout_s": 1.0}
     grids = {}
     for name, secure in (("plain", False), ("secure", True)):
         cfg = _cfg(tiny_bert, polarity_dir, **over, **{"privacy.secure_aggregation": secure})
         rc = {"config-json": cfg.model_dump_json(), "run-dir": str(tmp_path / name)}
         grids[name] = grid = FakeGrid(3, rc)
-        grid.offline.add(grid.node_ids[2])
+        getattr(grid, lost).add(grid.node_ids[2])
         flower_app.serve(grid, rc)
     [p], [s] = metrics(tmp_path / "plain"), metrics(tmp_path / "secure")
     assert [d.status for d in s.devices] == [d.status for d in p.devices] == ["ok", "ok", "left out"]
-    assert s.devices[2].reason == "SecAgg+ setup: no reply within flower.round_timeout_s=1 s"
+    assert s.devices[2].reason == f"SecAgg+ setup: {why}"
     assert s.flower["secagg"]["devices_in_sum"] == 2
     setups = [m for m in grids["secure"].pushed if m.metadata.message_type == "train"
               and m.content.config_records["secaggplus_configs"].get("stage") == "setup"]
@@ -139,7 +130,7 @@ def test_a_device_silent_from_the_start_is_left_out_and_the_protocol_restarts(ti
 )
 def test_bad_secure_aggregation_settings_one_line_exit_2_nothing_written(tiny_bert, sst2_dir, tmp_path, sets, needle):
     out = tmp_path / "out"
-    base = [f"task=sst2", f"model={tiny_bert}", "data.source=glue_dir", f"data.glue_dir={sst2_dir}",
+    base = ["task=sst2", f"model={tiny_bert}", "data.source=glue_dir", f"data.glue_dir={sst2_dir}",
             "privacy.secure_aggregation=true", "federation.weighting=uniform", "federation.aggregation=masked"]
     args = [x for item in base + sets for x in ("--set", item)]
     result = CliRunner().invoke(app, ["run", "--out", str(out), "--quiet", *args])
@@ -157,7 +148,7 @@ def test_secure_aggregation_learns(mini2, polarity_dir, tmp_path):
         "train.threads": 1, "dropout.rate": 0.3, "federation.aggregation": "masked",
         "federation.weighting": "uniform", "privacy.secure_aggregation": True,
         "flower.discovery_timeout_s": 1.0, "flower.round_timeout_s": 60.0, "flower.poll_interval_s": 0.01})
-    _serve(cfg, tmp_path / "r")
+    serve(cfg, tmp_path / "r")
     rows = metrics(tmp_path / "r")
     losses = [r.train_loss for r in rows]
     assert losses[-1] < 0.75 * losses[0], losses

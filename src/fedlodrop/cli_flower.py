@@ -25,6 +25,7 @@ import typer
 
 from fedlodrop.cli_common import ConfigOpt, SetOpt, announce, err_console, print_summary, user_errors
 from fedlodrop.errors import RoundFailed, UserError
+from fedlodrop.flower.supernode import HEARTBEAT_RANGE_S
 
 flower_app = typer.Typer(
     add_completion=False,
@@ -379,6 +380,11 @@ def supernode(
     max_retries: Annotated[
         Optional[int], typer.Option(min=0, help="give up after this many failed connection attempts (default: never)")
     ] = None,
+    heartbeat_s: Annotated[
+        Optional[float],
+        typer.Option(help="heartbeat interval in seconds, 10 to 1800; the SuperLink gives up on this device after "
+                     "2 missed intervals (default: Flower's 30)"),
+    ] = None,
 ) -> None:
     """flower-supernode for device K (runs in the foreground). Its ClientApp builds the model and
     its data shard from the run's config, so the model and data must be readable here."""
@@ -388,7 +394,11 @@ def supernode(
     _need_file(key, "--key")
     if device >= devices:
         raise UserError(f"--device {device} is not below --devices {devices}")
-    _exec(launch.supernode_command(superlink, device, devices, port, ca.resolve(), key.resolve(), host, max_retries))
+    low, high = HEARTBEAT_RANGE_S
+    if heartbeat_s is not None and not low <= heartbeat_s <= high:
+        raise UserError(f"--heartbeat-s {heartbeat_s:g} is outside [{low:g}, {high:g}], what the SuperLink accepts")
+    _exec(launch.supernode_command(superlink, device, devices, port, ca.resolve(), key.resolve(), host, max_retries,
+                                   heartbeat_s))
 
 
 def _exec(cmd: list[str]) -> None:

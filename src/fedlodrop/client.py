@@ -61,6 +61,28 @@ def lr_schedule(cfg: RunConfig) -> Callable[[float], float]:
 
 def device_step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: State) -> DeviceReply:
     """One device's round: `shard` is its tokenised data, `known` the seeded initial adapter."""
+    return _step(fm, task, shard, cfg, known)[0]
+
+
+def secure_step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: State) -> tuple[DeviceReply, np.ndarray]:
+    """`device_step` plus what the device puts in the secure sum (secagg.py): its update on the
+    values it sent, measured from what it was sent, as one full-length vector. Refuses to send a
+    value the sum would clip or could not carry (SecAgg+ would clip it silently)."""
+    from fedlodrop import secagg
+
+    reply, start, trained, trains_a = _step(fm, task, shard, cfg, known)
+    end = merge_trained(start, reply.upload, fm.layout, trained)  # what the server would rebuild
+    vector = secagg.device_vector(start, end, fm.layout, trained, trains_a)
+    if not np.isfinite(vector).all() or not math.isfinite(reply.train_loss):
+        raise RuntimeError("non-finite update or training loss: not added to the secure sum")
+    c = cfg.privacy.secagg_clip_range
+    if np.abs(vector).max(initial=0.0) > c:
+        raise RuntimeError(f"an update value of {np.abs(vector).max():.4g} exceeds privacy.secagg_clip_range {c:g}")
+    return reply, vector
+
+
+def _step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: State):
+    """The round, and the start, trained masks and rule's A flag the secure sum needs."""
     layout = fm.layout
     rule = make_rule(cfg.federation.aggregation, cfg.federation.factor_rule)
     variant = make_variant(cfg.dropout.variant)
@@ -94,31 +116,11 @@ def device_step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: St
     if cfg.privacy.dp:  # clip (and under local DP noise) the update before it leaves
         end = privacy.privatize_device(start, end, layout, trained, rule.trains_a, cfg, task.round, task.device)
     upload = encode_adapter(end, layout, trained, rule, COMM_DTYPES[cfg.federation.comm_dtype])
-    return DeviceReply(
+    reply = DeviceReply(
         task.device, task.round, upload, len(shard), result.loss, result.steps, result.seconds,
         result.lr_first, result.lr_last,
     )
-
-
-def secure_vector(fm: FedModel, task: DeviceTask, reply: DeviceReply, cfg: RunConfig, known: State) -> np.ndarray:
-    """What the device puts in the secure sum (secagg.py): its reply's update on the values it
-    sent, measured from what it was sent, as one full-length vector. Refuses to send a value the
-    sum would clip or could not carry (SecAgg+ would clip it silently)."""
-    from fedlodrop import secagg
-
-    layout = fm.layout
-    rule, variant = make_rule(cfg.federation.aggregation, cfg.federation.factor_rule), make_variant(cfg.dropout.variant)
-    masks = device_masks(cfg, layout, task.rate, task.round, task.device)
-    start = decode_adapter(task.adapter, layout, variant.view(masks, layout), known)
-    trained = variant.trained(masks, layout)
-    vector = secagg.device_vector(start, merge_trained(start, reply.upload, layout, trained), layout, trained,
-                                  rule.trains_a)
-    if not np.isfinite(vector).all() or not math.isfinite(reply.train_loss):
-        raise RuntimeError("non-finite update or training loss: not added to the secure sum")
-    c = cfg.privacy.secagg_clip_range
-    if np.abs(vector).max(initial=0.0) > c:
-        raise RuntimeError(f"an update value of {np.abs(vector).max():.4g} exceeds privacy.secagg_clip_range {c:g}")
-    return vector
+    return reply, start, trained, rule.trains_a
 
 
 def _autocast(fm: FedModel):

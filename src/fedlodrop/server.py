@@ -187,13 +187,17 @@ class Server:
             latency = min(latency, self.meter.latency_limit_s)
         return RoundSim(latency, sum(d.system.energy_j for d in priced), self.meter.latency_limit_s)
 
-    def _update(self, task: DeviceTask, masks: Masks, reply: DeviceReply, decoded: dict) -> DeviceUpdate:
-        """The device's start and end, rebuilt from what was sent down and what came up; devices
-        sent the same (shared) tensors share one decoded start."""
+    def _start(self, task: DeviceTask, masks: Masks, decoded: dict) -> State:
+        """What the device started from, decoded from what it was sent; devices sent the same
+        (shared) tensors share one decoded start."""
         key = tuple(map(id, task.adapter.values()))
         if key not in decoded:
             decoded[key] = decode_adapter(task.adapter, self.layout, self.variant.view(masks, self.layout), self.known)
-        start = decoded[key]
+        return decoded[key]
+
+    def _update(self, task: DeviceTask, masks: Masks, reply: DeviceReply, decoded: dict) -> DeviceUpdate:
+        """The device's start and end, rebuilt from what was sent down and what came up."""
+        start = self._start(task, masks, decoded)
         trained = self.variant.trained(masks, self.layout)
         end = merge_trained(start, reply.upload, self.layout, trained)
         if self.mech is not None and self.mech.mode == "central":  # the bound holds whatever was sent
@@ -205,10 +209,7 @@ class Server:
         """Stand-in updates with the secure sum's sum, from what each device was sent (secagg.py)."""
         starts, trained = [], []
         for task, masks in in_sum:
-            key = tuple(map(id, task.adapter.values()))
-            if key not in decoded:
-                decoded[key] = decode_adapter(task.adapter, self.layout, self.variant.view(masks, self.layout), self.known)
-            starts.append(decoded[key])
+            starts.append(self._start(task, masks, decoded))
             trained.append(self.variant.trained(masks, self.layout))
         return secagg.updates_from_sum(summed, starts, trained, self.layout, self.rule.trains_a)
 

@@ -176,18 +176,19 @@ def train(msg: Message, context: Context) -> Message:
 def _secure_train(msg: Message, context: Context) -> Message:
     """The device's round with its update as a vector for the secure sum; its scalars travel in
     the clear."""
-    from fedlodrop.client import secure_vector
+    from fedlodrop.client import secure_step
     from fedlodrop.flower.secure import fitres_reply
 
-    side, task, reply = _device_round(msg, context)
-    vector = secure_vector(side.fm, task, reply, side.cfg, side.known)
+    side, task, (reply, vector) = _device_round(msg, context, secure_step)
     _, scalars = reply.to_flat()
     return fitres_reply(vector, scalars, msg)
 
 
-def _device_round(msg: Message, context: Context):
+def _device_round(msg: Message, context: Context, step=None):
+    """`step` (client.device_step or secure_step) on this node's device, its fold kept in context."""
     from fedlodrop.client import device_step
 
+    step = step or device_step
     device = _device(context)
     task = content_task(msg.content)
     if task.device != device:
@@ -196,9 +197,9 @@ def _device_round(msg: Message, context: Context):
     side = client_side(str(context.run_config[CONFIG_JSON]))
     fold, fold_round = load_fold(context.state)
     side.fm.set_fold(fold, fold_round)
-    reply = device_step(side.fm, task, side.shards[device], side.cfg, side.known)
+    out = step(side.fm, task, side.shards[device], side.cfg, side.known)
     save_fold(context.state, side.fm.fold, side.fm.fold_round)
-    return side, task, reply
+    return side, task, out
 
 
 def load_fold(state: RecordDict) -> tuple[dict[str, torch.Tensor], int]:

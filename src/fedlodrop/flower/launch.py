@@ -131,12 +131,17 @@ def superlink_command(
 
 def supernode_command(
     superlink: str, device: int, devices: int, port: int, ca: Path | None, key: Path | None,
-    host: str = "127.0.0.1", max_retries: int | None = None,
+    host: str = "127.0.0.1", max_retries: int | None = None, heartbeat_s: float | None = None,
 ) -> list[str]:
     """flower-supernode for device `device` of `devices`, its Runtime API on host:port;
-    `max_retries`: give up after that many failed connection attempts (None: never)."""
-    cmd = [str(VENV_BIN / "flower-supernode"), "--superlink", superlink, "--host", host, "--port", str(port),
-           "--node-config", f"partition-id={device} num-partitions={devices}"]
+    `max_retries`: give up after that many failed connection attempts (None: never);
+    `heartbeat_s`: its heartbeat interval (None: Flower's 30 s; see flower/supernode.py)."""
+    if heartbeat_s is None:
+        cmd = [str(VENV_BIN / "flower-supernode")]
+    else:
+        cmd = [sys.executable, "-m", "fedlodrop.flower.supernode", repr(float(heartbeat_s))]
+    cmd += ["--superlink", superlink, "--host", host, "--port", str(port),
+            "--node-config", f"partition-id={device} num-partitions={devices}"]
     cmd += ["--insecure"] if ca is None else ["--root-certificates", str(ca)]
     if key is not None:
         cmd += ["--auth-supernode-private-key", str(key)]

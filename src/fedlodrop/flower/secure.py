@@ -114,12 +114,13 @@ class _MeteredGrid:
     def send_and_receive(self, messages, *, timeout=None):
         stage = min(self.stage, len(STAGES) - 1)
         self.stage += 1
+        messages = list(messages)
         for m in messages:
             self.down[self.device_of[m.metadata.dst_node_id]] += message_bytes(m.content)
-        replies, unsent = send_and_receive(self.grid, list(messages), self.timeout, self.poll_s)
+        replies, unsent = send_and_receive(self.grid, messages, self.timeout, self.poll_s)
         answered = set()
-        for reply in replies.values():
-            device = self.device_of[reply.metadata.src_node_id]
+        for i, reply in replies.items():  # by the message answered: the SuperLink signs a lost node's error
+            device = self.device_of[messages[i].metadata.dst_node_id]
             answered.add(device)
             if reply.has_error():
                 self._lose(device, stage, error_reason(reply))
