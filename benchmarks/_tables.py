@@ -25,6 +25,15 @@ from fedlodrop.sweep import Outcome, Point, run_points  # noqa: E402
 GLUE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "glue"
 
 
+def grid_args(parser, seeds: int = 3, glue: str = "--glue"):
+    """The options every grid benchmark takes: processes, threads each, seeds, GLUE folder."""
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (one process each)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--seeds", type=int, default=seeds, help="seeds 0..n-1 per grid point")
+    parser.add_argument(glue, type=Path, default=GLUE, help="folder of the GLUE tsv files")
+    return parser
+
+
 def point(name: str, keys: dict, overrides: list[str]) -> Point:
     """A benchmark's grid point: run folder `name`, the labels its table groups by (besides the
     seed), and the config from `--set` items on the defaults."""

@@ -33,12 +33,13 @@ import sys
 import time
 from pathlib import Path
 
+from _tables import grid_args
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-GLUE = ROOT / ".." / "shared" / "data" / "glue"
 METHODS = ["bnb", "psca", "fixed", "equal-bandwidth", "none", "unplanned"]
 LIMITS = {"tight": 0.3, "loose": None}  # latency_position; loose: 1.1 x what rate 0 needs
 # small runs (324 of them): 10 devices share 300 training examples, 3 rounds of 1 local epoch
@@ -114,12 +115,9 @@ def fmt(values: list[float], digits: int = 4) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    grid_args(parser, glue="--glue-dir")
     parser.add_argument("--tasks", default="rotten_tomatoes,sst2,mrpc")
     parser.add_argument("--systems", type=int, default=3)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--glue-dir", type=Path, default=GLUE)
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "compare")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks" / "compare.md")
     parser.add_argument("--smoke", action="store_true", help="a minute's check of the pipeline (tiny runs)")

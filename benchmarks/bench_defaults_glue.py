@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from _tables import GLUE, Point, header, point
+from _tables import Point, grid_args, header, point
 from fedlodrop.runs import RunFolder
 from fedlodrop.sweep import Outcome, run_points
 
@@ -109,11 +109,8 @@ def head_inputs(glue: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    grid_args(p, seeds=1)
     p.add_argument("--tasks", default="sst2,rte,mrpc,qnli")
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0..n-1 per task")
-    p.add_argument("--glue", type=Path, default=GLUE)
     p.add_argument("--set", dest="extra", action="append", default=[], help="another config override")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "defaults-glue.md")
     p.add_argument("--pooler", action="store_true", help="only print the pooler's statistics and the inputs' spread")

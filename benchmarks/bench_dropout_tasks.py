@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _tables import GLUE, Point, header, markdown, plot, point, run, table, write_csv
+from _tables import Point, grid_args, header, markdown, plot, point, run, table, write_csv
 from bench_dropout_variants import REGIME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,11 +35,8 @@ def points(task: str, seeds: int, glue: Path, extra: list[str]) -> list[Point]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    grid_args(p)
     p.add_argument("--task", choices=["rte", "mrpc", "sst2", "rotten_tomatoes"], required=True)
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--glue", type=Path, default=GLUE)
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks")
     p.add_argument("--set", dest="extra", action="append", default=[],
                    help="another override (e.g. pooling=mean); the outputs get its name as a suffix")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _tables import GLUE, Point, header, markdown, plot, point, run, table, write_csv
+from _tables import Point, grid_args, header, markdown, plot, point, run, table, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 REGIME = ["task=sst2", "lora.r=4", "lora.alpha=8", "lora.target_modules=[query,value]",
@@ -44,10 +44,7 @@ def points(seeds: int, glue: Path) -> list[Point]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--glue", type=Path, default=GLUE)
+    grid_args(p)
     p.add_argument("--out", type=Path, default=ROOT / "bench_out" / "dropout-variants")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks")
     args = p.parse_args()

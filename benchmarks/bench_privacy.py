@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _tables import GLUE, header, plot, point, run
+from _tables import grid_args, header, plot, point, run
 
 ROOT = Path(__file__).resolve().parents[1]
 EPSILONS = (1.0, 3.0, 8.0, "clip-only", None)  # clip-only: C = 1, sigma 0 (epsilon infinite): what clipping alone does
@@ -147,11 +147,8 @@ def secagg_rows(task: str, glue: Path, threads: int) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seeds", type=int, default=3)
+    grid_args(p)
     p.add_argument("--tasks", default="rotten_tomatoes,sst2")
-    p.add_argument("--glue", type=Path, default=GLUE)
     p.add_argument("--skip-secagg", action="store_true")
     p.add_argument("--regime", choices=list(REGIMES), default="short")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks")

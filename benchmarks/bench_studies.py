@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _tables import GLUE, header, markdown, plot, point, run, table, write_csv
+from _tables import grid_args, header, markdown, plot, point, run, table, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks"
@@ -235,11 +235,8 @@ COMMANDS = {"aggregation": aggregation, "rank": rank, "decoders": decoders}
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    grid_args(p)
     p.add_argument("what", choices=[*COMMANDS, "all"])
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--glue", type=Path, default=GLUE)
     args = p.parse_args()
     args.glue = args.glue.resolve()
     for name in COMMANDS if args.what == "all" else [args.what]:
