@@ -200,3 +200,16 @@ def test_run_without_a_superlink_fails_in_one_line(tmp_path, tmpdir_here):
     assert len(errors) == 1 and "`flwr run` failed" in errors[0] and "SuperLink is unavailable" in errors[0]
     assert result.output.rstrip().endswith(errors[0]) and "Traceback" not in result.output
     assert not (tmp_path / "r").exists() and list(tmpdir_here.iterdir()) == []
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_bindable():
+    """A port from bind(0) is in the range outgoing connections take their local ends from, so
+    another connection can take it before the server binds it; free_port stays below it."""
+    import socket
+
+    low = launch._ephemeral_low()
+    for _ in range(20):
+        port = launch.free_port()
+        assert 10000 <= port < low
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

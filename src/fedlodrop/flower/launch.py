@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import random
 import signal
 import socket
 import subprocess
@@ -102,9 +103,31 @@ resume = false
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port to listen on, chosen below the kernel's ephemeral range: a port the kernel hands out
+    for bind(0) may be taken by some outgoing connection's local end before the server binds it
+    (seen on a loaded machine: a SuperNode's Runtime API failed with 'address already in use')."""
+    low = _ephemeral_low()
+    pick = random.SystemRandom()
+    for _ in range(200):
+        port = pick.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: let the kernel choose
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    """The bottom of the range outgoing connections take their local ports from (Linux; else IANA's)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 49152
+    return max(low, 10001)
 
 
 # ---------------------------------------------------------------------------- command lines
