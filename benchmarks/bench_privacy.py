@@ -21,12 +21,12 @@ epsilon 8, clipping alone and no privacy at rate 0 (about 15 min): whether the c
 the model learns. Writes privacy-learned.md, .csv, .png (no SecAgg+ part).
 
 `--regime devices`: the learned regime with 100 devices of 12 examples each (1200 examples): what
-twice the devices a round buys, since the noise on the mean is sigma C / devices (about 25 min
+twice the devices a round buys, since the noise on the mean is sigma C / devices (about 40 min
 for 2 seeds). Writes privacy-devices.md, .csv, .png.
 
 `--regime devices200`: the same with 200 devices of 12 examples each (2400 examples), epsilon 8
-and no privacy only (clipping alone does not depend on the number of devices; about 50 min for
-2 seeds). Writes privacy-devices-200.md, .csv, .png.
+and no privacy only (clipping alone, measured at 50 and 100 devices, costs 1.0 to 1.4 points;
+about 75 min for 3 seeds). Writes privacy-devices-200.md, .csv, .png.
 """
 
 from __future__ import annotations
@@ -96,6 +96,17 @@ def _mean_sd(xs):
     if not xs:
         return math.nan, math.nan
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def _finals(pts, results) -> dict[tuple, tuple[float, float]]:
+    """(task, epsilon, rate, seed) -> (final metric, the run's wall seconds)."""
+    from fedlodrop.runs import RunFolder
+
+    out = {}
+    for p in pts:
+        s = RunFolder(results[p.name].path).summary()
+        out[(p.values["task"], p.values["epsilon"], p.values["rate"], p.seed)] = (s["final"][s["main_metric"]], s["wall_s"])
+    return out
 
 
 def dp_table(pts, results):
@@ -168,9 +179,13 @@ def main() -> None:
     results = run(pts, ROOT / "bench_out" / name, args.jobs, args.threads)
     rows = dp_table(pts, results)
     dp_minutes = (time.perf_counter() - t0) / 60
+    finals = _finals(pts, results)
+    run_minutes = sum(f[1] for f in finals.values()) / 60
     flags = f" --regime {args.regime} --tasks {args.tasks}" if args.regime != "short" else ""
     lines = [f"# `python benchmarks/bench_privacy.py --jobs {args.jobs} --threads {args.threads} --seeds {args.seeds}{flags}`",
-             "", f"{header(args.threads, args.jobs)}. DP grid: {len(pts)} runs, {dp_minutes:.0f} min.", "",
+             "", f"{header(args.threads, args.jobs)}. DP grid: {len(pts)} runs, {dp_minutes:.0f} min "
+             f"in this invocation (runs finished earlier are reused); the runs' own wall times sum to "
+             f"{run_minutes:.0f} min.", "",
              "Setting: " + " ".join(regime["run"]) + "; DP: " + " ".join(regime["dp"]) + " (target epsilon over the 3 rounds, "
              "delta 1e-5, Opacus RDP; q = 1). Mean ± sd over seeds; epsilon spent is the run's.", "",
              "| task | epsilon target | rate | final val. (metric) | epsilon spent | sigma | uplink B/round "
@@ -191,6 +206,10 @@ def main() -> None:
                      if r["rate"] in clip else "")
                 lines.append(f"- {task}, rate {r['rate']}: epsilon 8 ends {d:+.1f} points against no privacy "
                              f"(goal: no worse than -3){c}.")
+                paired = [100 * (finals[(task, 8.0, r["rate"], s)][0] - finals[(task, "none", r["rate"], s)][0])
+                          for s in range(args.seeds)
+                          if (task, 8.0, r["rate"], s) in finals and (task, "none", r["rate"], s) in finals]
+                lines.append(f"  Per seed (same seed, same data): {', '.join(f'{x:+.2f}' for x in paired)}.")
     numeric = {"none": 16.0, "clip-only": 32.0}
     plot_rows = [dict(r, eps=numeric.get(r["epsilon"], r["epsilon"])) for r in rows]
     plot(plot_rows, "eps", ["rate"], ["final"], args.docs / f"{name}.png",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -181,3 +183,74 @@ def assert_no_processes_left(tmp: Path, timeout: float = 120.0) -> None:
     while (left := processes_of(str(tmp))) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"processes left running: {left}"
+
+
+# ---------------------------------------------------------------------------- a loopback deployment
+
+
+@dataclass
+class Federation:
+    """A deployment on loopback: TLS SuperLink with SuperNode authentication, one registered
+    SuperNode per device (`fedlodrop flower supernode`, 10 s heartbeats)."""
+
+    root: Path
+    ws: object  # launch.Workspace: spawns, logs and stops (by PID) its processes
+    address: str
+    ca: Path
+    devices: int
+    nodes: list
+
+    def node_cmd(self, device: int) -> list[str]:
+        """`fedlodrop flower supernode` for `device` with its key; a dead node is noticed after
+        2 x 10 s instead of Flower's 2 x 30 s."""
+        from fedlodrop.flower import launch
+
+        return fedlodrop_cmd("flower", "supernode", "--superlink", self.address, "--ca", self.ca,
+                             "--key", self.root / "keys" / f"device{device}_key", "--device", device,
+                             "--devices", self.devices, "--port", launch.free_port(), "--heartbeat-s", 10)
+
+    def run(self, cfg_file: Path, out: Path) -> list[str]:
+        return fedlodrop_cmd("flower", "run", "--config", cfg_file, "--superlink", self.address,
+                             "--ca", self.ca, "--out", out)
+
+
+def cli_ok(*args):
+    """`fedlodrop ARGS` in this process; it must succeed."""
+    from typer.testing import CliRunner
+
+    from fedlodrop.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@contextmanager
+def federation(root: Path, devices: int, spare_keys: int = 0):
+    """Certificates and keys made with the CLI (`spare_keys` more, never registered), the
+    SuperLink, the devices' keys registered, their SuperNodes started. On exit every process is
+    stopped by PID and none may be left."""
+    import subprocess
+
+    from fedlodrop.flower import launch
+
+    ws = launch.Workspace.create(root)
+    ws.env = launch.flower_env(ws.flwr_home, base=subprocess_env(root))
+    try:
+        cli_ok("flower", "certs", "--out", root / "certs", "--host", "127.0.0.1")
+        cli_ok("flower", "keys", "--out", root / "keys", "--devices", devices + spare_keys)
+        port = launch.free_port()
+        link = ws.spawn("superlink", fedlodrop_cmd("flower", "superlink", "--certs", root / "certs",
+                                                   "--host", "127.0.0.1", "--port", port))
+        fed = Federation(root, ws, f"127.0.0.1:{port}", root / "certs" / "ca.crt", devices, [])
+        launch.wait_http(fed.address, fed.ca, timeout=HANG_S, proc=link)
+        keys = [root / "keys" / f"device{k}_key.pub" for k in range(devices)]
+        reg = subprocess.run(fedlodrop_cmd("flower", "register", "--superlink", fed.address, "--ca", fed.ca, *keys),
+                             env=ws.env, capture_output=True, text=True, timeout=HANG_S, check=False)
+        assert reg.returncode == 0 and reg.stderr.count("registered") == devices, reg.stderr
+        fed.nodes = [ws.spawn(f"node{k}", fed.node_cmd(k)) for k in range(devices)]
+        yield fed
+    finally:
+        left = ws.stop_all()
+        assert not left, f"processes left running: {left}"
+        assert_no_processes_left(root)

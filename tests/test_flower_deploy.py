@@ -12,25 +12,12 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from conftest import learning_cfg
-from flower_helpers import (
-    HANG_S,
-    LIVE_DEVICE_S,
-    assert_no_processes_left,
-    assert_same_run,
-    fedlodrop_cmd,
-    metrics,
-    subprocess_env,
-    wait_for_text,
-    write_config,
-)
-from typer.testing import CliRunner
+from flower_helpers import HANG_S, LIVE_DEVICE_S, assert_same_run, cli_ok, metrics, wait_for_text, write_config
+from flower_helpers import federation as start_federation
 
-from fedlodrop.cli import app
 from fedlodrop.runs import RunFolder
 from fedlodrop.flower import launch
 from fedlodrop.flower.app import TEST_RAISE_ENV
@@ -39,56 +26,11 @@ from fedlodrop.flower.app import TEST_RAISE_ENV
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower-deploy")]
 
 
-@dataclass
-class Federation:
-    root: Path
-    ws: launch.Workspace
-    address: str
-    ca: Path
-    nodes: list[launch.Proc]
-
-    def run(self, cfg_file: Path, out: Path) -> list[str]:
-        return fedlodrop_cmd("flower", "run", "--config", cfg_file, "--superlink", self.address,
-                             "--ca", self.ca, "--out", out)
-
-
-def _cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _node_cmd(root: Path, address: str, ca: Path, device: int) -> list[str]:
-    """`fedlodrop flower supernode` for `device` of 2, with its registered key; a dead one is
-    noticed after 2 x 10 s instead of Flower's 2 x 30 s."""
-    return fedlodrop_cmd("flower", "supernode", "--superlink", address, "--ca", ca,
-                         "--key", root / "keys" / f"device{device}_key", "--device", device,
-                         "--devices", 2, "--port", launch.free_port(), "--heartbeat-s", 10)
-
-
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deploy")
-    ws = launch.Workspace.create(root)
-    ws.env = launch.flower_env(ws.flwr_home, base=subprocess_env(root))
-    try:
-        _cli("flower", "certs", "--out", root / "certs", "--host", "127.0.0.1")
-        _cli("flower", "keys", "--out", root / "keys", "--devices", 3)  # device2_key is never registered
-        port = launch.free_port()
-        link = ws.spawn("superlink", fedlodrop_cmd("flower", "superlink", "--certs", root / "certs",
-                                                   "--host", "127.0.0.1", "--port", port))
-        address, ca = f"127.0.0.1:{port}", root / "certs" / "ca.crt"
-        launch.wait_http(address, ca, timeout=HANG_S, proc=link)
-        keys = [root / "keys" / f"device{k}_key.pub" for k in range(2)]
-        reg = subprocess.run(fedlodrop_cmd("flower", "register", "--superlink", address, "--ca", ca, *keys),
-                             env=ws.env, capture_output=True, text=True, timeout=HANG_S, check=False)
-        assert reg.returncode == 0 and reg.stderr.count("registered") == 2, reg.stderr
-        nodes = [ws.spawn(f"node{k}", _node_cmd(root, address, ca, k)) for k in range(2)]
-        yield Federation(root, ws, address, ca, nodes)
-    finally:
-        left = ws.stop_all()
-        assert not left, f"processes left running: {left}"
-        assert_no_processes_left(root)
+    """Devices 0 and 1 registered with their SuperNodes; device2_key exists but is never registered."""
+    with start_federation(tmp_path_factory.mktemp("deploy"), devices=2, spare_keys=1) as fed:
+        yield fed
 
 
 def _cfg(model, glue, **over):
@@ -101,8 +43,7 @@ def _cfg(model, glue, **over):
 
 def test_deployment_with_tls_and_supernode_auth_equals_fedlodrop_run(federation, tiny_bert, polarity_dir, tmp_path):
     cfg_file = write_config(_cfg(tiny_bert, polarity_dir), tmp_path / "cfg.yaml")
-    result = CliRunner().invoke(app, ["run", "--quiet", "--config", str(cfg_file), "--out", str(tmp_path / "inproc")])
-    assert result.exit_code == 0, result.output
+    cli_ok("run", "--quiet", "--config", cfg_file, "--out", tmp_path / "inproc")
     res = subprocess.run(federation.run(cfg_file, tmp_path / "flower"), env=federation.ws.env,
                          capture_output=True, text=True, timeout=HANG_S, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -178,7 +119,7 @@ def test_a_killed_supernode_is_left_out_then_too_few_devices_fail(federation, ti
     # ClientApp raises: with min_devices 2 round 1 cannot stand
     federation.ws.env, env = federation.ws.env | {TEST_RAISE_ENV: "1"}, federation.ws.env
     try:
-        back = federation.ws.spawn("node1-back", _node_cmd(federation.root, federation.address, federation.ca, 1))
+        back = federation.ws.spawn("node1-back", federation.node_cmd(1))
     finally:
         federation.ws.env = env
     wait_for_text(back.log, "SuperNode ID:", proc=back.popen)  # let in again (fails at once if refused)

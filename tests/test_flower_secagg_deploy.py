@@ -15,29 +15,12 @@ import subprocess
 import pytest
 import torch
 from conftest import diverging, learning_cfg
-from flower_helpers import (
-    HANG_S,
-    assert_no_processes_left,
-    fedlodrop_cmd,
-    metrics,
-    subprocess_env,
-    wait_for_text,
-    write_config,
-)
+from flower_helpers import HANG_S, cli_ok, federation, metrics, wait_for_text, write_config
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from fedlodrop import inprocess, secagg
-from fedlodrop.cli import app
-from fedlodrop.flower import launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower-secagg-deploy")]
-
-
-def _cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def test_secure_aggregation_deployment_survives_a_killed_device_and_equals_the_plain_round(
@@ -48,26 +31,7 @@ def test_secure_aggregation_deployment_survives_a_killed_device_and_equals_the_p
     after two missed heartbeats (10 s each here); Flower's protocol unmasks the two others from
     the shares, and the model is the plain round's with device 2 left out."""
     root = tmp_path
-    ws = launch.Workspace.create(root)
-    ws.env = launch.flower_env(ws.flwr_home, base=subprocess_env(root))
-    proc = None
-    try:
-        _cli("flower", "certs", "--out", root / "certs", "--host", "127.0.0.1")
-        _cli("flower", "keys", "--out", root / "keys", "--devices", 3)
-        port = launch.free_port()
-        link = ws.spawn("superlink", fedlodrop_cmd("flower", "superlink", "--certs", root / "certs",
-                                                   "--host", "127.0.0.1", "--port", port))
-        address, ca = f"127.0.0.1:{port}", root / "certs" / "ca.crt"
-        launch.wait_http(address, ca, timeout=HANG_S, proc=link)
-        keys = [root / "keys" / f"device{k}_key.pub" for k in range(3)]
-        reg = subprocess.run(fedlodrop_cmd("flower", "register", "--superlink", address, "--ca", ca, *keys),
-                             env=ws.env, capture_output=True, text=True, timeout=HANG_S, check=False)
-        assert reg.returncode == 0, reg.stderr
-        nodes = [ws.spawn(f"node{k}", fedlodrop_cmd("flower", "supernode", "--superlink", address, "--ca", ca,
-                                                    "--key", root / "keys" / f"device{k}_key", "--device", k,
-                                                    "--devices", 3, "--port", launch.free_port(),
-                                                    "--heartbeat-s", 10))
-                 for k in range(3)]
+    with federation(root, devices=3) as fed:
         over = {"train.threads": 1, "federation.rounds": 1, "federation.local_epochs": 1,
                 "federation.aggregation": "masked", "federation.weighting": "uniform", "dropout.rate": 0.3,
                 "data.train_eval_samples": 16, "privacy.secagg_clip_range": 1.0,
@@ -77,26 +41,22 @@ def test_secure_aggregation_deployment_survives_a_killed_device_and_equals_the_p
                               root / "secure.yaml")
         with monkeypatch.context() as m:  # the plain round with device 2 left out
             m.setattr(inprocess, "device_step", diverging({2}))
-            result = CliRunner().invoke(app, ["run", "--quiet", "--config", str(plain), "--out", str(root / "plain")])
-        assert result.exit_code == 0, result.output
-        proc = subprocess.Popen(fedlodrop_cmd("flower", "run", "--config", secure, "--superlink", address, "--ca", ca,
-                                              "--out", root / "secure"),
-                                env=ws.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        at = 0
-        for _ in range(3):  # SecAgg+'s stages: setup, share keys, collect (then unmask)
-            at = wait_for_text(nodes[2].log, "Receiving: train message", at, proc) + 1
-        wait_for_text(nodes[2].log, "Received successfully", at, proc)
-        os.killpg(nodes[2].pid, signal.SIGKILL)
-        nodes[2].popen.wait(timeout=HANG_S)
-        out, err = proc.communicate(timeout=HANG_S)
-        assert proc.returncode == 0, out + err
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        left = ws.stop_all()
-        assert not left, f"processes left running: {left}"
-        assert_no_processes_left(root)
+            cli_ok("run", "--quiet", "--config", plain, "--out", root / "plain")
+        proc = subprocess.Popen(fed.run(secure, root / "secure"), env=fed.ws.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            at, node = 0, fed.nodes[2]
+            for _ in range(3):  # SecAgg+'s stages: setup, share keys, collect (then unmask)
+                at = wait_for_text(node.log, "Receiving: train message", at, proc) + 1
+            wait_for_text(node.log, "Received successfully", at, proc)
+            os.killpg(node.pid, signal.SIGKILL)
+            node.popen.wait(timeout=HANG_S)
+            out, err = proc.communicate(timeout=HANG_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, out + err
     [ref], [row] = metrics(root / "plain"), metrics(root / "secure")
     assert [d.status for d in ref.devices] == [d.status for d in row.devices] == ["ok", "ok", "left out"]
     reason = row.devices[2].reason

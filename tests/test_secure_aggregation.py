@@ -154,3 +154,37 @@ def test_secure_aggregation_learns(mini2, polarity_dir, tmp_path):
     assert losses[-1] < 0.75 * losses[0], losses
     assert rows[-1].eval["accuracy"] >= 0.85, [r.eval["accuracy"] for r in rows]
     assert all(r.flower["secagg"]["devices_in_sum"] == 3 for r in rows)
+
+
+_NO_TORCH_STAGES = r'''
+import sys
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.supercore.task_identity import TaskIdentity
+from fedlodrop.flower.app import client_app
+
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1  # what a SuperLink sets
+context = Context(7, 1017, {"partition-id": 0, "num-partitions": 3}, RecordDict(), {})
+query = client_app(Message(RecordDict(), dst_node_id=1017, message_type="query"), context)
+setup = ConfigRecord({Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2,
+                      Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 1 << 20, Key.MOD_RANGE: 1 << 30, Key.MAX_WEIGHT: 1.0})
+keys = client_app(Message(RecordDict({RECORD_KEY_CONFIGS: setup}), dst_node_id=1017, message_type="train"), context)
+print(sorted(query.content.config_records["node"]), sorted(keys.content.config_records[RECORD_KEY_CONFIGS]))
+print(sorted(m for m in ("torch", "transformers", "peft") if m in sys.modules))
+'''
+
+
+def test_a_clientapp_process_that_does_not_train_does_not_load_torch():
+    """Flower starts a ClientApp process per message: discovery and SecAgg+'s setup (like its key
+    sharing and unmasking) never train, so they must not pay for importing torch and the model."""
+    import subprocess
+    import sys
+
+    from flower_helpers import HANG_S
+
+    out = subprocess.run([sys.executable, "-c", _NO_TORCH_STAGES], capture_output=True, text=True, timeout=HANG_S,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    answered, loaded = out.stdout.strip().splitlines()
+    assert answered == "['num-partitions', 'partition-id', 'version'] ['pk1', 'pk2']", out.stdout
+    assert loaded == "[]", out.stdout
