@@ -254,3 +254,27 @@ def federation(root: Path, devices: int, spare_keys: int = 0):
         left = ws.stop_all()
         assert not left, f"processes left running: {left}"
         assert_no_processes_left(root)
+
+
+def run_and_kill_node(cmd: list[str], env: dict, node, start: int = 0, nth: int = 1) -> tuple[int, str, str]:
+    """Start `cmd` (a `fedlodrop flower run`), kill `node`'s SuperNode (its process group,
+    SIGKILL, by PID) once it has received its `nth` TRAIN message after log position `start`,
+    and wait for the run: (exit code, stdout, stderr). Waits end on log lines, never the clock."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        at = start
+        for _ in range(nth):
+            at = wait_for_text(node.log, "Receiving: train message", at, proc) + 1
+        wait_for_text(node.log, "Received successfully", at, proc)
+        os.killpg(node.pid, signal.SIGKILL)  # the device and its ClientApp are gone at once
+        node.popen.wait(timeout=HANG_S)
+        out, err = proc.communicate(timeout=HANG_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, err

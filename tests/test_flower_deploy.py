@@ -8,14 +8,21 @@ last. Every process is stopped by PID at the end and none may be left."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 
 import pytest
 from conftest import learning_cfg
-from flower_helpers import HANG_S, LIVE_DEVICE_S, assert_same_run, cli_ok, metrics, wait_for_text, write_config
+from flower_helpers import (
+    HANG_S,
+    LIVE_DEVICE_S,
+    assert_same_run,
+    cli_ok,
+    metrics,
+    run_and_kill_node,
+    wait_for_text,
+    write_config,
+)
 from flower_helpers import federation as start_federation
 
 from fedlodrop.runs import RunFolder
@@ -86,19 +93,8 @@ def test_a_killed_supernode_is_left_out_then_too_few_devices_fail(federation, ti
     cfg_file = write_config(_cfg(tiny_bert, polarity_dir), tmp_path / "cfg.yaml")
     node = federation.nodes[1]
     start = len(node.log.read_text())
-    proc = subprocess.Popen(federation.run(cfg_file, tmp_path / "flower"), env=federation.ws.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        at = wait_for_text(node.log, "Receiving: train message", start, proc)
-        wait_for_text(node.log, "Received successfully", at, proc)
-        os.killpg(node.pid, signal.SIGKILL)  # the device and its ClientApp are gone at once
-        node.popen.wait(timeout=HANG_S)
-        out, err = proc.communicate(timeout=HANG_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, out + err
+    code, out, err = run_and_kill_node(federation.run(cfg_file, tmp_path / "flower"), federation.ws.env, node, start)
+    assert code == 0, out + err
     assert "ROUND 2]" not in node.log.read_text()[start:]  # killed in round 1, before round 2
     r1, r2 = metrics(tmp_path / "flower")
     assert [d.status for d in r1.devices] == [d.status for d in r2.devices] == ["ok", "left out"]

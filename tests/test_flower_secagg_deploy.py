@@ -8,14 +8,11 @@ the end."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 
 import pytest
 import torch
 from conftest import diverging, learning_cfg
-from flower_helpers import HANG_S, cli_ok, federation, metrics, wait_for_text, write_config
+from flower_helpers import cli_ok, federation, metrics, run_and_kill_node, write_config
 from safetensors.torch import load_file
 
 from fedlodrop import inprocess, secagg
@@ -42,21 +39,9 @@ def test_secure_aggregation_deployment_survives_a_killed_device_and_equals_the_p
         with monkeypatch.context() as m:  # the plain round with device 2 left out
             m.setattr(inprocess, "device_step", diverging({2}))
             cli_ok("run", "--quiet", "--config", plain, "--out", root / "plain")
-        proc = subprocess.Popen(fed.run(secure, root / "secure"), env=fed.ws.env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            at, node = 0, fed.nodes[2]
-            for _ in range(3):  # SecAgg+'s stages: setup, share keys, collect (then unmask)
-                at = wait_for_text(node.log, "Receiving: train message", at, proc) + 1
-            wait_for_text(node.log, "Received successfully", at, proc)
-            os.killpg(node.pid, signal.SIGKILL)
-            node.popen.wait(timeout=HANG_S)
-            out, err = proc.communicate(timeout=HANG_S)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == 0, out + err
+        # SecAgg+'s stages: setup, share keys, collect (then unmask); killed once it has the third
+        code, out, err = run_and_kill_node(fed.run(secure, root / "secure"), fed.ws.env, fed.nodes[2], nth=3)
+    assert code == 0, out + err
     [ref], [row] = metrics(root / "plain"), metrics(root / "secure")
     assert [d.status for d in ref.devices] == [d.status for d in row.devices] == ["ok", "ok", "left out"]
     reason = row.devices[2].reason
