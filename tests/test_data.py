@@ -297,6 +297,21 @@ def test_tokenize_truncates_without_padding(tok):
     assert lengths[0] == 3 and max(lengths) == 16  # [CLS] word [SEP]; long ones cut at 16
 
 
+def test_the_tokenised_sets_fingerprint_follows_the_vocabulary(tok):
+    """`datasets` reuses a cached map by its fingerprint; the vocabulary's part is hashed once per
+    tokenizer, so a token added to that same tokenizer must still change it."""
+    import copy
+
+    ds = sentences(4)
+    first = tokenize(ds, tok, TASKS["sst2"], max_length=16)._fingerprint
+    assert tokenize(ds, tok, TASKS["sst2"], max_length=16)._fingerprint == first
+    assert tokenize(ds, tok, TASKS["sst2"], max_length=17)._fingerprint != first
+    grown = copy.deepcopy(tok)
+    assert tokenize(ds, grown, TASKS["sst2"], max_length=16)._fingerprint == first  # an equal tokenizer
+    grown.add_tokens(["zzqxword"])
+    assert tokenize(ds, grown, TASKS["sst2"], max_length=16)._fingerprint != first
+
+
 def test_pairs_and_regression_labels(tok):
     ds = Dataset.from_dict({"text_a": ["a cat", "dogs"], "text_b": ["sits", "run fast"], "label": [4.5, 0.0]})
     out = tokenize(ds, tok, TASKS["stsb"], max_length=32)
