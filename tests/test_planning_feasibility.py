@@ -153,6 +153,26 @@ def test_smallest_limit_is_the_edge_of_feasibility(limit):
     assert search(stuck, 0.0) == math.inf
 
 
+def test_the_feasibility_test_answers_as_the_whole_search():
+    """`system_feasible` ends its search once the betas found so far fit the band; at the edge of
+    feasibility and away from it, it must answer as the sum of the whole search's betas does."""
+    from fedlodrop.planning.feasibility import min_latency_limit, system_feasible
+
+    answers = set()
+    for K, seed in ((3, 0), (8, 1)):
+        m = system_model(random_system(K, seed=seed))
+        rng = np.random.default_rng(seed)
+        for _ in range(5):
+            g = rng.uniform(0.0, m.gamma_max, size=K)
+            edge = min_latency_limit(m, g, rel_tol=1e-9)
+            for T in (edge * (1 - 1e-8), edge, edge * (1 + 1e-8), edge * rng.uniform(0.7, 1.5)):
+                at = m.with_limits(latency_s=T)
+                whole = bool(min_bandwidth(at, np.arange(K), g).sum() <= at.B_tot)
+                assert system_feasible(at, g) == whole, (K, seed, T / edge)
+                answers.add(whole)
+    assert answers == {True, False}
+
+
 # ------------------------------------------------------------------------------------------
 # the downlink: its time is taken from T_max, before computing and uploading
 # ------------------------------------------------------------------------------------------

@@ -99,7 +99,10 @@ def _bandwidth_at_split(m: SystemModel, k, S, W, Tp, E, tc):
     return np.where((tu > 0) & (e_avail > 0), B, np.inf)
 
 
-def min_bandwidth(m: SystemModel, k, gamma, iterations: int = 48) -> np.ndarray:
+_ITERATIONS = 48
+
+
+def min_bandwidth(m: SystemModel, k, gamma, iterations: int = _ITERATIONS) -> np.ndarray:
     """beta_k(gamma): least bandwidth with which device k meets latency and energy (inf: none).
 
     `k` (device indices) and `gamma` broadcast against each other, so one call evaluates any
@@ -110,7 +113,10 @@ def min_bandwidth(m: SystemModel, k, gamma, iterations: int = 48) -> np.ndarray:
         return _min_bandwidth(m, k, gamma, iterations)
 
 
-def _min_bandwidth(m: SystemModel, k, gamma, iterations: int) -> np.ndarray:
+def _min_bandwidth(m: SystemModel, k, gamma, iterations: int, enough: float | None = None) -> np.ndarray:
+    """The golden-section search. With `enough`, it stops once the betas found so far sum to at most
+    `enough`: the search only lowers each beta (min(f1, f2) is the least value seen), so the full
+    search's sum would be at most `enough` too, and a feasibility test gets the same answer."""
     S, W, Tp, E = _limits(m, k, gamma)
     e_min_up = S * m.N0 * LN2 / m.h[k]  # uplink energy with infinite bandwidth
     t_lo = W / m.fmax[k]
@@ -145,6 +151,8 @@ def _min_bandwidth(m: SystemModel, k, gamma, iterations: int) -> np.ndarray:
             np.where(left, x1, new_x), np.where(left, f1, f_new),
             np.where(left, new_x, x2), np.where(left, f_new, f2),
         )
+        if enough is not None and np.where(empty, np.inf, np.minimum(best, np.minimum(f1, f2))).sum() <= enough:
+            break
     best = np.minimum(best, np.minimum(f1, f2))
     return np.where(empty, np.inf, best)
 
@@ -347,7 +355,9 @@ def _constraint(m: SystemModel, k: int, gamma: float) -> str:
 def system_feasible(m: SystemModel, gamma) -> bool:
     """Whether the rates fit: every beta_k finite and sum_k beta_k <= B_tot."""
     g = np.broadcast_to(np.asarray(gamma, float), (m.K,))
-    return bool(min_bandwidth(m, np.arange(m.K), g).sum() <= m.B_tot)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        beta = _min_bandwidth(m, np.arange(m.K), g, _ITERATIONS, enough=m.B_tot)
+    return bool(beta.sum() <= m.B_tot)
 
 
 def _smallest_fitting(fits: Callable[[float], bool], start: float, rel_tol: float, cap: float = 1e9) -> float:
