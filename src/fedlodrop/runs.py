@@ -23,11 +23,10 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from fedlodrop.adapter import AdapterLayout, State, to_base_orientation
-from fedlodrop.config import RunConfig, dump_config, load_config
+from fedlodrop.config import RunConfig, dump_config, load_config, read_config_tree
 from fedlodrop.errors import UserError
 from fedlodrop.messages import FoldUpdate
 from fedlodrop.records import RoundRecord
@@ -99,9 +98,9 @@ class RunFolder:
         architecture's own head, whatever `auto` resolves to today: it reads as `pooling: cls`."""
         if not (self.path / CONFIG).is_file():
             raise UserError(f"{self.path} is not a run folder (no {CONFIG})")
-        tree = yaml.safe_load((self.path / CONFIG).read_text()) or {}
-        before_pooling = isinstance(tree, dict) and "pooling" not in tree
-        return load_config(self.path / CONFIG, (["pooling=cls"] if before_pooling else []) + list(overrides))
+        tree = read_config_tree(self.path / CONFIG)
+        before_pooling = "pooling" not in tree
+        return load_config(overrides=(["pooling=cls"] if before_pooling else []) + list(overrides), tree=tree)
 
     def _rows(self) -> list[dict]:
         path = self.path / METRICS

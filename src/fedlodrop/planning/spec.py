@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedlodrop.config import read_yaml
 from fedlodrop.errors import UserError
 from fedlodrop.planning.arch import resolve_arch
 
@@ -148,7 +149,7 @@ def load_file(
     except OSError as err:
         raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from None
     try:
-        tree = yaml.safe_load(text) if fmt == "YAML" else json.loads(text)
+        tree = read_yaml(text) if fmt == "YAML" else json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError) as err:
         raise UserError(f"{path}: not valid {fmt}: {str(err).splitlines()[0]}") from None
     return make(tree, str(path))
