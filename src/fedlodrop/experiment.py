@@ -116,10 +116,10 @@ def _train_eval_sample(cfg: RunConfig, shards: Shards, eval_set):
 def _system(cfg: RunConfig, plan):
     """The system that prices this run (system.file, or the plan's), checked against the plan;
     None without one. Device processes read it too: their shards follow its sample counts."""
+    if cfg.system.file is None:  # before importing the planner: a run without a system needs none of it
+        return plan.system if plan is not None else None
     from fedlodrop.planning import load_system
 
-    if cfg.system.file is None:
-        return plan.system if plan is not None else None
     spec = load_system(cfg.system.file)
     if plan is not None and plan.system.model_dump(mode="json") != spec.model_dump(mode="json"):
         raise UserError(f"plan {cfg.plan} was made for another system than {cfg.system.file}")
