@@ -21,6 +21,11 @@ SUPERLINK_NODE = 1  # the node id Flower's SuperLink signs its own error replies
 # test needs, so it never decides what happens. HANG_S only stops a test that hangs.
 LIVE_DEVICE_S = 600.0
 HANG_S = 1800.0
+# A deployment's SuperNodes beat every HEARTBEAT_S (Flower's default is 30 s); the SuperLink calls a
+# node gone after 2 x HEARTBEAT_S without one, so a killed node is noticed sooner. With 10 s a live
+# node on a 2-core machine running two federations at once was once called gone (its reply came
+# after the 20 s); 15 s leaves room, and the deployment tests run one federation at a time.
+HEARTBEAT_S = 15
 
 
 class FakeGrid(Grid):
@@ -191,7 +196,7 @@ def assert_no_processes_left(tmp: Path, timeout: float = 120.0) -> None:
 @dataclass
 class Federation:
     """A deployment on loopback: TLS SuperLink with SuperNode authentication, one registered
-    SuperNode per device (`fedlodrop flower supernode`, 10 s heartbeats)."""
+    SuperNode per device (`fedlodrop flower supernode`, HEARTBEAT_S heartbeats)."""
 
     root: Path
     ws: object  # launch.Workspace: spawns, logs and stops (by PID) its processes
@@ -202,12 +207,12 @@ class Federation:
 
     def node_cmd(self, device: int) -> list[str]:
         """`fedlodrop flower supernode` for `device` with its key; a dead node is noticed after
-        2 x 10 s instead of Flower's 2 x 30 s."""
+        2 x HEARTBEAT_S instead of Flower's 2 x 30 s."""
         from fedlodrop.flower import launch
 
         return fedlodrop_cmd("flower", "supernode", "--superlink", self.address, "--ca", self.ca,
                              "--key", self.root / "keys" / f"device{device}_key", "--device", device,
-                             "--devices", self.devices, "--port", launch.free_port(), "--heartbeat-s", 10)
+                             "--devices", self.devices, "--port", launch.free_port(), "--heartbeat-s", HEARTBEAT_S)
 
     def run(self, cfg_file: Path, out: Path) -> list[str]:
         return fedlodrop_cmd("flower", "run", "--config", cfg_file, "--superlink", self.address,

@@ -30,6 +30,7 @@ from fedlodrop.flower import launch
 from fedlodrop.flower.app import TEST_RAISE_ENV
 
 # real SuperLink and SuperNodes; one xdist worker runs the whole module (its federation is shared)
+# and test_flower_secagg_deploy, one federation at a time
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower-deploy")]
 
 
@@ -83,8 +84,8 @@ def test_only_registered_supernodes_may_join(federation):
 def test_a_killed_supernode_is_left_out_then_too_few_devices_fail(federation, tiny_bert, polarity_dir, tmp_path):
     """Kill device 1's SuperNode (its process group, SIGKILL, by PID) once it has taken its round-1
     TRAIN message. Round 1 stands on device 0: the SuperLink reports the node unavailable once it
-    has missed two heartbeats (10 s each here, `--heartbeat-s`; the round timeout is far longer, so a live
-    device is never cut off). Round 2 sends device 1 nothing, as no node of it is online; the run
+    has missed two heartbeats (HEARTBEAT_S each here, `--heartbeat-s`; the round timeout is far
+    longer, so a live device is never cut off). Round 2 sends device 1 nothing, as no node of it is online; the run
     completes. Then device 1 is back with a ClientApp that raises: a run with min_devices 2 fails
     in round 1 with one line and exit code 1.
 

@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 
 from fedlodrop import inprocess, secagg
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower-secagg-deploy")]
+# real SuperLink and SuperNodes: the same xdist group as test_flower_deploy, so that one worker runs
+# the deployments one at a time
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower-deploy")]
 
 
 def test_secure_aggregation_deployment_survives_a_killed_device_and_equals_the_plain_round(
@@ -25,7 +27,7 @@ def test_secure_aggregation_deployment_survives_a_killed_device_and_equals_the_p
 ):
     """Device 2's SuperNode is killed (its process group, SIGKILL, by PID) once it has taken the
     collect stage's message, after the keys were shared. The SuperLink reports it unavailable
-    after two missed heartbeats (10 s each here); Flower's protocol unmasks the two others from
+    after two missed heartbeats (HEARTBEAT_S each here); Flower's protocol unmasks the two others from
     the shares, and the model is the plain round's with device 2 left out."""
     root = tmp_path
     with federation(root, devices=3) as fed:
