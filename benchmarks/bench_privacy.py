@@ -98,17 +98,6 @@ def _mean_sd(xs):
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def _finals(pts, results) -> dict[tuple, tuple[float, float]]:
-    """(task, epsilon, rate, seed) -> (final metric, the run's wall seconds)."""
-    from fedlodrop.runs import RunFolder
-
-    out = {}
-    for p in pts:
-        s = RunFolder(results[p.name].path).summary()
-        out[(p.values["task"], p.values["epsilon"], p.values["rate"], p.seed)] = (s["final"][s["main_metric"]], s["wall_s"])
-    return out
-
-
 def dp_table(pts, results):
     from fedlodrop.runs import RunFolder
 
@@ -120,7 +109,7 @@ def dp_table(pts, results):
         spent = (s.get("privacy") or {}).get("epsilon")
         groups.setdefault((p.values["task"], p.values["epsilon"], p.values["rate"]), []).append(
             (s["final"][main], spent, s["uplink_bytes_total"] / len(rows), s["downlink_bytes_total"] / len(rows),
-             s["wall_s"], main, (s.get("privacy") or {}).get("noise_multiplier")))
+             s["wall_s"], main, (s.get("privacy") or {}).get("noise_multiplier"), p.seed))
     out = []
     for (task, eps, rate), runs in groups.items():
         final = _mean_sd([r[0] for r in runs])
@@ -128,7 +117,8 @@ def dp_table(pts, results):
                     "final_mean": final[0], "final_std": final[1],
                     "spent": _mean_sd([r[1] for r in runs])[0], "sigma": runs[0][6],
                     "up": statistics.fmean(r[2] for r in runs), "down": statistics.fmean(r[3] for r in runs),
-                    "wall": statistics.fmean(r[4] for r in runs)})
+                    "wall": statistics.fmean(r[4] for r in runs),
+                    "by_seed": {r[7]: r[0] for r in runs}})  # for paired differences; not in the CSV
     return out
 
 
@@ -179,8 +169,7 @@ def main() -> None:
     results = run(pts, ROOT / "bench_out" / name, args.jobs, args.threads)
     rows = dp_table(pts, results)
     dp_minutes = (time.perf_counter() - t0) / 60
-    finals = _finals(pts, results)
-    run_minutes = sum(f[1] for f in finals.values()) / 60
+    run_minutes = sum(r["wall"] * r["seeds"] for r in rows) / 60
     flags = f" --regime {args.regime} --tasks {args.tasks}" if args.regime != "short" else ""
     lines = [f"# `python benchmarks/bench_privacy.py --jobs {args.jobs} --threads {args.threads} --seeds {args.seeds}{flags}`",
              "", f"{header(args.threads, args.jobs)}. DP grid: {len(pts)} runs, {dp_minutes:.0f} min "
@@ -206,9 +195,8 @@ def main() -> None:
                      if r["rate"] in clip else "")
                 lines.append(f"- {task}, rate {r['rate']}: epsilon 8 ends {d:+.1f} points against no privacy "
                              f"(goal: no worse than -3){c}.")
-                paired = [100 * (finals[(task, 8.0, r["rate"], s)][0] - finals[(task, "none", r["rate"], s)][0])
-                          for s in range(args.seeds)
-                          if (task, 8.0, r["rate"], s) in finals and (task, "none", r["rate"], s) in finals]
+                none = ref[r["rate"]]["by_seed"]
+                paired = [100 * (v - none[seed]) for seed, v in sorted(r["by_seed"].items()) if seed in none]
                 lines.append(f"  Per seed (same seed, same data): {', '.join(f'{x:+.2f}' for x in paired)}.")
     numeric = {"none": 16.0, "clip-only": 32.0}
     plot_rows = [dict(r, eps=numeric.get(r["epsilon"], r["epsilon"])) for r in rows]
@@ -231,7 +219,7 @@ def main() -> None:
     import csv
 
     with open(args.docs / f"{name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "by_seed"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     print(text)
