@@ -37,7 +37,7 @@ FIRST_GROUP = "flower-deploy"  # the longest chain of tests one worker must run 
 
 
 def pytest_collection_modifyitems(config, items):
-    """The real deployments first: their group (about 6 minutes of one worker's time, on 2 cores)
+    """The real deployments first: their group (about 5 minutes of one worker's time, on 2 cores)
     starts while the other worker takes everything else, instead of starting late and being the
     suite's tail. A stable sort: the order is otherwise the files' and the same on every worker."""
     def first(item) -> bool:
