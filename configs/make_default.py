@@ -67,7 +67,6 @@ NOTES: dict[str, str] = {
     "train.grad_accum": "batches accumulated per optimizer step",
     "train.weight_decay": "AdamW weight decay",
     "train.max_grad_norm": "gradient clipping norm; null: no clipping",
-    "train.precision": "auto: bf16 autocast on a CUDA GPU that supports it, else fp32",
     "train.gradient_checkpointing": "recompute activations in the backward pass to save memory",
     "data": "where the task's data comes from and how much of it is used",
     "log": "run logs to watch while training; metrics.jsonl is always written and is the source of truth",

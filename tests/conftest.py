@@ -35,6 +35,35 @@ GROUPED_MODULES = ("test_export.py", "test_predict.py", "test_flower_deploy.py",
 
 FIRST_GROUP = "flower-deploy"  # the longest chain of tests one worker must run in a row
 
+CPU_PATHS = ("hardware", "amx", "no-amx", "other")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--cpu-path", choices=CPU_PATHS, default="hardware",
+        help="the CPU path train.precision auto takes, for this session and every process it starts "
+        "(FEDLODROP_CPU_AMX): hardware, as the CPU says; amx, bf16 autocast on any CPU; no-amx, fp32; "
+        "other, the path the hardware would not take (CI runs the precision tests again with it)",
+    )
+
+
+def pytest_configure(config):
+    """Set FEDLODROP_CPU_AMX for `--cpu-path` before any test or subprocess reads it."""
+    from fedlodrop.model import CPU_AMX_ENV, _cpu_has_amx_bf16
+
+    path = config.getoption("cpu_path")
+    if path == "other":
+        path = "no-amx" if _cpu_has_amx_bf16() else "amx"
+    if path != "hardware":
+        os.environ[CPU_AMX_ENV] = "1" if path == "amx" else "0"
+
+
+def pytest_report_header(config):
+    from fedlodrop.model import cpu_amx_path
+
+    amx, why = cpu_amx_path()
+    return f"fedlodrop: train.precision auto takes the {'AMX-BF16 (bf16)' if amx else 'fp32'} path ({why})"
+
 
 def pytest_collection_modifyitems(config, items):
     """The real deployments first: their group (about 5 minutes of one worker's time, on 2 cores)

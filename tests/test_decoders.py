@@ -17,6 +17,8 @@ from fedlodrop.cli import app
 from fedlodrop.experiment import load_run
 from conftest import read_metrics, tiny_cfg, train
 
+pytestmark = pytest.mark.precision  # CI runs these again on the other CPU path
+
 # tiny random decoders learn the polarity task in 2 rounds with these (accuracy >= 0.9 at seeds 3-6)
 DECODER = {"train.lr": 5e-2, "train.batch_size": 8, "federation.local_epochs": 3, "dropout.rate": 0.3}
 

@@ -40,6 +40,7 @@ def test_run_folder_is_complete(tiny_bert, sst2_dir, tmp_path):
     assert any(k.endswith(".lora_A") for k in adapter) and any(k.startswith("head.") for k in adapter)
 
 
+@pytest.mark.precision
 def test_same_seed_same_result_and_other_seed_differs(tiny_bert, sst2_dir, tmp_path):
     cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": 0.3})
     run(cfg, tmp_path / "a", show_progress=False)
@@ -295,6 +296,7 @@ def test_bad_input_one_line_exit_2_no_folder(tiny_bert, sst2_dir, tmp_path, args
     assert not out.exists()
 
 
+@pytest.mark.precision
 def test_device_order_does_not_change_the_round(tiny_bert, sst2_dir):
     from conftest import one_round
 

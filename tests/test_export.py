@@ -21,7 +21,7 @@ from fedlodrop.model import resolve_model_path
 ATOL = 1e-4
 
 # the trained MiniLM runs (conftest fedit_run / fedex_run) are shared by both modules: one worker
-pytestmark = pytest.mark.xdist_group("minilm-runs")
+pytestmark = [pytest.mark.precision, pytest.mark.xdist_group("minilm-runs")]
 
 
 def export_cli(run_dir, out, *extra):

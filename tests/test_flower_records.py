@@ -23,6 +23,7 @@ from fedlodrop.flower.records import (
 )
 from fedlodrop.flower.transport import error_reason
 from fedlodrop.masks import payload_bytes as tensor_bytes
+from fedlodrop.records import Precision
 from fedlodrop.messages import DeviceReply, DeviceTask, FoldCatchUp, FoldUpdate
 
 
@@ -113,11 +114,13 @@ def test_tasks_and_replies_round_trip(dtype, pack):
             assert (back.fold.after, back.fold.upto, [u.round for u in back.fold.updates]) == (1, 3, [2, 3])
             assert all(torch.equal(_bits(b.tensors[k]), _bits(u.tensors[k]))
                        for b, u in zip(back.fold.updates, updates) for k in u.tensors)
-    reply = DeviceReply(2, 3, adapter, 96, 0.69, 6, 1.5, 0.02, 0.01)
+    reply = DeviceReply(2, 3, adapter, 96, 0.69, 6, 1.5, 0.02, 0.01,
+                        precision=Precision("bf16", "train.precision auto: the CPU has AMX-BF16"))
     content = reply_content(reply, pack)
     back = content_reply(content)
     assert (back.device, back.round, back.num_samples, back.train_loss, back.steps, back.lr_last) == (2, 3, 96, 0.69, 6, 0.01)
     assert back.error is None and content_bytes(content)[0] == reply.nbytes
+    assert back.precision == reply.precision  # the device's hardware decides: the server is told
 
 
 def test_the_fold_kept_in_context_state_is_exact():

@@ -29,6 +29,7 @@ def _cfg(model, glue, **over):
     return learning_cfg(model, glue, **(base | over))
 
 
+@pytest.mark.precision
 @pytest.mark.parametrize("pack,dtype", [(True, "bfloat16"), (False, "float16")])
 def test_partial_participation_fedex_equals_in_process(tiny_bert, polarity_dir, tmp_path, pack, dtype):
     """3 devices, 2 a round, 3 rounds: a device that sat out gets a two-round catch-up of folds, so

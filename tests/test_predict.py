@@ -18,7 +18,7 @@ from fedlodrop.cli import app
 from test_export import final_accuracy
 
 # the trained MiniLM runs (conftest fedit_run / fedex_run) are shared by both modules: one worker
-pytestmark = pytest.mark.xdist_group("minilm-runs")
+pytestmark = [pytest.mark.precision, pytest.mark.xdist_group("minilm-runs")]
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

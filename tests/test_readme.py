@@ -16,6 +16,8 @@ def test_ci_runs_the_readme_test_command():
     ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert test_cmd in ci_lines
     assert "pytest" in test_cmd and "fedlodrop run" in run_cmd
+    # and again on the CPU path the hardware did not take (issue 25: bf16 on AMX CPUs, fp32 elsewhere)
+    assert test_cmd.endswith("python -m pytest -q -m precision --cpu-path other")
 
 
 def test_both_commands_install_torch_first():

@@ -68,6 +68,7 @@ main()
 """
 
 
+@pytest.mark.precision
 @pytest.mark.slow  # a run killed in a fresh process, then resumed
 def test_killed_run_resumes_bit_identical(tiny_bert, sst2_dir, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"

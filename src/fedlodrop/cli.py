@@ -64,17 +64,28 @@ def run(
     print_summary(summary, out)
 
 
+PrecisionOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--precision",
+        help="fp32, bf16 or auto (bf16 on bf16 hardware); default: the run's train.eval_precision, fp32 unless "
+        "set: the exported model's outputs on any machine",
+    ),
+]
+
+
 @app.command()
 @user_errors
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a finished run folder")],
     set_: SetOpt = None,
+    precision: PrecisionOpt = None,
 ) -> None:
     """Re-score a saved run's global model on the validation split."""
     from fedlodrop.evaluation import rescore
 
     _offline_env()
-    result = rescore(run_dir, set_ or [])
+    result = rescore(run_dir, set_ or [], precision)
     out_console.print_json(json.dumps(result))
 
 
@@ -248,13 +259,15 @@ def predict(
         Optional[str], typer.Option(help="cpu, cuda, auto (default: the run's train.device)")
     ] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="default: 2 x the run's batch size")] = None,
+    precision: PrecisionOpt = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Predict labels (or scores) for new text with a run's global model; progress on stderr."""
     from fedlodrop.predict import predict_file
 
     _offline_env()
-    n = predict_file(run_dir, input_, out, device, batch_size, console=err_console, show_progress=not quiet)
+    n = predict_file(run_dir, input_, out, device, batch_size, console=err_console, show_progress=not quiet,
+                     precision=precision)
     if out is not None:
         err_console.print(f"{n} predictions -> {out}", highlight=False)
 

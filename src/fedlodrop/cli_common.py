@@ -43,15 +43,20 @@ def user_errors(fn):
     return wrapper
 
 
-def announce(command: str, cfg, out) -> None:
-    """The first line of a run, on either engine: what trains, on what, and where it is written."""
-    from fedlodrop.model import model_pooling
+def announce(command: str, cfg, out, devices_here: bool = True) -> None:
+    """The first line of a run, on either engine: what trains, on what, in which precision and
+    why, and where it is written. `devices_here`: the devices train on this machine (in process, or
+    simulated); in a deployment each device resolves `train.precision auto` on its own hardware."""
+    from fedlodrop.model import model_pooling, run_precisions
 
     head = model_pooling(cfg).why
+    train, evaluation = run_precisions(cfg)
+    if not devices_here and cfg.train.precision == "auto":
+        train = "each device's own choice (train.precision auto: bf16 on bf16 hardware)"
     err_console.print(
         f"{command}: task {cfg.task}, model {cfg.model} (classifier on {head}), {cfg.federation.devices} "
         f"devices, {cfg.federation.rounds} rounds, {cfg.federation.aggregation}, dropout {cfg.dropout.rate} "
-        f"({cfg.dropout.variant}) -> {out}",
+        f"({cfg.dropout.variant}); training {train}, evaluation {evaluation} -> {out}",
         highlight=False,
         soft_wrap=True,
     )
@@ -62,9 +67,14 @@ def print_summary(summary: dict, out) -> None:
     main = summary["main_metric"]
     dp = summary.get("privacy")
     spent = f"; ({dp['epsilon']:.3g}, {dp['delta']:.2g})-DP per device ({dp['mode']})" if dp else ""
+    ran = summary.get("precision")
+    precision = ""
+    if ran:
+        train = "/".join(p["dtype"] for p in ran["train"]) or "-"
+        precision = f" (trained {train}, evaluated {ran['eval']['dtype']})"
     out_console.print(
         f"final {main} {summary['final'][main]:.4f}, best {summary['best'][main]:.4f} "
-        f"(round {summary['best_round']}); sent {summary['uplink_bytes_total'] / 1e6:.2f} MB up, "
+        f"(round {summary['best_round']}){precision}; sent {summary['uplink_bytes_total'] / 1e6:.2f} MB up, "
         f"{summary['downlink_bytes_total'] / 1e6:.2f} MB down{spent}; {summary['wall_s']:.0f} s; run folder {out}",
         highlight=False,
     )

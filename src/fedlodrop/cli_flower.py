@@ -149,7 +149,7 @@ def run(
     _need_file(ca, "--ca")
     if not resume:
         out = _run_folder(cfg, out, force, "flower")
-    announce(f"fedlodrop flower run on {superlink}", cfg, out)
+    announce(f"fedlodrop flower run on {superlink}", cfg, out, devices_here=False)
     ws = launch.Workspace.create()
     try:
         with _terminate_as_interrupt():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,15 +117,9 @@ def _step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: State):
     upload = encode_adapter(end, layout, trained, rule, COMM_DTYPES[cfg.federation.comm_dtype])
     reply = DeviceReply(
         task.device, task.round, upload, len(shard), result.loss, result.steps, result.seconds,
-        result.lr_first, result.lr_last,
+        result.lr_first, result.lr_last, precision=fm.train_precision,
     )
     return reply, start, trained, rule.trains_a
-
-
-def _autocast(fm: FedModel):
-    if fm.bf16:
-        return torch.autocast(device_type=fm.device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -171,7 +164,7 @@ def train_local(
             group["lr"] = rates[step] * scale
         for _ in range(train.grad_accum):
             batch = _to_device(next(batches), fm.device)
-            with _autocast(fm):
+            with fm.train_autocast():
                 loss = fm.net(**batch).loss
             (loss / train.grad_accum).backward()
             losses.append(loss.detach())
@@ -218,7 +211,7 @@ def predict_outputs(fm: FedModel, loader, probabilities: bool = False) -> tuple[
     outs, labels, loss_sum, n = [], [], 0.0, 0
     for batch in loader:
         batch = _to_device(batch, fm.device)
-        with _autocast(fm):
+        with fm.eval_autocast():
             out = fm.net(**batch)
         logits = out.logits.float()
         size = logits.shape[0]

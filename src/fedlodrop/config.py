@@ -149,7 +149,13 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA with bf16 and on CPUs with AMX-BF16, else fp32"
+        "auto", description="local training: auto is bf16 autocast on a GPU that supports bf16 and on a CPU "
+        "with AMX-BF16 (FEDLODROP_CPU_AMX=1 or 0 forces that choice on any CPU), else fp32; weights stay fp32"
+    )
+    eval_precision: Literal["fp32", "auto", "bf16"] = Field(
+        "fp32", description="every evaluation (each round's scores, evaluate, predict): fp32 gives the exported "
+        "model's outputs on any machine; auto or bf16 is faster on bf16 hardware and may differ in the "
+        "last digits"
     )
     gradient_checkpointing: bool = False
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")

@@ -25,7 +25,7 @@ from fedlodrop.errors import UserError
 from fedlodrop.evaluation import evaluate
 from fedlodrop.experiment import Experiment, build
 from fedlodrop.messages import DeviceReply, DeviceTask, FoldCatchUp
-from fedlodrop.records import RoundRecord, Timing, summarize
+from fedlodrop.records import RoundPrecision, RoundRecord, Timing, distinct, summarize
 from fedlodrop.runs import RunFolder
 from fedlodrop.server import Server, ServerState
 
@@ -71,6 +71,7 @@ def close_round(exp: Experiment, server: Server, tasks: list[DeviceTask], replie
     aggregate_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     record = result.record
+    record.precision = RoundPrecision(distinct(r.precision for r in replies if not r.error), exp.fm.eval_precision)
     record.eval, record.eval_loss = evaluate(exp, exp.eval_set, server.state.global_state, round_)
     record.train, _ = evaluate(exp, exp.train_eval_set, server.state.global_state, round_)
     eval_s = time.perf_counter() - t0

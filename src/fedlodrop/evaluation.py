@@ -53,8 +53,10 @@ def evaluate(exp: Experiment, data, global_state: State, round_: int = 0) -> tup
     return compute_metrics(exp.task, preds, labels), float(loss)
 
 
-def rescore(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """Rebuild a saved run's global model (backbone + folded deltas + adapter) and score it."""
-    run = load_run(run_dir, overrides, eval_data=True)
+def rescore(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), precision: str | None = None) -> dict:
+    """Rebuild a saved run's global model (backbone + folded deltas + adapter) and score it, in
+    the run's `train.eval_precision` (fp32 unless asked otherwise) or `precision`."""
+    run = load_run(run_dir, overrides, eval_data=True, precision=precision)
     metrics, loss = evaluate(run.exp, run.exp.eval_set, run.adapter, run.rounds_done - 1)
-    return {"eval": metrics, "eval_loss": loss, "rounds_done": run.rounds_done}
+    return {"eval": metrics, "eval_loss": loss, "rounds_done": run.rounds_done,
+            "precision": run.fm.eval_precision.to_json()}

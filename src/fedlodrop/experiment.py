@@ -31,6 +31,7 @@ from fedlodrop.model import FedModel
 from fedlodrop.rng import stream_seed
 from fedlodrop.runs import RunFolder
 
+PRECISIONS = ("fp32", "bf16", "auto")
 
 class Shards(Sequence):
     """Each device's training data, tokenised when first asked for (a device process tokenises
@@ -174,14 +175,18 @@ def check_finished(run_dir: Path) -> RunFolder:
 
 
 def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), device: str | None = None,
-             eval_data: bool = False) -> LoadedRun:
+             eval_data: bool = False, precision: str | None = None) -> LoadedRun:
     """Backbone of the run's config + its folded FedEx deltas + the global adapter and head.
 
     Needs no training data (exporting or predicting must not); `eval_data` also loads the
     validation split (re-scoring). `device` overrides `train.device`: a run trained on a GPU can
-    be exported on a laptop."""
+    be exported on a laptop; `precision` overrides `train.eval_precision` (fp32 unless the run
+    asked otherwise: what the exported model computes)."""
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     folder = check_finished(run_dir)
-    cfg = folder.config(list(overrides) + ([f"train.device={device}"] if device else []))
+    extra = ([f"train.device={device}"] if device else []) + ([f"train.eval_precision={precision}"] if precision else [])
+    cfg = folder.config(list(overrides) + extra)
     exp = build(cfg, train_data=False, eval_data=eval_data)
     adapter, fold = folder.load_final(exp.fm.layout)
     rounds = folder.rounds_done()

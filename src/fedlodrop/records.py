@@ -72,6 +72,47 @@ class PrivacySpent:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
+@dataclass(frozen=True)
+class Precision:
+    """The numbers a pass ran in, and why: `dtype` fp32, or bf16 (autocast; the weights stay
+    fp32). Training takes it from `train.precision` and the device's hardware, evaluation from
+    `train.eval_precision` (fp32 by default, so scores match the exported model on any machine)."""
+
+    dtype: str  # "fp32" | "bf16"
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.dtype} ({self.why})"
+
+    def to_json(self) -> dict:
+        return {"dtype": self.dtype, "why": self.why}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Precision:
+        return cls(d["dtype"], d["why"])
+
+
+@dataclass
+class RoundPrecision:
+    """What a round ran in: the devices' training (distinct values among the replies; devices on
+    different hardware may differ) and the server's evaluation."""
+
+    train: list[Precision]
+    eval: Precision
+
+    def to_json(self) -> dict:
+        return {"train": [p.to_json() for p in self.train], "eval": self.eval.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> RoundPrecision:
+        return cls([Precision.from_json(p) for p in d["train"]], Precision.from_json(d["eval"]))
+
+
+def distinct(precisions) -> list[Precision]:
+    """Each precision once, in first-seen order."""
+    return list(dict.fromkeys(p for p in precisions if p is not None))
+
+
 @dataclass
 class DeviceRecord:
     """One participant of a round. The fields from `kept_values` on are what the device reported;
@@ -89,6 +130,7 @@ class DeviceRecord:
     uplink_bytes: int | None = None
     train_s: float | None = None
     lr: list[float] | None = None
+    precision: str | None = None  # the dtype the device trained in (why: the round's `precision`)
     system: SimCost | None = None  # with a system: the device's simulated time and energy
     limit: str | None = None  # with a system: the limit its round broke (left out under enforce: drop)
 
@@ -106,6 +148,8 @@ class DeviceRecord:
         out: dict[str, Any] = {"device": self.device, "rate": self.rate, "downlink_bytes": self.downlink_bytes}
         if self.reported:
             out |= {k: getattr(self, k) for k in self._REPORTED}
+            if self.precision is not None:
+                out["precision"] = self.precision
         out["status"] = self.status
         if self.reason is not None:
             out["reason"] = self.reason
@@ -162,6 +206,7 @@ class RoundRecord:
     system: RoundSim | None = None  # with a system: the round on the simulated clock and meter
     flower: dict | None = None  # the Flower engine's own details (Flower's byte counts, node ids)
     privacy: PrivacySpent | None = None  # with privacy.dp: the epsilon spent after this round
+    precision: RoundPrecision | None = None  # what training and evaluation ran in, and why
 
     # ------------------------------------------------------------------ derived
     @property
@@ -217,6 +262,8 @@ class RoundRecord:
             out["flower"] = self.flower
         if self.privacy is not None:
             out["privacy"] = self.privacy.to_json()
+        if self.precision is not None:
+            out["precision"] = self.precision.to_json()
         return out
 
     @classmethod
@@ -236,6 +283,7 @@ class RoundRecord:
             system=RoundSim.from_json(d["system"]) if d.get("system") else None,
             flower=d.get("flower"),
             privacy=PrivacySpent.from_json(d["privacy"]) if d.get("privacy") else None,
+            precision=RoundPrecision.from_json(d["precision"]) if d.get("precision") else None,
         )
 
     def line(self, main: str) -> str:
@@ -292,4 +340,8 @@ def summarize(cfg, main: str, rates: list[float], adapter_values: int, head_valu
         }
     if last.privacy is not None:  # epsilon is cumulative: the last round's is the run's
         out["privacy"] = last.privacy.to_json()
+    ran = [r.precision for r in records if r.precision is not None]
+    if ran:
+        out["precision"] = {"train": [p.to_json() for p in distinct(p for r in ran for p in r.train)],
+                            "eval": ran[-1].eval.to_json()}
     return out

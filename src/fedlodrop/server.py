@@ -137,6 +137,7 @@ class Server:
                 entry.samples, entry.steps, entry.train_loss = reply.num_samples, reply.steps, reply.train_loss
                 entry.uplink_bytes, entry.train_s = reply.nbytes, round(reply.train_s, 3)
                 entry.lr = [reply.lr_first, reply.lr_last]
+                entry.precision = reply.precision.dtype if reply.precision is not None else None
             devices.append(entry)
             if self.meter is not None and entry.reported:
                 entry.system, entry.limit = self._price(entry)
