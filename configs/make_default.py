@@ -52,7 +52,6 @@ NOTES: dict[str, str] = {
         "fedex: exact, folds the residual into the frozen weights; ffa: A frozen, only B trained"
     ),
     "federation.weighting": "device weights: by local sample count, or equal",
-    "federation.partition": "how training data is split: iid, dirichlet label skew, continuous (stsb labels)",
     "federation.dirichlet_alpha": "concentration of the dirichlet partition (smaller: more skew)",
     "dropout": "FedLoDrop's dropout of whole columns of A and rows of B (SPEC 1)",
     "dropout.rate": "dropout rate gamma for every device, or a list with one rate per device",

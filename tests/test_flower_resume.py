@@ -13,6 +13,7 @@ from fedlodrop import engine
 from fedlodrop.flower import app as flower_app
 from fedlodrop.inprocess import InProcessEngine
 from fedlodrop.runs import RunFolder, compare
+from fedlodrop.data import TASKS
 
 pytestmark = pytest.mark.usefixtures("fresh_client_cache")
 
@@ -73,7 +74,7 @@ def test_resume_options_are_checked_before_anything_starts(tiny_bert, polarity_d
     done = tmp_path / "done"
     engine.run(cfg, done, show_progress=False)
     empty = tmp_path / "empty"
-    RunFolder(empty).start(cfg)  # a run killed before its first round
+    RunFolder(empty).start(cfg, TASKS[cfg.task])  # a run killed before its first round
     for args, needle in ((["--resume", str(done)], "finished run: nothing to resume"),
                          (["--resume", str(empty)], "no complete round to resume from"),
                          (["--resume", str(done), "--set", "seed=1"], "drop --config, --set and --out"),

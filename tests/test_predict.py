@@ -58,7 +58,9 @@ def test_each_format_gives_the_rebuilt_models_predictions(fedit_run, glue, tmp_p
     assert result.stdout == ""
     with open(out, newline="") as fh:
         table = list(csv.DictReader(fh))
-    assert list(table[0]) == ["id", "sentence", "label", "prediction", "prob_negative", "prob_positive"]
+    assert list(table[0]) == ["id", "sentence", "label", "prediction", "predicted_label", "prob_negative",
+                              "prob_positive"]
+    assert [r["predicted_label"] for r in table] == [["negative", "positive"][int(r["prediction"])] for r in table]
     assert [r["sentence"] for r in table] == [r["sentence"] for r in rows]
     assert [int(r["id"]) for r in table] == list(range(len(rows)))
     ref = reference_logits(run_dir, [r["sentence"] for r in rows])
@@ -109,7 +111,8 @@ def test_pair_task_reads_both_sentences(tmp_path):
     result = predict_cli(run_dir, path)
     assert result.exit_code == 0, result.output
     table = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert list(table[0]) == ["sentence1", "sentence2", "prediction", "prob_entailment", "prob_not_entailment"]
+    assert list(table[0]) == ["sentence1", "sentence2", "prediction", "predicted_label", "prob_entailment",
+                              "prob_not_entailment"]
     ref = reference_logits(run_dir, [r["sentence1"] for r in rows], [r["sentence2"] for r in rows])
     probs = np.array([[float(r["prob_entailment"]), float(r["prob_not_entailment"])] for r in table])
     np.testing.assert_allclose(probs, softmax(ref), atol=1e-5, rtol=0)

@@ -52,7 +52,7 @@ def run(
         if config is not None or set_ or out is not None:
             raise UserError("--resume continues a run with its own config.yaml: drop --config, --set and --out")
         out = resume
-        err_console.print(f"fedlodrop run: resuming {out}", highlight=False)
+        err_console.print(f"fedlodrop run: resuming {out}", highlight=False, soft_wrap=True)
         summary = resume_engine(out, console=err_console, show_progress=not quiet)
     else:
         cfg = load_config(config, set_ or [])

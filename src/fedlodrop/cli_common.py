@@ -53,8 +53,11 @@ def announce(command: str, cfg, out, devices_here: bool = True) -> None:
     train, evaluation = run_precisions(cfg)
     if not devices_here and cfg.train.precision == "auto":
         train = "each device's own choice (train.precision auto: bf16 on bf16 hardware)"
+    data = cfg.data
+    source = (f" (data.train {data.train})" if data.train is not None else
+              f" (data.hub_path {data.hub_path})" if data.hub_path is not None else "")
     err_console.print(
-        f"{command}: task {cfg.task}, model {cfg.model} (classifier on {head}), {cfg.federation.devices} "
+        f"{command}: task {cfg.task}{source}, model {cfg.model} (classifier on {head}), {cfg.federation.devices} "
         f"devices, {cfg.federation.rounds} rounds, {cfg.federation.aggregation}, dropout {cfg.dropout.rate} "
         f"({cfg.dropout.variant}); training {train}, evaluation {evaluation} -> {out}",
         highlight=False,

@@ -238,10 +238,8 @@ def _terminate_as_interrupt():
 def _wait(ws, conn: str, run_id: int, cfg, out: Path, quiet: bool) -> dict:
     """Wait for the run, printing each round's line as the ServerApp appends it (when the run
     folder is on this machine)."""
-    from fedlodrop.data import TASKS
     from fedlodrop.runs import RunFolder
 
-    main = TASKS[cfg.task].main_metric
     folder = RunFolder(out)
     shown = folder.rounds_done()  # a resumed run's earlier rounds were shown when they ran
 
@@ -249,7 +247,8 @@ def _wait(ws, conn: str, run_id: int, cfg, out: Path, quiet: bool) -> dict:
         nonlocal shown
         if quiet:
             return folder.finished
-        with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
+        with contextlib.suppress(ValueError, KeyError, TypeError, OSError, UserError):
+            main = folder.task().main_metric  # the ServerApp writes task.json when the run starts
             for record in folder.records()[shown:]:
                 err_console.print(record.line(main), highlight=False, soft_wrap=True)
                 shown += 1

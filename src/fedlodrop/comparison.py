@@ -130,12 +130,11 @@ def compare(cfg: RunConfig, system: Path, out: Path, methods: list[str], seeds: 
 
 
 def collect(out: Path, methods: list[str], plans: dict, cfg: RunConfig, spec) -> list[MethodResult]:
-    from fedlodrop.data import TASKS
     from fedlodrop.planning import load_plan, system_model
     from fedlodrop.planning.plan import as_is_plan
     from fedlodrop.runs import RunFolder
 
-    main = TASKS[cfg.task].main_metric
+    main = _main_metric(out, cfg)
     results = []
     m = system_model(spec)
     for method in methods:
@@ -186,10 +185,29 @@ def rows(results: list[MethodResult], main: str) -> list[dict]:
     return out
 
 
-def write_table(results: list[MethodResult], md: Path, csv_path: Path, cfg: RunConfig, system: Path) -> str:
-    from fedlodrop.data import TASKS
+def _main_metric(out: Path, cfg: RunConfig) -> str:
+    """The task's main metric: its runs' (own data's task may be decided by the data), else the config's."""
+    from fedlodrop.data.tasks import task_from_config
+    from fedlodrop.runs import run_folders
 
-    main = TASKS[cfg.task].main_metric
+    for folder in run_folders(out / "runs"):
+        return folder.task().main_metric
+    task = task_from_config(cfg)
+    return task.main_metric if task is not None else "accuracy"
+
+
+def _results_metric(results: list[MethodResult], cfg: RunConfig) -> str:
+    for res in results:
+        for summary in res.runs:
+            return summary["main_metric"]
+    from fedlodrop.data.tasks import task_from_config
+
+    task = task_from_config(cfg)
+    return task.main_metric if task is not None else "accuracy"
+
+
+def write_table(results: list[MethodResult], md: Path, csv_path: Path, cfg: RunConfig, system: Path) -> str:
+    main = _results_metric(results, cfg)
     table = rows(results, main)
     head = (f"| method | plan fits | bound G | mean rate | {main} | gap | rounds | simulated s | energy J | "
             "MB sent | devices dropped | runs |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -221,9 +239,7 @@ def plot(results: list[MethodResult], path: Path, cfg: RunConfig) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fedlodrop.data import TASKS
-
-    main = TASKS[cfg.task].main_metric
+    main = _results_metric(results, cfg)
     table = rows(results, main)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     xs = range(len(table))

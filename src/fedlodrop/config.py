@@ -47,7 +47,10 @@ class FederationConfig(_Section):
         "masked", description="how fedex and ffa average the factors before folding the rest"
     )
     weighting: Literal["samples", "uniform"] = "samples"
-    partition: Literal["iid", "dirichlet", "continuous"] = "iid"
+    partition: Literal["iid", "dirichlet", "continuous", "by_column"] = Field(
+        "iid", description="how training data is split: iid, dirichlet label skew, continuous (a real-valued "
+        "label), by_column (your own data's data.device_column: each value a device, as real federations are)"
+    )
     dirichlet_alpha: float = Field(0.5, gt=0)
     comm_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="dtype of every tensor that travels; bytes are counted in it"
@@ -164,9 +167,55 @@ class TrainConfig(_Section):
 
 class DataConfig(_Section):
     source: Literal["hub", "glue_dir", "rotten_tomatoes"] | None = Field(
-        None, description="None: rotten_tomatoes for that task, glue_dir if data.glue_dir is set, else hub"
+        None, description="where a built-in task's data comes from; None: rotten_tomatoes for that task, glue_dir "
+        "if data.glue_dir is set, else hub (your own data: data.train or data.hub_path instead)"
     )
     glue_dir: Path | None = None
+    # ------------------------------------------------------------------ your own data (docs/data.md)
+    train: Path | None = Field(
+        None, description="your own training data: a .csv, .tsv, .jsonl, .json or .parquet file, or a folder "
+        "written by datasets' save_to_disk; the run's task is then yours (name it with `task`)"
+    )
+    eval: Path | None = Field(
+        None, description="your own validation data, in the same columns; null: hold out data.eval_fraction of "
+        "data.train (or of the hub's train split)"
+    )
+    hub_path: str | None = Field(
+        None, description="your own data from the Hugging Face Hub by path (or a local folder of data files, "
+        "read the same way), with data.hub_name, data.train_split, data.eval_split and the same columns"
+    )
+    hub_name: str | None = Field(None, description="the hub dataset's configuration name, if it has several")
+    train_split: str = Field("train", description="the split trained on (data.hub_path, or a save_to_disk folder of splits)")
+    eval_split: str | None = Field(
+        "validation", description="the split evaluated on (data.hub_path, or a save_to_disk folder of splits); "
+        "null: hold out data.eval_fraction of the train split"
+    )
+    eval_fraction: float = Field(
+        0.1, gt=0, le=0.5, description="the share of the training data held out for validation when no "
+        "validation data is given (a fixed draw, the same for every seed)"
+    )
+    text_columns: list[str] = Field(
+        ["text"], min_length=1, max_length=2, description="the column holding the text, or two for a pair of "
+        "sentences (premise and hypothesis, question and answer)"
+    )
+    label_column: str = Field("label", description="the column holding the label (a class or a number)")
+    label_names: list[str] | None = Field(
+        None, description="the classes, in id order; null: inferred as the sorted distinct values of the "
+        "label column (or the dataset's ClassLabel names) and written to the run folder"
+    )
+    regression: bool | None = Field(
+        None, description="null: regression when the labels are floats, classification otherwise; true: the "
+        "label is a number to predict; false: classes even when they are floats"
+    )
+    metrics: list[str] | None = Field(
+        None, description="the scores, the first one the main metric; null: accuracy, f1 (2 classes; macro_f1 "
+        "for more) and mcc for classes, pearson and spearman for regression"
+    )
+    device_column: str | None = Field(
+        None, description="with federation.partition by_column: the column naming whose data a row is (user, "
+        "site, hospital); each distinct value a device, or grouped into federation.devices devices"
+    )
+    # ------------------------------------------------------------------ how much of it
     max_train_samples: int | None = Field(
         2000, ge=1, description="sized for a laptop CPU: a seeded subsample; null uses the whole training set"
     )
@@ -175,12 +224,52 @@ class DataConfig(_Section):
         512, ge=0, description="training examples scored each round for the train metric and gap"
     )
 
+    @property
+    def own(self) -> bool:
+        """The run trains on the user's own data (files or the hub by path), not a built-in task."""
+        return self.train is not None or self.hub_path is not None
+
     def resolved_source(self, task: str) -> str:
+        if self.own:
+            return "files" if self.train is not None else "hub_path"
         if self.source is not None:
             return self.source
         if task == "rotten_tomatoes":
             return "rotten_tomatoes"
         return "glue_dir" if self.glue_dir is not None else "hub"
+
+    @model_validator(mode="after")
+    def _own_data(self) -> DataConfig:
+        from fedlodrop.data.tasks import METRICS
+
+        if self.train is not None and self.hub_path is not None:
+            raise ValueError("data.train and data.hub_path are two sources: give one")
+        if self.eval is not None and self.train is None:
+            raise ValueError("data.eval needs data.train (with data.hub_path, data.eval_split names the split)")
+        own = {"text_columns": self.text_columns != ["text"], "label_column": self.label_column != "label",
+               "label_names": self.label_names is not None, "regression": self.regression is not None,
+               "metrics": self.metrics is not None, "device_column": self.device_column is not None}
+        if not self.own and any(own.values()):
+            key = next(k for k, v in own.items() if v)
+            raise ValueError(f"data.{key} describes your own data: set data.train (files) or data.hub_path too")
+        if self.own and (self.source is not None or self.glue_dir is not None):
+            raise ValueError("data.source and data.glue_dir are for the built-in tasks; your own data comes from "
+                             "data.train or data.hub_path")
+        columns = [*self.text_columns, self.label_column] + ([self.device_column] if self.device_column else [])
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"data.text_columns, label_column and device_column must name different columns, "
+                             f"got {columns}")
+        if self.label_names is not None:
+            if len(self.label_names) < 2 or len(set(self.label_names)) != len(self.label_names):
+                raise ValueError(f"data.label_names must list at least 2 distinct classes, got {self.label_names}")
+            if self.regression:
+                raise ValueError("data.label_names are classes: not with data.regression true")
+        for name in self.metrics or []:
+            if name not in METRICS:
+                raise ValueError(f"data.metrics: unknown metric {name!r}; known: {', '.join(METRICS)}")
+        if self.metrics is not None and not self.metrics:
+            raise ValueError("data.metrics is empty: name at least one, or null for the defaults")
+        return self
 
 
 class SystemConfig(_Section):
@@ -306,8 +395,13 @@ class RunConfig(_Section):
     def _cross_checks(self) -> RunConfig:
         from fedlodrop.data.tasks import TASKS
 
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; known: {', '.join(sorted(TASKS))}")
+        own = self.data.own
+        if own and self.task in TASKS:
+            raise ValueError(f"task {self.task!r} is a built-in task, and data.{'train' if self.data.train else 'hub_path'} "
+                             "brings your own data: name your task something else (task: my_reviews)")
+        if not own and self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; known: {', '.join(sorted(TASKS))}; or train on your own "
+                             "data with data.train (files) or data.hub_path (docs/data.md)")
         if isinstance(self.dropout.rate, list) and len(self.dropout.rate) != self.federation.devices:
             raise ValueError(
                 f"dropout.rate lists {len(self.dropout.rate)} rates for "
@@ -317,6 +411,9 @@ class RunConfig(_Section):
             raise ValueError("data.source is glue_dir but data.glue_dir is not set")
         if self.data.resolved_source(self.task) == "rotten_tomatoes" and self.task != "rotten_tomatoes":
             raise ValueError(f"data.source rotten_tomatoes holds only task rotten_tomatoes, not {self.task!r}")
+        if (self.federation.partition == "by_column") != (self.data.device_column is not None):
+            raise ValueError("federation.partition by_column and data.device_column go together: the column "
+                             "names whose data each row is")
         f = self.federation
         if f.devices_per_round is not None and f.devices_per_round > f.devices:
             raise ValueError(
@@ -330,8 +427,10 @@ class RunConfig(_Section):
         if (f.time_budget_s or f.energy_budget_j) and self.system.file is None and self.plan is None:
             raise ValueError("federation.time_budget_s and energy_budget_j need a system: set system.file or plan")
         self._check_privacy()
-        if self.federation.partition == "continuous" and self.task != "stsb":
-            raise ValueError("federation.partition continuous is for the real-valued label of stsb")
+        if self.federation.partition == "continuous" and (
+                self.data.regression is False if own else not TASKS[self.task].is_regression):
+            raise ValueError("federation.partition continuous is for a real-valued label (stsb, or your own "
+                             "data with data.regression)")
         return self
 
     def _check_privacy(self) -> None:
@@ -394,9 +493,13 @@ class RunConfig(_Section):
     @classmethod
     def _renamed_keys(cls, data: Any) -> Any:
         """`dropout.mask_mode` became `dropout.variant`; say so instead of 'unknown key'. `system: FILE`
-        is short for `system: {file: FILE}`."""
+        is short for `system: {file: FILE}`. Your own data without a `task` name is task `custom`."""
         if isinstance(data, dict) and isinstance(data.get("system"), (str, Path)):
             data = {**data, "system": {"file": data["system"]}}
+        own = isinstance(data, dict) and isinstance(data.get("data"), dict) and (
+            data["data"].get("train") is not None or data["data"].get("hub_path") is not None)
+        if own and "task" not in data:
+            data = {**data, "task": "custom"}
         if isinstance(data, dict) and isinstance(data.get("dropout"), dict) and "mask_mode" in data["dropout"]:
             raise ValueError(
                 f"dropout.mask_mode {data['dropout']['mask_mode']!r} was replaced by dropout.variant "
@@ -501,11 +604,15 @@ def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
-    """A copy whose paths (data.glue_dir, plan, a local model folder) are absolute from the current
+    """A copy whose paths (data.glue_dir, data.train, data.eval, a local data.hub_path, plan, a local
+    model folder) are absolute from the current
     folder: for processes that run elsewhere (Flower's)."""
     tree = cfg.model_dump(mode="json")
-    if tree["data"]["glue_dir"]:
-        tree["data"]["glue_dir"] = str(Path(tree["data"]["glue_dir"]).expanduser().resolve())
+    for key in ("glue_dir", "train", "eval"):
+        if tree["data"][key]:
+            tree["data"][key] = str(Path(tree["data"][key]).expanduser().resolve())
+    if tree["data"]["hub_path"] and Path(tree["data"]["hub_path"]).expanduser().is_dir():
+        tree["data"]["hub_path"] = str(Path(tree["data"]["hub_path"]).expanduser().resolve())
     if tree["plan"]:
         tree["plan"] = str(Path(tree["plan"]).expanduser().resolve())
     if tree["system"]["file"]:

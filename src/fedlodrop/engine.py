@@ -143,7 +143,7 @@ def run(cfg: RunConfig, out: Path, make_engine: EngineFactory = in_process, cons
     exp = build(cfg)
     _check_first_round_fits(exp)
     round_engine = make_engine(exp)
-    folder.start(cfg, force=force)
+    folder.start(cfg, exp.task, force=force)
     state = ServerState(rounds_done=0, global_state=exp.fm.get_state())
     return train(exp, folder, state, [], round_engine, console, show_progress)
 
@@ -158,7 +158,7 @@ def resume(run_dir: Path, make_engine: EngineFactory = in_process, console=None,
     if folder.finished:
         return folder.summary()
     state = folder.load_checkpoint()
-    exp = build(cfg)
+    exp = build(cfg, task=folder.task())
     round_engine = make_engine(exp)
     exp.fm.set_fold(state.fold, state.rounds_done)
     if not round_engine.keeps_device_state:

@@ -24,7 +24,8 @@ import torch
 
 from fedlodrop.adapter import State
 from fedlodrop.config import RunConfig
-from fedlodrop.data import TASKS, Task
+from fedlodrop.data import Task
+from fedlodrop.data.tasks import task_from_config
 from fedlodrop.errors import UserError
 from fedlodrop.meter import meter_for, shard_sizes
 from fedlodrop.model import FedModel
@@ -68,26 +69,34 @@ class Experiment:
     meter: object | None = None  # meter.Meter: the simulated clock and meter, with a system
 
 
-def build(cfg: RunConfig, *, train_data: bool = True, eval_data: bool = True) -> Experiment:
+def build(cfg: RunConfig, *, train_data: bool = True, eval_data: bool = True, task: Task | None = None) -> Experiment:
     """Data, backbone and rates of `cfg`. `train_data`: the partition into device shards;
-    `eval_data`: the validation split, the train-eval sample and the plan (the server's side)."""
-    from fedlodrop.data import load_splits, partition, tokenize
+    `eval_data`: the validation split, the train-eval sample and the plan (the server's side).
+    `task`: the run's task as its folder keeps it (a finished run's, whose classes its data once
+    decided); by default the config's, or what the data says."""
+    from fedlodrop.data import load_task, partition, tokenize
     from fedlodrop.model import build_model, init_regression_head, load_tokenizer
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    task = TASKS[cfg.task]
     plan, rates = _rates(cfg) if train_data or eval_data else (None, cfg.device_rates())
     spec = _system(cfg, plan) if train_data or eval_data else None
     meter = meter_for(cfg, plan, spec) if spec is not None else None
     train_raw = eval_raw = None
     if train_data or eval_data:
-        train_raw, eval_raw = load_splits(task, cfg.data, cfg.seed)
+        found, train_raw, eval_raw = load_task(cfg)
+        if task is not None and task != found:
+            raise UserError(f"the data no longer gives the run's task: {_task_change(task, found)}")
+        task = found
+    elif task is None:
+        task = task_from_config(cfg)
+        if task is None:
+            raise UserError("the run's classes come from its data: load it from its run folder (task.json)")
     fed = cfg.federation
     shards_raw = []
     if train_data:
         # with a system, an IID split gives each device its share of the system's samples D_k (a
-        # label-skewed split keeps its own sizes; the meter prices the samples trained either way)
+        # label-skewed or natural split keeps its own sizes; the meter prices the samples trained)
         sizes = shard_sizes(spec, len(train_raw)) if spec is not None and fed.partition == "iid" else None
         shards_raw = partition(train_raw, fed.devices, fed.partition, fed.dirichlet_alpha,
                                stream_seed(cfg.seed, "partition"), task.is_regression, sizes)
@@ -101,6 +110,44 @@ def build(cfg: RunConfig, *, train_data: bool = True, eval_data: bool = True) ->
         eval_set = tokenize(eval_raw, tokenizer, task, cfg.train.max_length)
         train_eval_set = _train_eval_sample(cfg, shards, eval_set)
     return Experiment(cfg, task, fm, shards, eval_set, train_eval_set, rates, fm.get_state(), plan, meter)
+
+
+def _task_change(was: Task, now: Task) -> str:
+    for field in ("label_names", "is_regression", "metrics", "text_a", "text_b"):
+        if getattr(was, field) != getattr(now, field):
+            return f"{field} was {getattr(was, field)!r}, the data now gives {getattr(now, field)!r}"
+    return "it changed"
+
+
+@dataclass
+class RunShape:
+    """What a system file must know of a run to price it: each device's training samples (the
+    run's own partition), and what one device sends (adapter values Q, head values, bits)."""
+
+    samples: list[int]
+    adapter_values: int
+    head_values: int
+    backbone_params: int
+    bits_per_value: int
+    rank: int
+    num_labels: int
+    local_epochs: float
+
+
+def run_shape(cfg: RunConfig) -> RunShape:
+    """The partition and the model of `cfg`, measured without training: what `fedlodrop system
+    random --config` writes into a system file, so plans are made for the samples and bytes the
+    run really has."""
+    if cfg.system.file is not None or cfg.plan is not None:
+        raise UserError("system random --config describes a run without a system: drop system.file and plan")
+    exp = build(cfg, eval_data=False)
+    layout, fm = exp.fm.layout, exp.fm
+    trainable = {id(p) for p in fm.trainable()}
+    backbone = sum(p.numel() for p in fm.net.parameters() if id(p) not in trainable)
+    bits = {"float32": 32, "float16": 16, "bfloat16": 16}[cfg.federation.comm_dtype]
+    return RunShape([len(exp.shards.raw[k]) for k in range(len(exp.shards))], layout.adapter_values,
+                    layout.head_values, int(backbone), bits, cfg.lora.r, exp.task.num_labels,
+                    cfg.federation.local_epochs)
 
 
 def _train_eval_sample(cfg: RunConfig, shards: Shards, eval_set):
@@ -187,7 +234,7 @@ def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), device:
     folder = check_finished(run_dir)
     extra = ([f"train.device={device}"] if device else []) + ([f"train.eval_precision={precision}"] if precision else [])
     cfg = folder.config(list(overrides) + extra)
-    exp = build(cfg, train_data=False, eval_data=eval_data)
+    exp = build(cfg, train_data=False, eval_data=eval_data, task=folder.task())
     adapter, fold = folder.load_final(exp.fm.layout)
     rounds = folder.rounds_done()
     exp.fm.set_fold(fold, rounds)

@@ -35,6 +35,11 @@ def _f1(pred: np.ndarray, gold: np.ndarray) -> float:
     return float(f1_score(gold, pred, average="binary", pos_label=1, zero_division=0.0))
 
 
+def _macro_f1(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> float:
+    """The mean F1 over every class (one the model never predicts scores 0 for it)."""
+    return float(f1_score(gold, pred, average="macro", labels=list(range(num_labels)), zero_division=0.0))
+
+
 def _correlation(fn, pred: np.ndarray, gold: np.ndarray) -> float:
     if pred.size < 2 or _is_constant(pred) or _is_constant(gold):
         return 0.0
@@ -61,7 +66,8 @@ def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> 
         pred, gold = pred.astype(np.float64), gold.astype(np.float64)
     else:
         pred, gold = pred.astype(np.int64), gold.astype(np.int64)
-    return {key: _FUNCS[key](pred, gold) for key in task.metrics}
+    return {key: _macro_f1(pred, gold, task.num_labels) if key == "macro_f1" else _FUNCS[key](pred, gold)
+            for key in task.metrics}
 
 
 def generalization_gap(task: Task, train: dict[str, float], evaluation: dict[str, float]) -> float:

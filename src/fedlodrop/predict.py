@@ -1,9 +1,10 @@
 """Predictions of a run's global model for new text in a CSV, TSV or JSONL file.
 
-The file needs the task's text columns as the Hugging Face GLUE datasets name them (`sentence`;
-`sentence1` and `sentence2`; `question` and `sentence`, ...; `text` for rotten_tomatoes). The
-output is CSV: the input's columns, then `prediction` (label index, or the score for regression)
-and, for classification, `prob_<label name>` per label. Texts are tokenised by the same function
+The file needs the task's text columns: for a built-in task as the Hugging Face GLUE datasets
+name them (`sentence`; `sentence1` and `sentence2`; `question` and `sentence`, ...; `text` for
+rotten_tomatoes), for your own data its `data.text_columns`. The output is CSV: the input's
+columns, then `prediction` (label index, or the score for regression) and, for classification,
+`predicted_label` (the class's name) and `prob_<label name>` per label. Texts are tokenised by the same function
 as training (`data.tokenize`), so truncation is the run's `train.max_length`.
 
 Reading: CSV with the usual quoting; TSV as GLUE writes it (tab-separated, no quoting, so a `"` is
@@ -43,7 +44,7 @@ def text_columns(task: Task) -> list[str]:
 def output_columns(task: Task) -> list[str]:
     if task.is_regression:
         return ["prediction"]
-    return ["prediction"] + [f"prob_{name}" for name in task.label_names]
+    return ["prediction", "predicted_label"] + [f"prob_{name}" for name in task.label_names]
 
 
 def read_table(path: Path) -> Table:
@@ -156,7 +157,8 @@ def prediction_columns(task: Task, logits: np.ndarray) -> dict[str, np.ndarray]:
         return {"prediction": logits[:, 0]}
     z = logits - logits.max(axis=1, keepdims=True)
     probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-    cols = {"prediction": logits.argmax(axis=1)}
+    ids = logits.argmax(axis=1)
+    cols = {"prediction": ids, "predicted_label": np.array(task.label_names, dtype=object)[ids]}
     for j, name in enumerate(task.label_names):
         cols[f"prob_{name}"] = probs[:, j]
     return cols
@@ -174,7 +176,7 @@ def write_csv(table: Table, predictions: dict[str, np.ndarray], fh) -> None:
     writer = csv.writer(fh, lineterminator="\n")
     writer.writerow(table.columns + list(predictions))
     for i, row in enumerate(table.rows):
-        added = [p[i].item() for p in predictions.values()]
+        added = [p[i].item() if hasattr(p[i], "item") else p[i] for p in predictions.values()]
         writer.writerow([_cell(row.get(c)) for c in table.columns] + added)
 
 
@@ -193,11 +195,10 @@ def predict_file(
     Everything that can fail on the user's input is checked before the model is loaded, and
     nothing is written unless all rows were predicted.
     """
-    from fedlodrop.data.tasks import TASKS
     from fedlodrop.experiment import check_finished, load_run
     from fedlodrop.logs import progress_bar
 
-    task = TASKS[check_finished(run_dir).config().task]
+    task = check_finished(run_dir).task()
     input_path = Path(input_path)
     table = read_table(input_path)
     texts_a, texts_b = texts(table, task, input_path)

@@ -2,6 +2,8 @@
 
     runs/<name>/
       config.yaml              the resolved configuration
+      task.json                the task trained: columns, classes in id order, metrics (own data's
+                               classes come from the data; evaluate, predict and export read them here)
       metrics.jsonl            one object per round
       checkpoint.json          the last complete round: {"rounds_done": n, "dir": "checkpoints/round-000n"}
       checkpoints/round-000n/  server state after round n: state.safetensors, state.json
@@ -27,12 +29,14 @@ from safetensors.torch import load_file, save_file
 
 from fedlodrop.adapter import AdapterLayout, State, to_base_orientation
 from fedlodrop.config import RunConfig, dump_config, load_config, read_config_tree
+from fedlodrop.data.tasks import Task, task_from_config, task_from_json, task_to_json
 from fedlodrop.errors import UserError
 from fedlodrop.messages import FoldUpdate
 from fedlodrop.records import RoundRecord
 from fedlodrop.server import ServerState
 
 CONFIG, METRICS, POINTER, SUMMARY = "config.yaml", "metrics.jsonl", "checkpoint.json", "summary.json"
+TASK = "task.json"
 ADAPTER, BASE_DELTA = "adapter.safetensors", "base_delta.safetensors"
 
 
@@ -85,12 +89,22 @@ class RunFolder:
                 what = "a finished run" if self.finished else "a run (resume it with --resume)"
                 raise UserError(f"run folder {self.path} already holds {what}; use --force to overwrite it")
 
-    def start(self, cfg: RunConfig, force: bool = False) -> None:
+    def start(self, cfg: RunConfig, task: Task, force: bool = False) -> None:
         if force and self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.path / TASK, json.dumps(task_to_json(task), indent=2))
         _write_atomic(self.path / CONFIG, dump_config(cfg))
         (self.path / METRICS).write_text("")
+
+    def task(self) -> Task:
+        """The task the run trains (a folder from before task.json: its built-in task)."""
+        if (self.path / TASK).is_file():
+            return task_from_json(json.loads((self.path / TASK).read_text()))
+        found = task_from_config(self.config())
+        if found is None:
+            raise UserError(f"{self.path} has no {TASK}: its classes are unknown")
+        return found
 
     # ---------------------------------------------------------------- config and metrics
     def config(self, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

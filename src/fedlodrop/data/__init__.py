@@ -19,11 +19,12 @@ if TYPE_CHECKING:
         restore_order,
         tokenize,
     )
-    from fedlodrop.data.loaders import canonical_features, load_splits, subsample
+    from fedlodrop.data.loaders import canonical_features, load_splits, load_task, subsample
     from fedlodrop.data.partitions import partition
 
 _LAZY = {
     "load_splits": "loaders",
+    "load_task": "loaders",
     "subsample": "loaders",
     "canonical_features": "loaders",
     "partition": "partitions",
@@ -40,6 +41,7 @@ __all__ = [
     "canonical_features",
     "length_order",
     "load_splits",
+    "load_task",
     "make_loader",
     "pad_token_fix",
     "partition",

@@ -1,7 +1,8 @@
 """Load a task's train and eval splits, from any source, into one canonical form.
 
 Canonical columns: `text_a` (str), `text_b` (str, sentence-pair tasks only; single-sentence
-tasks have no such column) and `label` (ClassLabel ids, or float32 for regression).
+tasks have no such column) and `label` (ClassLabel ids, or float32 for regression); own data
+split `by_column` also has `device` (str) in its training split.
 
 Sources (`DataConfig.resolved_source`):
 
@@ -41,7 +42,7 @@ from fedlodrop.errors import UserError
 if TYPE_CHECKING:
     from datasets import Dataset, Features
 
-    from fedlodrop.config import DataConfig
+    from fedlodrop.config import DataConfig, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,27 @@ _RT_LABELS = {"rotten": 0, "fresh": 1}
 csv.field_size_limit(1 << 24)  # MNLI parse-tree columns are long
 
 
+def load_task(cfg: RunConfig) -> tuple[Task, Dataset, Dataset]:
+    """The run's task and its (train, eval) in canonical columns, subsampled as `cfg.data` asks: a
+    built-in task, or the user's own data (`data.train` / `data.hub_path`, fedlodrop.data.files),
+    whose classes the data may decide."""
+    from fedlodrop.data.tasks import TASKS
+
+    if not cfg.data.own:
+        task = TASKS[cfg.task]
+        return (task, *load_splits(task, cfg.data, cfg.seed))
+    from fedlodrop.data.files import load_own
+
+    task, train, evaluation = load_own(cfg)
+    return (
+        task,
+        subsample(train, cfg.data.max_train_samples, cfg.seed),
+        subsample(evaluation, cfg.data.max_eval_samples, EVAL_SUBSAMPLE_SEED),
+    )
+
+
 def load_splits(task: Task, data: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
-    """(train, eval) of `task` in canonical columns, subsampled as `data` asks."""
+    """(train, eval) of a built-in `task` in canonical columns, subsampled as `data` asks."""
     source = data.resolved_source(task.name)
     if source == "hub":
         train, evaluation = _from_hub(task)

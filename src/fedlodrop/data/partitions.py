@@ -7,12 +7,18 @@
 * `continuous`: `ContinuousPartitioner` on a real-valued label (STS-B), with strictness
   `1 / (1 + alpha)`, so the one knob `federation.dirichlet_alpha` sets the heterogeneity of both
   non-IID schemes: alpha -> 0 sorts devices by label, alpha -> inf is IID; 0.5 gives 2/3.
+* `by_column`: the natural split of the user's own data (`data.device_column`: user, site,
+  hospital): `NaturalIdPartitioner`, each distinct value one device; with fewer devices than
+  values, the values are grouped (largest first, each to the device holding the fewest examples,
+  so devices stay about equal), and a device is a group of users as a site is.
 
 Every device gets at least one example; deterministic given the seed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from typing import TYPE_CHECKING
 
@@ -22,7 +28,7 @@ from fedlodrop.errors import UserError
 if TYPE_CHECKING:
     from datasets import Dataset
 
-SCHEMES = ("iid", "dirichlet", "continuous")
+SCHEMES = ("iid", "dirichlet", "continuous", "by_column")
 DIRICHLET_MIN_SIZE = 10  # flwr's default smallest partition, lowered for tiny sets
 
 
@@ -38,8 +44,10 @@ def partition(
             raise UserError(f"device sizes from a system file need federation.partition iid, not {scheme!r}")
         if len(sizes) != devices or sum(sizes) != len(train) or min(sizes) < 1:
             raise ValueError(f"partition sizes {sizes} do not split {len(train)} examples over {devices} devices")
+    if scheme == "by_column" and "device" not in train.column_names:
+        raise UserError("federation.partition by_column needs your own data with data.device_column")
     if devices == 1:
-        return [train]
+        return [train.remove_columns(["device"]) if "device" in train.column_names else train]
     if scheme == "iid" and sizes is not None:
         from flwr_datasets.partitioner import SizePartitioner
 
@@ -48,6 +56,8 @@ def partition(
         return _iid(train, devices, seed)
     if scheme == "dirichlet":
         return _dirichlet(train, devices, alpha, seed)
+    if scheme == "by_column":
+        return _by_column(train, devices)
     return _continuous(train, devices, alpha, seed)
 
 
@@ -110,3 +120,46 @@ def _continuous(train: Dataset, devices: int, alpha: float, seed: int) -> list[D
         return _load_all(partitioner, train, devices)
     except ValueError as err:  # e.g. a constant label
         raise UserError(f"continuous split of the label failed: {err}") from None
+
+
+def device_groups(values: list[str], devices: int) -> dict[str, int]:
+    """Which device each distinct value of the device column goes to: one value each when there
+    are as many devices as values; else largest first, each to the device with the fewest examples
+    so far (ties: the lower device). Values are ordered as numbers when they all are numbers."""
+    from collections import Counter
+
+    counts = Counter(values)
+    if len(counts) < devices:
+        raise UserError(f"data.device_column has {len(counts)} distinct values in the training data but "
+                        f"federation.devices is {devices}: set federation.devices to at most {len(counts)} (each "
+                        f"value a device at {len(counts)})")
+
+    def key(v: str):
+        try:
+            return (0, float(v), v)
+        except ValueError:
+            return (1, 0.0, v)
+
+    distinct = sorted(counts, key=key)
+    if len(distinct) == devices:
+        return {v: k for k, v in enumerate(distinct)}
+    load, out = [0] * devices, {}
+    for v in sorted(distinct, key=lambda v: (-counts[v], key(v))):
+        k = min(range(devices), key=lambda d: (load[d], d))
+        out[v], load[k] = k, load[k] + counts[v]
+    return out
+
+
+def _by_column(train: Dataset, devices: int) -> list[Dataset]:
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    groups = device_groups(train["device"], devices)
+    with quiet_datasets():
+        ds = train.map(lambda row: {"device": groups[row["device"]]}, remove_columns=["device"])
+    partitioner = NaturalIdPartitioner(partition_by="device")
+    partitioner.dataset = ds
+    # its tqdm bar ("Generating partition_id_to_indices") would land in the run's output
+    with quiet_datasets(), contextlib.redirect_stderr(io.StringIO()):
+        # flwr numbers the partitions in the order it meets the ids: find each device's own
+        by_id = {int(p["device"][0]): p for p in (partitioner.load_partition(i) for i in range(devices))}
+        return [by_id[k].remove_columns(["device"]) for k in range(devices)]

@@ -12,6 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# every score a task may ask for, and which labels it needs: classes, exactly two classes (F1 of
+# the class with id 1), or a real number
+METRICS = {"accuracy": "classes", "f1": "two classes", "macro_f1": "classes", "mcc": "classes",
+           "pearson": "regression", "spearman": "regression"}
+
 
 @dataclass(frozen=True)
 class Task:
@@ -98,3 +103,62 @@ TASKS: dict[str, Task] = {
         ),
     )
 }
+
+
+# ---------------------------------------------------------------------------- your own data
+
+
+def default_metrics(num_labels: int, regression: bool) -> tuple[str, ...]:
+    if regression:
+        return ("pearson", "spearman")
+    return ("accuracy", "f1", "mcc") if num_labels == 2 else ("accuracy", "macro_f1", "mcc")
+
+
+def custom_task(name: str, data, label_names: tuple[str, ...] | None, regression: bool) -> Task:
+    """The task of the user's own data (`data`: the run's DataConfig): its columns, classes (None
+    for regression) and metrics. Raises ValueError naming a metric the labels cannot have."""
+    label_names = () if regression else tuple(label_names or ())
+    metrics = tuple(data.metrics) if data.metrics else default_metrics(len(label_names), regression)
+    for metric in metrics:
+        kind = METRICS[metric]
+        fits = regression if kind == "regression" else (not regression and (kind == "classes" or len(label_names) == 2))
+        if not fits:
+            what = "a regression label" if regression else f"{len(label_names)} classes"
+            raise ValueError(f"data.metrics: {metric} needs {kind}, and the task has {what}")
+    texts = list(data.text_columns)
+    return Task(
+        name=name,
+        text_a=texts[0],
+        text_b=texts[1] if len(texts) > 1 else None,
+        num_labels=1 if regression else len(label_names),
+        is_regression=regression,
+        metrics=metrics,
+        main_metric=metrics[0],
+        hub_path=data.hub_path or "",
+        hub_name=data.hub_name,
+        eval_split=data.eval_split or "",
+        glue_folder=None,
+        label_names=label_names,
+    )
+
+
+def task_from_config(cfg) -> Task | None:
+    """The task `cfg` trains when its config alone says it all: a built-in task, or own data whose
+    classes (`data.label_names`) or regression are given; None when they are read from the data."""
+    if not cfg.data.own:
+        return TASKS[cfg.task]
+    if cfg.data.regression:
+        return custom_task(cfg.task, cfg.data, None, True)
+    if cfg.data.label_names:
+        return custom_task(cfg.task, cfg.data, tuple(cfg.data.label_names), False)
+    return None
+
+
+def task_to_json(task: Task) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in task.__dict__.items()}
+
+
+def task_from_json(d: dict) -> Task:
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in Task.__dataclass_fields__}
+    return Task(**fields)
+

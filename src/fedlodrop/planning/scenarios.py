@@ -29,6 +29,7 @@ def random_system(
     latency_s: float | None = None,
     latency_position: float = 0.5,
     payload: PayloadSpec | None = None,
+    samples: list[int] | None = None,
 ) -> SystemSpec:
     """K devices uniform in the cell, Rayleigh fading, samples split by a Dirichlet(4) draw.
 
@@ -38,15 +39,21 @@ def random_system(
     the smallest limit feasible at gamma_max and the one at which the unconstrained optimum
     rate (the same for all devices) fits: the weakest devices then need higher rates. `payload`
     replaces the model's default payload (e.g. the Q, head size and bits a training run really
-    sends), before budgets and limit are placed.
+    sends), before budgets and limit are placed; `samples` gives each device's sample count D_k
+    (a run's own partition) instead of the Dirichlet draw.
     """
     if devices < 1:
         raise UserError(f"--devices must be at least 1 (got {devices})")
     rng = np.random.default_rng(seed)
     radius = CellSpec().radius_m
     dist = np.maximum(radius * np.sqrt(rng.uniform(size=devices)), 20.0)
-    shares = rng.dirichlet(np.full(devices, 4.0))
-    samples = np.maximum(1, np.round(shares * samples_total)).astype(int)
+    shares = rng.dirichlet(np.full(devices, 4.0))  # drawn either way: the same positions and budgets draws
+    if samples is not None:
+        if len(samples) != devices or min(samples) < 1:
+            raise UserError(f"samples {samples} do not give each of {devices} devices at least one")
+        samples = np.asarray(samples, dtype=int)
+    else:
+        samples = np.maximum(1, np.round(shares * samples_total)).astype(int)
     factors = rng.uniform(*energy_range, size=devices)
     devs = [
         DeviceSpec(name=f"dev{k}", samples=int(samples[k]), distance_m=_sig(dist[k]), energy_budget_j=1.0)
