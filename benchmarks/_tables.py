@@ -133,5 +133,9 @@ def plot(rows: list[dict], x: str, series: list[str], panels: list[str], path: P
 
 
 def header(threads: int, jobs: int) -> str:
+    from fedlodrop.model import cpu_amx_path
+
+    amx, why = cpu_amx_path()
     return (f"{jobs} process(es) x {threads} torch thread(s) on {os.cpu_count()} CPU(s) "
-            f"({platform.processor() or platform.machine()}); {time.strftime('%Y-%m-%d %H:%M')}")
+            f"({platform.processor() or platform.machine()}; train.precision auto trains in "
+            f"{'bf16' if amx else 'fp32'}: {why}); {time.strftime('%Y-%m-%d %H:%M')}")

@@ -98,6 +98,9 @@ def _mean_sd(xs):
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+accounts: set[str] = set()  # the accountants the runs' records name
+
+
 def dp_table(pts, results):
     from fedlodrop.runs import RunFolder
 
@@ -107,6 +110,7 @@ def dp_table(pts, results):
         s, rows = folder.summary(), folder.records()
         main = s["main_metric"]
         spent = (s.get("privacy") or {}).get("epsilon")
+        accounts.add((s.get("privacy") or {}).get("accountant") or "")
         groups.setdefault((p.values["task"], p.values["epsilon"], p.values["rate"]), []).append(
             (s["final"][main], spent, s["uplink_bytes_total"] / len(rows), s["downlink_bytes_total"] / len(rows),
              s["wall_s"], main, (s.get("privacy") or {}).get("noise_multiplier"), p.seed))
@@ -176,7 +180,9 @@ def main() -> None:
              f"in this invocation (runs finished earlier are reused); the runs' own wall times sum to "
              f"{run_minutes:.0f} min.", "",
              "Setting: " + " ".join(regime["run"]) + "; DP: " + " ".join(regime["dp"]) + " (target epsilon over the 3 rounds, "
-             "delta 1e-5, Opacus RDP; q = 1). Mean ± sd over seeds; epsilon spent is the run's.", "",
+             f"delta 1e-5, Opacus' {'/'.join(sorted(a for a in accounts if a)) or 'RDP'} accountant, add/remove one "
+             "device; q = 1; noise from the OS's entropy; no score on the devices' data under DP). Mean ± sd over "
+             "seeds; epsilon spent is the run's.", "",
              "| task | epsilon target | rate | final val. (metric) | epsilon spent | sigma | uplink B/round "
              "| downlink B/round | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -373,3 +373,18 @@ def diverging(devices, from_round=0):
         return device_step(fm, task, shard, cfg, known)
 
     return step
+
+
+@pytest.fixture
+def seeded_dp_noise(monkeypatch):
+    """DP's noise and participation draws from a key named by what they are for, instead of the
+    OS's entropy: two engines (in process and on Flower, plain and secure) then draw the same
+    values, so a test can compare them bit for bit. Production never does this (tests only)."""
+    import hashlib
+
+    from fedlodrop import privacy
+
+    def source(purpose: str, *ids: int):
+        return privacy.NoiseSource(hashlib.sha256(repr((purpose, ids)).encode()).digest())
+
+    monkeypatch.setattr(privacy, "noise_source", source)

@@ -36,15 +36,18 @@ class FakeGrid(Grid):
     1, as Flower does); `hidden` nodes are not listed by get_node_ids at all; `refused` nodes' TRAIN messages
     are not taken (push returns no id for them)."""
 
-    def __init__(self, devices: int, run_config: dict, node_ids: list[int] | None = None):
+    def __init__(self, devices: int, run_config: dict, node_ids: list[int] | None = None,
+                 data: list[Path] | None = None):
+        """`data`: each device's own training file, in its node config (`supernode --data`)."""
         from fedlodrop.flower.app import client_app
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, SUPERLINK_NODE, 1
         self.client_app = client_app
         self.node_ids = node_ids or [1000 + 17 * k for k in range(devices)]
+        node_config = [{"partition-id": k, "num-partitions": devices} | ({"data": str(data[k])} if data else {})
+                       for k in range(devices)]
         self.contexts = {
-            n: Context(7, n, {"partition-id": k, "num-partitions": devices}, RecordDict(), dict(run_config))
-            for k, n in enumerate(self.node_ids)
+            n: Context(7, n, node_config[k], RecordDict(), dict(run_config)) for k, n in enumerate(self.node_ids)
         }
         self.offline: set[int] = set()
         self.unavailable: set[int] = set()
@@ -102,7 +105,8 @@ class FakeGrid(Grid):
 # ---------------------------------------------------------------------------- comparing runs
 
 def serve(cfg, out: Path, grid: FakeGrid | None = None, **grid_kw) -> FakeGrid:
-    """Our ServerApp's whole run over an in-process Grid (FakeGrid unless one is given)."""
+    """Our ServerApp's whole run over an in-process Grid (FakeGrid unless one is given; `data=`:
+    each device's own file)."""
     from fedlodrop.flower import app as flower_app
 
     rc = {"config-json": cfg.model_dump_json(), "run-dir": str(out)}
@@ -204,15 +208,18 @@ class Federation:
     ca: Path
     devices: int
     nodes: list
+    data: list[Path] | None = None  # each device's own training file (supernode --data)
 
     def node_cmd(self, device: int) -> list[str]:
-        """`fedlodrop flower supernode` for `device` with its key; a dead node is noticed after
-        2 x HEARTBEAT_S instead of Flower's 2 x 30 s."""
+        """`fedlodrop flower supernode` for `device` with its key (and its own training file, when
+        the federation has them); a dead node is noticed after 2 x HEARTBEAT_S instead of Flower's 2 x 30 s."""
         from fedlodrop.flower import launch
 
+        data = ["--data", self.data[device]] if self.data else []
         return fedlodrop_cmd("flower", "supernode", "--superlink", self.address, "--ca", self.ca,
                              "--key", self.root / "keys" / f"device{device}_key", "--device", device,
-                             "--devices", self.devices, "--port", launch.free_port(), "--heartbeat-s", HEARTBEAT_S)
+                             "--devices", self.devices, "--port", launch.free_port(), "--heartbeat-s", HEARTBEAT_S,
+                             *data)
 
     def run(self, cfg_file: Path, out: Path) -> list[str]:
         return fedlodrop_cmd("flower", "run", "--config", cfg_file, "--superlink", self.address,
@@ -231,10 +238,10 @@ def cli_ok(*args):
 
 
 @contextmanager
-def federation(root: Path, devices: int, spare_keys: int = 0):
+def federation(root: Path, devices: int, spare_keys: int = 0, data: list[Path] | None = None):
     """Certificates and keys made with the CLI (`spare_keys` more, never registered), the
-    SuperLink, the devices' keys registered, their SuperNodes started. On exit every process is
-    stopped by PID and none may be left."""
+    SuperLink, the devices' keys registered, their SuperNodes started (with `data`: each with its
+    own training file). On exit every process is stopped by PID and none may be left."""
     import subprocess
 
     from fedlodrop.flower import launch
@@ -247,7 +254,7 @@ def federation(root: Path, devices: int, spare_keys: int = 0):
         port = launch.free_port()
         link = ws.spawn("superlink", fedlodrop_cmd("flower", "superlink", "--certs", root / "certs",
                                                    "--host", "127.0.0.1", "--port", port))
-        fed = Federation(root, ws, f"127.0.0.1:{port}", root / "certs" / "ca.crt", devices, [])
+        fed = Federation(root, ws, f"127.0.0.1:{port}", root / "certs" / "ca.crt", devices, [], data)
         launch.wait_http(fed.address, fed.ca, timeout=HANG_S, proc=link)
         keys = [root / "keys" / f"device{k}_key.pub" for k in range(devices)]
         reg = subprocess.run(fedlodrop_cmd("flower", "register", "--superlink", fed.address, "--ca", fed.ca, *keys),

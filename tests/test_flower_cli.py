@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 import time
 import tomllib
 
@@ -71,6 +72,25 @@ def test_run_and_the_wrappers_refuse_bad_input(tmp_path, tmpdir_here):
     line = _one_error_line(_invoke("flower", "supernode", "--superlink", "127.0.0.1:1", "--ca", tmp_path / "ca.crt",
                                    "--key", tmp_path / "k", "--device", 0, "--devices", 2, "--heartbeat-s", 5))
     assert "--heartbeat-s 5 is outside [10, 1800]" in line
+    node = ["flower", "supernode", "--superlink", "127.0.0.1:1", "--ca", tmp_path / "ca.crt", "--key", tmp_path / "k",
+            "--device", 0, "--devices", 2]
+    line = _one_error_line(_invoke(*node, "--data", tmp_path / "mine.csv"))
+    assert "--data: no such file or folder" in line and "mine.csv" in line
+    (tmp_path / "mine.csv").write_text("")
+    assert "--data" in (line := _one_error_line(_invoke(*node, "--data", tmp_path / "mine.csv"))) and "is empty" in line
+    # a second SuperNode on this machine without its own --port: one line, not Flower's traceback
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = _one_error_line(_invoke(*node, "--port", port))
+    assert f"--port {port} on 127.0.0.1 is in use" in line and "give each its own --port" in line
+    # a deployment with device-local data has no simulation
+    line = _one_error_line(_invoke("flower", "simulate", "--set", "task=mine", "--set", f"data.eval={tmp_path / 'k'}",
+                                   "--set", "federation.partition=local", "--out", tmp_path / "r"))
+    assert "federation.partition local is for a deployment" in line
     assert not (tmp_path / "r").exists() and list(tmpdir_here.iterdir()) == []
 
 
@@ -83,6 +103,12 @@ def test_the_supernode_heartbeat_is_the_one_asked_for(monkeypatch):
     from fedlodrop.flower import supernode
 
     cmd = launch.supernode_command("127.0.0.1:1", 0, 2, 9, None, None, heartbeat_s=12)
+    from flwr.common.config import parse_config_args
+
+    for path in ('/data/my "own" file.csv', "/data/it's mine.csv", "C:\\data\\mine.csv"):
+        with_data = launch.supernode_command("127.0.0.1:1", 0, 2, 9, None, None, data=Path(path))
+        config = parse_config_args([with_data[with_data.index("--node-config") + 1]])
+        assert config == {"partition-id": 0, "num-partitions": 2, "data": path}
     assert cmd[:4] == [sys.executable, "-m", "fedlodrop.flower.supernode", "12.0"] and "--superlink" in cmd
     assert launch.supernode_command("127.0.0.1:1", 0, 2, 9, None, None)[0].endswith("flower-supernode")
     for module in (sender, connection):

@@ -1,6 +1,8 @@
 """Deployment on loopback with the `fedlodrop flower` wrappers: certificates and keys made here, a
 SuperLink with TLS and SuperNode authentication, two registered SuperNodes (partition-id 0 and
-1), runs submitted with `fedlodrop flower run`. The result equals `fedlodrop run` bit for bit; a
+1) each with its own training file (`--data`), runs submitted with `fedlodrop flower run`. With
+`federation.partition: local` the devices train on their files and the server, which has none of
+them, learns; the result equals `fedlodrop run`'s by_column split of the union bit for bit; a
 SuperNode killed mid-round is left out; with too few devices the run fails with one line.
 
 The tests share one SuperLink and its SuperNodes; the fault test kills a SuperNode, so it comes
@@ -35,9 +37,39 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower-deploy")]
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory):
-    """Devices 0 and 1 registered with their SuperNodes; device2_key exists but is never registered."""
-    with start_federation(tmp_path_factory.mktemp("deploy"), devices=2, spare_keys=1) as fed:
+def site_data(tmp_path_factory):
+    """The polarity sentences of conftest.write_sst2 as two sites' files, their union with a site
+    column, and a validation file that only the server gets."""
+    import csv
+
+    from conftest import write_sst2
+
+    glue = write_sst2(tmp_path_factory.mktemp("sites-glue"))
+    root = tmp_path_factory.mktemp("sites")
+
+    def rows(name):
+        return [line.rsplit("\t", 1) for line in (glue / "SST-2" / name).read_text().splitlines()[1:]]
+
+    def write(path, table, header):
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            writer.writerows(table)
+        return path
+
+    train = [(text.strip(), label, "north" if i % 3 else "south") for i, (text, label) in enumerate(rows("train.tsv"))]
+    files = [write(root / f"{site}.csv", [r[:2] for r in train if r[2] == site], ("text", "label"))
+             for site in ("north", "south")]
+    return {"union": write(root / "union.csv", train, ("text", "label", "site")), "devices": files,
+            "eval": write(root / "server-eval.csv", [(t.strip(), lab) for t, lab in rows("dev.tsv")], ("text", "label"))}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, site_data):
+    """Devices 0 and 1 registered with their SuperNodes, each given its own file (`--data`: only
+    runs with federation.partition local read it); device2_key exists but is never registered."""
+    with start_federation(tmp_path_factory.mktemp("deploy"), devices=2, spare_keys=1,
+                          data=site_data["devices"]) as fed:
         yield fed
 
 
@@ -49,16 +81,46 @@ def _cfg(model, glue, **over):
     return learning_cfg(model, glue, **(base | over))
 
 
-def test_deployment_with_tls_and_supernode_auth_equals_fedlodrop_run(federation, tiny_bert, polarity_dir, tmp_path):
-    cfg_file = write_config(_cfg(tiny_bert, polarity_dir), tmp_path / "cfg.yaml")
-    cli_ok("run", "--quiet", "--config", cfg_file, "--out", tmp_path / "inproc")
-    res = subprocess.run(federation.run(cfg_file, tmp_path / "flower"), env=federation.ws.env,
+def test_devices_with_their_own_files_learn_with_a_server_that_has_none(federation, tiny_bloom, site_data,
+                                                                         tmp_path):
+    """Each SuperNode trains on its own file; the ServerApp's config names only the validation
+    file. The run learns (tiny BLOOM, the decoders' recipe), equals `fedlodrop run` on the union
+    split by_column bit for bit, and its bytes are the messages'."""
+    from test_decoders import DECODER
+
+    common = {"task": "polarity", "model": tiny_bloom, "seed": 3, "lora.r": 4, "train.threads": 1,
+              "train.max_length": 32, "federation.devices": 2, "federation.rounds": 2,
+              "flower.round_timeout_s": LIVE_DEVICE_S, "flower.discovery_timeout_s": LIVE_DEVICE_S,
+              "flower.poll_interval_s": 0.1, "data.eval": str(site_data["eval"]), "data.train_eval_samples": 0,
+              **DECODER}
+    union = {"data.train": str(site_data["union"]), "data.device_column": "site", "federation.partition": "by_column"}
+    inproc = write_config(_tree(common | union), tmp_path / "inproc.yaml")
+    local = write_config(_tree(common | {"federation.partition": "local"}), tmp_path / "local.yaml")
+    assert all(str(f) not in local.read_text() for f in site_data["devices"])
+    cli_ok("run", "--quiet", "--config", inproc, "--out", tmp_path / "inproc")
+    res = subprocess.run(federation.run(local, tmp_path / "flower"), env=federation.ws.env,
                          capture_output=True, text=True, timeout=HANG_S, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     assert_same_run(tmp_path / "inproc", tmp_path / "flower")
+    summary = RunFolder(tmp_path / "flower").summary()
+    assert summary["final"]["accuracy"] >= 0.75 and summary["devices_never_used"] == {}
     rows = metrics(tmp_path / "flower")
     assert all(r.flower["uplink_count_bytes"] > r.uplink_bytes > 0 for r in rows)
     assert "submitted run" in res.stderr and "final accuracy" in res.stdout
+    assert "each device's own choice" in res.stderr  # precision: decided on the devices
+
+
+def _tree(flat: dict):
+    from fedlodrop.config import validate
+
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return validate(tree)
 
 
 def test_only_registered_supernodes_may_join(federation):

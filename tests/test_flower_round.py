@@ -66,9 +66,10 @@ def test_ffa_equals_in_process(tiny_bert, polarity_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,aggregation", [("central", "masked"), ("local", "fedex")])
-def test_differential_privacy_equals_in_process(tiny_bert, polarity_dir, tmp_path, mode, aggregation):
-    """The noise comes from the seed's streams (the server's for the sum, each device's for its
-    own update), so both engines train the same noised model and report the same epsilon."""
+def test_differential_privacy_equals_in_process(tiny_bert, polarity_dir, tmp_path, mode, aggregation, seeded_dp_noise):
+    """With the same noise draws (production takes them from the OS's entropy; here from a key
+    per draw), both engines train the same noised model, draw the same participants and report the
+    same epsilon: the noise and the sampling happen in the same places on both."""
     cfg = _cfg(tiny_bert, polarity_dir, **{"federation.rounds": 2, "federation.devices_per_round": 2,
                                           "federation.aggregation": aggregation, "federation.weighting": "uniform",
                                           "privacy.dp": True, "privacy.mode": mode, "privacy.clip_norm": 0.05,

@@ -415,3 +415,57 @@ def test_system_random_from_a_run_prices_its_own_partition_and_payload(tiny_bert
                           (["--devices", "5"], "--devices 5 but the run's federation.devices is 3")):
         bad = CliRunner().invoke(app, args + extra)
         assert bad.exit_code == 2 and needle in bad.stderr, bad.output
+
+
+# ---------------------------------------------------------------------------- device-local data
+
+
+def _site_files(tmp_path, rows):
+    """The union file with a site column, and each site's own file without it (same row order)."""
+    union = write_csv(tmp_path / "all.csv", rows)
+    sites = sorted({r[2] for r in rows})
+    files = [write_csv(tmp_path / f"{s}.csv", [r[:2] for r in rows if r[2] == s], header=("message", "team"))
+             for s in sites]
+    return union, files
+
+
+def test_devices_with_their_own_files_train_as_by_column_does(tiny_bert, tmp_path, fresh_client_cache):
+    """federation.partition local over Flower (in process): each device reads only its own file,
+    the server only the validation file and never a device's; the run is `fedlodrop run`'s by_column
+    split of the union, bit for bit. A device whose file lacks a column is left out with the reason,
+    in every round, and the run's last line says so."""
+    from flower_helpers import assert_same_run, serve
+
+    from fedlodrop import engine
+    from fedlodrop.cli_common import print_summary
+    from fedlodrop.runs import RunFolder
+
+    rows = [(t, lab, site) for t, lab, site in ROWS] * 3
+    union, files = _site_files(tmp_path, rows)
+    dev = write_csv(tmp_path / "dev.csv", [r[:2] for r in ROWS], header=("message", "team"))
+    common = {"task": "tickets", "model": tiny_bert, "seed": 2, "lora": {"r": 4},
+              "train": {"max_length": 32, "threads": 1},
+              "flower": {"discovery_timeout_s": 1.0, "round_timeout_s": 1.0, "poll_interval_s": 0.01}}
+    data = {"text_columns": ["message"], "label_column": "team", "eval": str(dev), "train_eval_samples": 0}
+    inproc = validate(common | {"federation": {"devices": 3, "rounds": 2, "partition": "by_column"},
+                                "data": data | {"train": str(union), "device_column": "site"}})
+    local = validate(common | {"federation": {"devices": 3, "rounds": 2, "partition": "local"}, "data": data})
+    engine.run(inproc, tmp_path / "inproc", show_progress=False)
+    serve(local, tmp_path / "flower", data=files)
+    assert_same_run(tmp_path / "inproc", tmp_path / "flower")
+    config = (tmp_path / "flower" / "config.yaml").read_text()
+    assert all(str(f) not in config and f.name not in config for f in files)  # the server never names them
+    with pytest.raises(UserError, match="federation.partition local is for a Flower deployment"):
+        engine.run(local, tmp_path / "nowhere", show_progress=False)
+
+    (tmp_path / "bad.csv").write_text("text,team\nhello,billing\n")
+    serve(local, tmp_path / "bad", data=[files[0], tmp_path / "bad.csv", files[2]])
+    summary = RunFolder(tmp_path / "bad").summary()
+    assert list(summary["devices_never_used"]) == ["1"]
+    assert "bad.csv has no column 'message'" in summary["devices_never_used"]["1"]
+    assert all(r.device(1).status == "left out" for r in read_metrics(tmp_path / "bad"))
+    from fedlodrop.cli_common import err_console
+
+    with err_console.capture() as captured:
+        print_summary(summary, tmp_path / "bad")
+    assert "warning: device 1 took part in no round of 2" in captured.get()

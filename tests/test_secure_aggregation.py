@@ -39,7 +39,7 @@ DP = {"privacy.dp": True, "privacy.noise_multiplier": 0.5, "privacy.clip_norm": 
 @pytest.mark.parametrize("aggregation,variant,extra", [("masked", "subadapter", {}), ("fedit", "reset", {}),
                                                        ("ffa", "update", {}), ("masked", "update", DP)])
 def test_secure_sum_gives_the_plain_model_within_the_quantisation_bound(tiny_bert, polarity_dir, tmp_path,
-                                                                        aggregation, variant, extra):
+                                                                        aggregation, variant, extra, seeded_dp_noise):
     """One round with SecAgg+ against the same round in the clear: every adapter value within the
     bound the quantisation allows (n x 2c / T on the sum, divided by the devices the rule averages
     over), and the server's messages carried no device's update in a readable form. With central

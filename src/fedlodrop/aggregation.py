@@ -99,11 +99,15 @@ class AggregationRule:
 
     def aggregate(
         self, layout: AdapterLayout, global_state: State, updates: list[DeviceUpdate], weights: torch.Tensor,
-        noise: State | None = None,
+        noise: State | None = None, totals: State | None = None,
     ) -> tuple[State, dict[str, Residual]]:
         """New global state and, for a folding rule, each module's residual for its base weight.
-        `noise` (central DP, a `from_sums` rule) is added to the weighted sum of the changes before
-        anything is computed from it."""
+
+        Central DP (a `from_sums` rule) gives `noise`, added to the sum of the changes, and
+        `totals` (`fixed_totals`): each value then moves by (sum_k kept_k change_k + noise) /
+        total, a division by public numbers that do not depend on who took part (`weights` unused)."""
+        if totals is not None:
+            return self._from_noised_sum(layout, global_state, updates, noise or {}, totals), {}
         new: State = {}
         residuals: dict[str, Residual] = {}
         noise = noise or {}
@@ -122,6 +126,36 @@ class AggregationRule:
             change = sum(w * (u.end[key] - u.start[key]) for w, u in zip(weights, updates))
             new[key] = global_state[key] + change + noise.get(key, 0.0)
         return new, residuals
+
+    def fixed_totals(self, layout: AdapterLayout, sent: list[State], q: float) -> State:
+        """What central DP divides each value's noised sum by: the expected number of devices that
+        send it, from every device of the federation (`sent`: each one's sent-values mask this
+        round, drawn from the seed) at participation rate q. `fedit` averages over all devices
+        (q N), `masked` over those whose masks keep the value (q times their count); the head over
+        all. Public, and the same whoever took part: the released model then moves by at most
+        C / total when one device is added or removed."""
+        n = float(len(sent))
+        out: State = {}
+        for key in sent[0]:
+            if key in layout.head_keys or self.factor_rule == "fedit":
+                out[key] = torch.full_like(sent[0][key], q * n) * (sum(s[key] for s in sent) > 0)
+            else:
+                out[key] = q * sum(s[key] for s in sent)
+        return out
+
+    def _from_noised_sum(self, layout: AdapterLayout, prev: State, updates: list[DeviceUpdate], noise: State,
+                         totals: State) -> State:
+        new: State = {}
+        for key in [k for m in layout.modules for k in (m.key_a, m.key_b)] + layout.head_keys:
+            if key.endswith(".lora_A") and not self.trains_a:
+                new[key] = prev[key].clone()  # never sent (FFA's A)
+                continue
+            summed = noise.get(key, torch.zeros_like(prev[key])).clone()
+            for u in updates:
+                summed += (u.end[key] - prev[key]) * _sent(u, key, layout)
+            total = totals[key]
+            new[key] = prev[key] + torch.where(total > 0, summed / total.clamp_min(1e-12), torch.zeros_like(summed))
+        return new
 
 
 RULES: dict[str, type[AggregationRule]] = {}
@@ -196,6 +230,15 @@ def _move(
     summed = (wk * change).sum(0) if noise is None else (wk * change).sum(0) + noise
     mean = summed / total.clamp_min(torch.finfo(change.dtype).tiny)
     return prev[key] + torch.where(total > 0, mean, torch.zeros_like(mean))
+
+
+def _sent(u: DeviceUpdate, key: str, layout: AdapterLayout) -> torch.Tensor:
+    """1 where update `u` trained (and sent) the values of `key`."""
+    if key in layout.head_keys:
+        return torch.ones(())
+    name, part = key.rsplit(".", 1)
+    mask = u.trained[name]
+    return mask.a_cols[None, :].float() if part == "lora_A" else mask.b_rows[:, None].float()
 
 
 def _residual(

@@ -42,7 +42,7 @@ def run(
 ) -> None:
     """Fine-tune across simulated devices; with no arguments, the offline default (MiniLM, Rotten Tomatoes)."""
     from fedlodrop.config import load_config
-    from fedlodrop.engine import IN_PROCESS_SECAGG
+    from fedlodrop.engine import IN_PROCESS_LOCAL, IN_PROCESS_SECAGG
     from fedlodrop.engine import resume as resume_engine
     from fedlodrop.engine import run as run_engine
     from fedlodrop.runs import default_run_dir
@@ -59,6 +59,8 @@ def run(
         out = out or default_run_dir(cfg)
         if cfg.privacy.secure_aggregation:
             raise UserError(IN_PROCESS_SECAGG)
+        if cfg.federation.partition == "local":
+            raise UserError(IN_PROCESS_LOCAL)
         announce("fedlodrop run", cfg, out)
         summary = run_engine(cfg, out, console=err_console, show_progress=not quiet, force=force)
     print_summary(summary, out)

@@ -66,10 +66,15 @@ def announce(command: str, cfg, out, devices_here: bool = True) -> None:
 
 
 def print_summary(summary: dict, out) -> None:
-    """The last line of a run (in-process or on Flower): final and best metric, bytes, time."""
+    """The last line of a run (in-process or on Flower): final and best metric, bytes, time; and a
+    warning for every device whose update no round could use."""
     main = summary["main_metric"]
     dp = summary.get("privacy")
-    spent = f"; ({dp['epsilon']:.3g}, {dp['delta']:.2g})-DP per device ({dp['mode']})" if dp else ""
+    spent = ""
+    if dp:
+        from fedlodrop.records import PrivacySpent
+
+        spent = f"; {PrivacySpent.from_json(dp)}"
     ran = summary.get("precision")
     precision = ""
     if ran:
@@ -81,3 +86,6 @@ def print_summary(summary: dict, out) -> None:
         f"{summary['downlink_bytes_total'] / 1e6:.2f} MB down{spent}; {summary['wall_s']:.0f} s; run folder {out}",
         highlight=False,
     )
+    for device, reason in summary.get("devices_never_used", {}).items():
+        err_console.print(f"warning: device {device} took part in no round of {summary['rounds']} ({reason})",
+                          highlight=False, soft_wrap=True)

@@ -89,6 +89,9 @@ def simulate(
     else:
         cfg = _load(config, set_ or [], absolute_paths=True)
         out = _run_folder(cfg, out, force, "flower")
+    if cfg.federation.partition == "local":
+        raise UserError("federation.partition local is for a deployment (fedlodrop flower run), where each "
+                        "SuperNode reads its own file; a simulation splits one file: use by_column")
     fl = cfg.flower
     federation = {
         "num-supernodes": cfg.federation.devices,
@@ -384,9 +387,15 @@ def supernode(
         typer.Option(help="heartbeat interval in seconds, 10 to 1800; the SuperLink gives up on this device after "
                      "2 missed intervals (default: Flower's 30)"),
     ] = None,
+    data: Annotated[
+        Optional[Path],
+        typer.Option(help="this device's own training file (CSV, TSV, JSONL, JSON, Parquet or a save_to_disk "
+                     "folder) for runs with federation.partition local; it never leaves this machine"),
+    ] = None,
 ) -> None:
-    """flower-supernode for device K (runs in the foreground). Its ClientApp builds the model and
-    its data shard from the run's config, so the model and data must be readable here."""
+    """flower-supernode for device K (runs in the foreground). Its ClientApp builds the model from
+    the run's config and trains on this device's own file (--data, federation.partition local) or
+    on its shard of the run's data, so the model (and that data) must be readable here."""
     from fedlodrop.flower import launch
 
     _need_file(ca, "--ca")
@@ -396,8 +405,14 @@ def supernode(
     low, high = HEARTBEAT_RANGE_S
     if heartbeat_s is not None and not low <= heartbeat_s <= high:
         raise UserError(f"--heartbeat-s {heartbeat_s:g} is outside [{low:g}, {high:g}], what the SuperLink accepts")
+    if data is not None:
+        from fedlodrop.data.files import read_table
+
+        read_table(data, "--data", "train")  # one line now for a missing or unreadable file, not at the first round
+        data = data.expanduser().resolve()
+    launch.check_port_free(host, port)
     _exec(launch.supernode_command(superlink, device, devices, port, ca.resolve(), key.resolve(), host, max_retries,
-                                   heartbeat_s))
+                                   heartbeat_s, data))
 
 
 def _exec(cmd: list[str]) -> None:

@@ -72,11 +72,11 @@ def secure_step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: St
     reply, start, trained, trains_a = _step(fm, task, shard, cfg, known)
     end = merge_trained(start, reply.upload, fm.layout, trained)  # what the server would rebuild
     vector = secagg.device_vector(start, end, fm.layout, trained, trains_a)
-    if not np.isfinite(vector).all() or not math.isfinite(reply.train_loss):
+    if not np.isfinite(vector).all() or (reply.train_loss is not None and not math.isfinite(reply.train_loss)):
         raise RuntimeError("non-finite update or training loss: not added to the secure sum")
     c = cfg.privacy.secagg_clip_range
-    if np.abs(vector).max(initial=0.0) > c:
-        raise RuntimeError(f"an update value of {np.abs(vector).max():.4g} exceeds privacy.secagg_clip_range {c:g}")
+    if np.abs(vector).max(initial=0.0) > c:  # the value itself stays on the device: the error travels in the clear
+        raise RuntimeError(f"an update value exceeds privacy.secagg_clip_range {c:g}: not added to the secure sum")
     return reply, vector
 
 
@@ -112,13 +112,16 @@ def _step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: State):
         train_a=rule.trains_a,
     )
     end = result.state
-    if cfg.privacy.dp:  # clip (and under local DP noise) the update before it leaves
-        end = privacy.privatize_device(start, end, layout, trained, rule.trains_a, cfg, task.round, task.device)
+    mech = privacy.mechanism(cfg)
+    if mech is not None:  # clip (and under local DP noise) the update before it leaves
+        end = privacy.privatize_device(start, end, layout, trained, rule.trains_a, mech, task.round, task.device)
     upload = encode_adapter(end, layout, trained, rule, COMM_DTYPES[cfg.federation.comm_dtype])
     reply = DeviceReply(
         task.device, task.round, upload, len(shard), result.loss, result.steps, result.seconds,
         result.lr_first, result.lr_last, precision=fm.train_precision,
     )
+    if mech is not None:  # under DP a device sends its update and nothing else
+        reply = reply.private()
     return reply, start, trained, rule.trains_a
 
 

@@ -47,9 +47,11 @@ class FederationConfig(_Section):
         "masked", description="how fedex and ffa average the factors before folding the rest"
     )
     weighting: Literal["samples", "uniform"] = "samples"
-    partition: Literal["iid", "dirichlet", "continuous", "by_column"] = Field(
+    partition: Literal["iid", "dirichlet", "continuous", "by_column", "local"] = Field(
         "iid", description="how training data is split: iid, dirichlet label skew, continuous (a real-valued "
-        "label), by_column (your own data's data.device_column: each value a device, as real federations are)"
+        "label), by_column (your own data's data.device_column: each value a device, as real federations are); "
+        "local: no split, each device of a Flower deployment reads its own file (`fedlodrop flower supernode "
+        "--data FILE`) and the server only data.eval"
     )
     dirichlet_alpha: float = Field(0.5, gt=0)
     comm_dtype: Literal["float32", "float16", "bfloat16"] = Field(
@@ -226,8 +228,9 @@ class DataConfig(_Section):
 
     @property
     def own(self) -> bool:
-        """The run trains on the user's own data (files or the hub by path), not a built-in task."""
-        return self.train is not None or self.hub_path is not None
+        """The run trains on the user's own data (files or the hub by path; in a deployment with
+        device-local data the server has only data.eval), not a built-in task."""
+        return self.train is not None or self.hub_path is not None or self.eval is not None
 
     def resolved_source(self, task: str) -> str:
         if self.own:
@@ -244,8 +247,9 @@ class DataConfig(_Section):
 
         if self.train is not None and self.hub_path is not None:
             raise ValueError("data.train and data.hub_path are two sources: give one")
-        if self.eval is not None and self.train is None:
-            raise ValueError("data.eval needs data.train (with data.hub_path, data.eval_split names the split)")
+        if self.eval is not None and self.hub_path is not None:
+            raise ValueError("data.eval and data.hub_path are two sources: with data.hub_path, data.eval_split names "
+                             "the validation split")
         own = {"text_columns": self.text_columns != ["text"], "label_column": self.label_column != "label",
                "label_names": self.label_names is not None, "regression": self.regression is not None,
                "metrics": self.metrics is not None, "device_column": self.device_column is not None}
@@ -297,13 +301,16 @@ class LogConfig(_Section):
 
 class PrivacyConfig(_Section):
     dp: bool = Field(
-        False, description="client-level differential privacy: each device clips its update (the trained slices "
-        "it sends, head included) to clip_norm and Gaussian noise is added (docs/privacy.md)"
+        False, description="client-level differential privacy against adding or removing one device: each "
+        "device clips its update (the trained slices it sends, head included) to clip_norm, Gaussian noise from "
+        "the OS's entropy is added, and devices report nothing else (docs/privacy.md)"
     )
     mode: Literal["central", "local"] = Field(
-        "central", description="central: the server adds the noise to the sum of the clipped updates (it sees "
-        "clipped updates, publishes only the noised sum; not for fedex); local: each device noises its own "
-        "update before it leaves (more noise, no trust in the server)"
+        "central", description="central: the server adds the noise to the sum of the clipped updates and "
+        "divides by fixed public totals (it sees clipped updates, publishes only the noised aggregate; with "
+        "federation.devices_per_round each device joins a round with probability q = devices_per_round / "
+        "devices; not for fedex or the reset variant); local: each device noises its own update before it "
+        "leaves (more noise, no trust in the server)"
     )
     clip_norm: float = Field(1.0, gt=0, description="C: the L2 norm a device's update is clipped to")
     noise_multiplier: float | None = Field(
@@ -317,8 +324,9 @@ class PrivacyConfig(_Section):
     delta: float | None = Field(
         None, gt=0, lt=1, description="the delta of (epsilon, delta)-DP; null: min(1e-5, 0.1 / federation.devices)"
     )
-    accountant: Literal["rdp", "prv"] = Field(
-        "rdp", description="Opacus' accountant: rdp (Renyi DP, the usual one) or prv (privacy random variables, tighter)"
+    accountant: Literal["prv", "rdp"] = Field(
+        "prv", description="Opacus' accountant: prv (privacy random variables, the tightest: within 0.2 % of "
+        "dp-accounting's PLD here) or rdp (Renyi DP, looser)"
     )
     secure_aggregation: bool = Field(
         False, description="Flower only: Flower's SecAgg+ sums the devices' updates so the server learns only "
@@ -397,8 +405,9 @@ class RunConfig(_Section):
 
         own = self.data.own
         if own and self.task in TASKS:
-            raise ValueError(f"task {self.task!r} is a built-in task, and data.{'train' if self.data.train else 'hub_path'} "
-                             "brings your own data: name your task something else (task: my_reviews)")
+            key = "train" if self.data.train else "hub_path" if self.data.hub_path else "eval"
+            raise ValueError(f"task {self.task!r} is a built-in task, and data.{key} brings your own data: name "
+                             "your task something else (task: my_reviews)")
         if not own and self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; known: {', '.join(sorted(TASKS))}; or train on your own "
                              "data with data.train (files) or data.hub_path (docs/data.md)")
@@ -411,6 +420,12 @@ class RunConfig(_Section):
             raise ValueError("data.source is glue_dir but data.glue_dir is not set")
         if self.data.resolved_source(self.task) == "rotten_tomatoes" and self.task != "rotten_tomatoes":
             raise ValueError(f"data.source rotten_tomatoes holds only task rotten_tomatoes, not {self.task!r}")
+        if self.federation.partition == "local" and (self.data.train is not None or not own):
+            raise ValueError("federation.partition local: each device reads its own file and the server only its "
+                             "validation data; give data.eval (and the columns), not data.train")
+        if self.data.eval is not None and self.data.train is None and self.federation.partition != "local":
+            raise ValueError("data.eval needs data.train (or federation.partition local, where each device "
+                             "brings its own training file)")
         if (self.federation.partition == "by_column") != (self.data.device_column is not None):
             raise ValueError("federation.partition by_column and data.device_column go together: the column "
                              "names whose data each row is")
@@ -455,6 +470,12 @@ class RunConfig(_Section):
                 f"privacy.mode central cannot protect federation.aggregation {rule!r}: its aggregate needs each "
                 f"device's own update, not only their noised sum; use privacy.mode local, or one of: {sums}"
             )
+        if p.mode == "central" and self.dropout.variant == "reset":
+            raise ValueError(
+                "privacy.mode central cannot protect dropout.variant 'reset': each device restarts its dropped "
+                "slices from zero, which moves the sum by more than the clipped update and shows who took part; "
+                "use dropout.variant update or subadapter, or privacy.mode local"
+            )
 
     def _check_secure_aggregation(self) -> None:
         from fedlodrop.aggregation import RULES
@@ -496,8 +517,8 @@ class RunConfig(_Section):
         is short for `system: {file: FILE}`. Your own data without a `task` name is task `custom`."""
         if isinstance(data, dict) and isinstance(data.get("system"), (str, Path)):
             data = {**data, "system": {"file": data["system"]}}
-        own = isinstance(data, dict) and isinstance(data.get("data"), dict) and (
-            data["data"].get("train") is not None or data["data"].get("hub_path") is not None)
+        own = isinstance(data, dict) and isinstance(data.get("data"), dict) and any(
+            data["data"].get(k) is not None for k in ("train", "hub_path", "eval"))
         if own and "task" not in data:
             data = {**data, "task": "custom"}
         if isinstance(data, dict) and isinstance(data.get("dropout"), dict) and "mask_mode" in data["dropout"]:

@@ -47,11 +47,17 @@ IN_PROCESS_SECAGG = ("privacy.secure_aggregation runs on Flower (fedlodrop flowe
                      "process there is nobody to hide the updates from")
 
 
+IN_PROCESS_LOCAL = ("federation.partition local is for a Flower deployment, where each SuperNode reads its own "
+                    "file (fedlodrop flower supernode --data FILE); in one process split one file with by_column")
+
+
 def in_process(exp: Experiment) -> RoundEngine:
     from fedlodrop.inprocess import InProcessEngine
 
     if exp.cfg.privacy.secure_aggregation:
         raise UserError(IN_PROCESS_SECAGG)
+    if exp.cfg.federation.partition == "local":
+        raise UserError(IN_PROCESS_LOCAL)
     return InProcessEngine()
 
 
@@ -75,7 +81,7 @@ def close_round(exp: Experiment, server: Server, tasks: list[DeviceTask], replie
     record.eval, record.eval_loss = evaluate(exp, exp.eval_set, server.state.global_state, round_)
     record.train, _ = evaluate(exp, exp.train_eval_set, server.state.global_state, round_)
     eval_s = time.perf_counter() - t0
-    train_s = sum(r.train_s for r in replies)
+    train_s = sum(r.train_s or 0.0 for r in replies)
     wall_s = time.perf_counter() - t_round
     record.wall_s = round(wall_s, 3)
     record.timing = Timing(
@@ -95,8 +101,10 @@ def predicted_cost(exp: Experiment, server: Server, round_: int) -> tuple[float,
     bytes and samples are known before it runs, so this is what the round will cost."""
     meter, latency, energy = exp.meter, 0.0, 0.0
     for task in server.configure(round_):
-        cost = meter.price(task.device, task.rate, len(exp.shards[task.device]), server.upload_bytes(task),
-                           task.nbytes)
+        samples = exp.shards.samples(task.device)
+        if samples is None or exp.cfg.privacy.dp:  # not on this machine, or not reported: the system's D_k
+            samples = meter.planned_samples(task.device)
+        cost = meter.price(task.device, task.rate, samples, server.upload_bytes(task), task.nbytes)
         latency, energy = max(latency, cost.latency_s), energy + cost.energy_j
     if meter.enforce == "drop":
         latency = min(latency, meter.latency_limit_s)

@@ -36,7 +36,8 @@ PRECISIONS = ("fp32", "bf16", "auto")
 
 class Shards(Sequence):
     """Each device's training data, tokenised when first asked for (a device process tokenises
-    only its own)."""
+    only its own). An entry is None where this process does not hold that device's data (a
+    deployment's server, or another device, with `federation.partition: local`)."""
 
     def __init__(self, raw: list, tokenizer, task: Task, max_length: int):
         self.raw, self.tokenizer, self.task, self.max_length = raw, tokenizer, task, max_length
@@ -48,9 +49,15 @@ class Shards(Sequence):
     def __getitem__(self, device: int):
         from fedlodrop.data import tokenize
 
+        if self.raw[device] is None:
+            raise RuntimeError(f"device {device}'s data is not in this process")
         if device not in self._done:
             self._done[device] = tokenize(self.raw[device], self.tokenizer, self.task, self.max_length)
         return self._done[device]
+
+    def samples(self, device: int) -> int | None:
+        """How many examples device `device` trains on, or None where this process cannot know."""
+        return None if not self.raw or self.raw[device] is None else len(self.raw[device])
 
 
 @dataclass
@@ -69,11 +76,14 @@ class Experiment:
     meter: object | None = None  # meter.Meter: the simulated clock and meter, with a system
 
 
-def build(cfg: RunConfig, *, train_data: bool = True, eval_data: bool = True, task: Task | None = None) -> Experiment:
+def build(cfg: RunConfig, *, train_data: bool = True, eval_data: bool = True, task: Task | None = None,
+          device_file: tuple[int, Path] | None = None) -> Experiment:
     """Data, backbone and rates of `cfg`. `train_data`: the partition into device shards;
     `eval_data`: the validation split, the train-eval sample and the plan (the server's side).
     `task`: the run's task as its folder keeps it (a finished run's, whose classes its data once
-    decided); by default the config's, or what the data says."""
+    decided, or the one the server sends a device); by default the config's, or what the data says.
+    `device_file`: (device, file) of a deployment's device that brings its own data
+    (`federation.partition: local`); with it, `task` is the server's and nothing else is read."""
     from fedlodrop.data import load_task, partition, tokenize
     from fedlodrop.model import build_model, init_regression_head, load_tokenizer
 
@@ -83,6 +93,12 @@ def build(cfg: RunConfig, *, train_data: bool = True, eval_data: bool = True, ta
     spec = _system(cfg, plan) if train_data or eval_data else None
     meter = meter_for(cfg, plan, spec) if spec is not None else None
     train_raw = eval_raw = None
+    if device_file is not None:
+        from fedlodrop.data.files import load_device_file
+
+        if task is None:
+            raise RuntimeError("a device with its own data needs the run's task from the server")
+        train_data, eval_data = False, False
     if train_data or eval_data:
         found, train_raw, eval_raw = load_task(cfg)
         if task is not None and task != found:
@@ -93,8 +109,13 @@ def build(cfg: RunConfig, *, train_data: bool = True, eval_data: bool = True, ta
         if task is None:
             raise UserError("the run's classes come from its data: load it from its run folder (task.json)")
     fed = cfg.federation
-    shards_raw = []
-    if train_data:
+    shards_raw: list = []
+    if device_file is not None:
+        shards_raw = [None] * fed.devices
+        shards_raw[device_file[0]] = load_device_file(cfg, task, device_file[1])
+    elif fed.partition == "local":
+        shards_raw = [None] * fed.devices  # each device holds its own; this process none of them
+    elif train_data:
         # with a system, an IID split gives each device its share of the system's samples D_k (a
         # label-skewed or natural split keeps its own sizes; the meter prices the samples trained)
         sizes = shard_sizes(spec, len(train_raw)) if spec is not None and fed.partition == "iid" else None
@@ -102,8 +123,13 @@ def build(cfg: RunConfig, *, train_data: bool = True, eval_data: bool = True, ta
                                stream_seed(cfg.seed, "partition"), task.is_regression, sizes)
     tokenizer = load_tokenizer(cfg)
     fm = build_model(cfg, task, tokenizer, stream_seed(cfg.seed, "init"))
-    if task.is_regression and train_raw is not None:
-        init_regression_head(fm, float(np.mean(train_raw["label"])))
+    if task.is_regression:
+        # the label mean, from the devices' pooled labels in simulation; under DP from the server's own
+        # validation labels, so that no statistic of private labels is in the model (devices take the
+        # head from the server every round, so theirs need not match)
+        labels = eval_raw if cfg.privacy.dp or train_raw is None else train_raw
+        if labels is not None and len(labels):
+            init_regression_head(fm, float(np.mean(labels["label"])))
     shards = Shards(shards_raw, tokenizer, task, cfg.train.max_length)
     eval_set = train_eval_set = None
     if eval_data:
@@ -145,16 +171,20 @@ def run_shape(cfg: RunConfig) -> RunShape:
     trainable = {id(p) for p in fm.trainable()}
     backbone = sum(p.numel() for p in fm.net.parameters() if id(p) not in trainable)
     bits = {"float32": 32, "float16": 16, "bfloat16": 16}[cfg.federation.comm_dtype]
+    if cfg.federation.partition == "local":
+        raise UserError("system random --config: with federation.partition local the devices' samples are on the "
+                        "devices; give --devices and --samples")
     return RunShape([len(exp.shards.raw[k]) for k in range(len(exp.shards))], layout.adapter_values,
                     layout.head_values, int(backbone), bits, cfg.lora.r, exp.task.num_labels,
                     cfg.federation.local_epochs)
 
 
 def _train_eval_sample(cfg: RunConfig, shards: Shards, eval_set):
-    """`data.train_eval_samples` training examples, drawn from all devices' shards by the seed."""
+    """`data.train_eval_samples` training examples, drawn from all devices' shards by the seed;
+    none under DP (a score on the devices' data is a release the accountant does not count)."""
     from datasets import concatenate_datasets
 
-    if not len(shards) or not cfg.data.train_eval_samples:
+    if not len(shards) or not cfg.data.train_eval_samples or cfg.privacy.dp or any(r is None for r in shards.raw):
         return eval_set.select([])
     pool = concatenate_datasets([shards[k] for k in range(len(shards))])
     n = min(cfg.data.train_eval_samples, len(pool))

@@ -47,7 +47,8 @@ def round_scalars(record: RoundRecord) -> dict[str, float]:
         out["system/energy_j"] = record.system.energy_j
     for d in record.devices:
         if d.reported:
-            out[f"device/{d.device}/loss"] = d.train_loss
+            if d.train_loss is not None:  # none under DP
+                out[f"device/{d.device}/loss"] = d.train_loss
             out[f"device/{d.device}/uplink_bytes"] = d.uplink_bytes
         out[f"device/{d.device}/downlink_bytes"] = d.downlink_bytes
         if d.system is not None:

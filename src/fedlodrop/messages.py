@@ -175,15 +175,16 @@ class DeviceTask:
 
 @dataclass
 class DeviceReply:
-    """What a device sends back: its trained slices and head, and how the local phase went."""
+    """What a device sends back: its trained slices and head, and how the local phase went. Under
+    DP a device sends its update alone (`private()`): the scalars are None and do not travel."""
 
     device: int
     round: int
     upload: State
-    num_samples: int
-    train_loss: float
-    steps: int
-    train_s: float
+    num_samples: int | None
+    train_loss: float | None
+    steps: int | None
+    train_s: float | None
     lr_first: float = math.nan
     lr_last: float = math.nan
     error: str | None = None
@@ -193,21 +194,27 @@ class DeviceReply:
     def nbytes(self) -> int:
         return payload_bytes(self.upload)
 
+    def private(self) -> DeviceReply:
+        """The reply with nothing but the update: what a device sends under DP."""
+        return DeviceReply(self.device, self.round, self.upload, None, None, None, None, error=self.error)
+
     def problem(self) -> str | None:
         """Why the server must leave this reply out, or None if it is usable."""
         if self.error:
             return self.error
-        if not math.isfinite(self.train_loss):
+        if self.train_loss is not None and not math.isfinite(self.train_loss):
             return f"non-finite training loss ({self.train_loss})"
         for key, t in self.upload.items():
             if not torch.isfinite(t).all():
                 return f"non-finite values in {key}"
         return None
 
-    _SCALARS = ("device", "round", "num_samples", "train_loss", "steps", "train_s", "lr_first", "lr_last")
+    _SCALARS = ("num_samples", "train_loss", "steps", "train_s", "lr_first", "lr_last")
 
     def to_flat(self) -> tuple[State, dict]:
-        config = {k: getattr(self, k) for k in self._SCALARS}
+        config = {"device": self.device, "round": self.round}
+        if self.num_samples is not None:
+            config |= {k: getattr(self, k) for k in self._SCALARS}
         if self.error:
             config["error"] = self.error
         if self.precision is not None:
@@ -216,8 +223,11 @@ class DeviceReply:
 
     @classmethod
     def from_flat(cls, arrays: State, config: dict) -> DeviceReply:
-        kwargs = {k: config[k] for k in cls._SCALARS}
-        for k in ("device", "round", "num_samples", "steps"):
-            kwargs[k] = int(kwargs[k])
+        kwargs = {k: config.get(k) for k in cls._SCALARS}
+        for k in ("num_samples", "steps"):
+            kwargs[k] = None if kwargs[k] is None else int(kwargs[k])
+        kwargs["lr_first"] = math.nan if kwargs["lr_first"] is None else kwargs["lr_first"]
+        kwargs["lr_last"] = math.nan if kwargs["lr_last"] is None else kwargs["lr_last"]
         precision = Precision(config["precision"], config["precision_why"]) if "precision" in config else None
-        return cls(upload=dict(arrays), error=config.get("error"), precision=precision, **kwargs)
+        return cls(int(config["device"]), int(config["round"]), dict(arrays), error=config.get("error"),
+                   precision=precision, **kwargs)

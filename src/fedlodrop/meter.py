@@ -67,6 +67,10 @@ class Meter:
     def energy_budget_j(self, k: int) -> float:
         return float(self.m.E[k])
 
+    def planned_samples(self, k: int) -> int:
+        """The system's D_k: what a device that reports no sample count (under DP) is priced on."""
+        return int(self.m.D[k])
+
     def price(self, k: int, rate: float, samples: int, uplink_bytes: int, downlink_bytes: int) -> DeviceCost:
         m, f = self.m, float(self.res.frequency_hz[k])
         p, b = float(self.res.power_w[k]), float(self.res.bandwidth_hz[k])

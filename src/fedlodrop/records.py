@@ -56,20 +56,34 @@ class RoundSim:
 
 @dataclass
 class PrivacySpent:
-    """Client-level DP after a round (fedlodrop.privacy): the epsilon spent so far at `delta`."""
+    """Client-level DP after a round (fedlodrop.privacy): the epsilon spent so far at `delta`,
+    under `relation`, for the `sampling` used, by `accountant`; `noise` says where the noise came
+    from (not reproducible). `epsilon_known_participation`: central DP with sampling, against
+    someone who also knows who took part each round (metrics.jsonl lists it); None otherwise."""
 
     epsilon: float
     delta: float
     noise_multiplier: float
     clip_norm: float
     mode: str
+    relation: str = "add/remove one device"
+    sampling: str = ""
+    accountant: str = ""
+    noise: str = ""
+    epsilon_known_participation: float | None = None
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
 
     @classmethod
     def from_json(cls, d: dict) -> PrivacySpent:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def __str__(self) -> str:
+        known = (f"; {self.epsilon_known_participation:.3g} against someone who knows who took part"
+                 if self.epsilon_known_participation is not None else "")
+        return (f"({self.epsilon:.3g}, {self.delta:.2g})-DP per device ({self.mode}, {self.relation}, "
+                f"{self.sampling}){known}")
 
 
 @dataclass(frozen=True)
@@ -140,16 +154,15 @@ class DeviceRecord:
 
     @property
     def reported(self) -> bool:
-        return self.samples is not None
+        """The device replied with an update (under DP it reports nothing else)."""
+        return self.uplink_bytes is not None
 
-    _REPORTED = ("kept_values", "samples", "steps", "train_loss", "uplink_bytes", "train_s", "lr")
+    _REPORTED = ("kept_values", "samples", "steps", "train_loss", "uplink_bytes", "train_s", "lr", "precision")
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {"device": self.device, "rate": self.rate, "downlink_bytes": self.downlink_bytes}
         if self.reported:
-            out |= {k: getattr(self, k) for k in self._REPORTED}
-            if self.precision is not None:
-                out["precision"] = self.precision
+            out |= {k: getattr(self, k) for k in self._REPORTED if getattr(self, k) is not None}
         out["status"] = self.status
         if self.reason is not None:
             out["reason"] = self.reason
@@ -219,8 +232,9 @@ class RoundRecord:
 
     @property
     def train_loss(self) -> float:
-        """The mean local training loss over the devices whose update was used, by samples."""
-        ok = self.ok_devices
+        """The mean local training loss over the devices whose update was used, by samples (nan
+        under DP, where devices report no loss)."""
+        ok = [d for d in self.ok_devices if d.samples is not None and d.train_loss is not None]
         total = sum(d.samples for d in ok)
         return sum(d.train_loss * d.samples for d in ok) / total if total else math.nan
 
@@ -293,12 +307,27 @@ class RoundRecord:
         n = len(self.failures)
         left = f"  ({n} left out)" if n else ""
         sim = f"  simulated {self.system.latency_s:.3g} s, {self.system.energy_j:.3g} J" if self.system else ""
-        dp = f"  epsilon {self.privacy.epsilon:.3g}" if self.privacy else ""
+        dp = f"  epsilon {self.privacy.epsilon:.3g} ({self.privacy.relation})" if self.privacy else ""
+        loss = "n/a" if math.isnan(self.train_loss) and self.privacy else f"{self.train_loss:.4f}"
         return (
-            f"round {self.round:>3}  train loss {self.train_loss:.4f}{tr}  eval {ev}  "
+            f"round {self.round:>3}  train loss {loss}{tr}  eval {ev}  "
             f"sent {self.uplink_bytes / 1e6:.3f} MB up / {self.downlink_bytes / 1e6:.3f} MB down{sim}{dp}  "
             f"{self.wall_s:.1f}s{left}"
         )
+
+
+def _never_used(records: list[RoundRecord]) -> dict[str, str]:
+    """Devices asked in some round whose update was never used in any, with the last reason: a
+    SuperNode that never came up, a device whose data cannot be read. The run's last line says so."""
+    asked, used, why = set(), set(), {}
+    for r in records:
+        for d in r.devices:
+            asked.add(d.device)
+            if d.ok:
+                used.add(d.device)
+            elif d.reason:
+                why[d.device] = d.reason
+    return {str(k): why.get(k, "left out") for k in sorted(asked - used)}
 
 
 def summarize(cfg, main: str, rates: list[float], adapter_values: int, head_values: int,
@@ -326,6 +355,7 @@ def summarize(cfg, main: str, rates: list[float], adapter_values: int, head_valu
         "uplink_bytes_total": sum(r.uplink_bytes for r in records),
         "downlink_bytes_total": sum(r.downlink_bytes for r in records),
         "devices_left_out": sum(len(r.failures) for r in records),
+        "devices_never_used": _never_used(records),
         "adapter_values": adapter_values,
         "head_values": head_values,
         "wall_s": round(sum(r.wall_s for r in records), 3),

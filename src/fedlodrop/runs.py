@@ -149,7 +149,8 @@ class RunFolder:
         for update in state.fold_log:
             tensors |= {f"log/{update.round}/{k}": v for k, v in update.tensors.items()}
         _save_tensors(tensors, folder / "state.safetensors")
-        meta = {"rounds_done": state.rounds_done, "synced": state.synced, "log_rounds": [u.round for u in state.fold_log]}
+        meta = {"rounds_done": state.rounds_done, "synced": state.synced, "log_rounds": [u.round for u in state.fold_log],
+                "participations": state.participations}
         _write_atomic(folder / "state.json", json.dumps(meta))
         return folder
 
@@ -178,6 +179,7 @@ class RunFolder:
             fold={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("fold/")},
             fold_log=[FoldUpdate(r, log[r]) for r in meta["log_rounds"]],
             synced=list(meta["synced"]),
+            participations=list(meta.get("participations", [])),
         )
 
     # ---------------------------------------------------------------- the finished run

@@ -42,6 +42,7 @@ class ServerState:
     fold: dict[str, torch.Tensor] = field(default_factory=dict)  # F per module, (out x in), float32
     fold_log: list[FoldUpdate] = field(default_factory=list)  # the latest rounds' folds, for catch-ups
     synced: list[int] = field(default_factory=list)  # per device: rounds of folds its base holds
+    participations: list[int] = field(default_factory=list)  # per device: rounds it was drawn for (DP's accountant)
 
 
 @dataclass
@@ -53,8 +54,9 @@ class RoundResult:
     record: RoundRecord
 
 
-def participants(cfg: RunConfig, round_: int) -> list[int]:
-    """The devices that train in `round_`: all, or `devices_per_round` drawn from the seed."""
+def seeded_participants(cfg: RunConfig, round_: int) -> list[int]:
+    """The devices that train in `round_` without central DP: all, or `devices_per_round` drawn
+    from the seed (a fixed-size draw, the same on every engine and after a resume)."""
     fed = cfg.federation
     if fed.devices_per_round is None or fed.devices_per_round >= fed.devices:
         return list(range(fed.devices))
@@ -79,13 +81,27 @@ class Server:
         self.mech = privacy.mechanism(cfg)  # client-level DP, or None
         if not state.synced:
             state.synced = [0] * cfg.federation.devices
+        if not state.participations:
+            state.participations = [0] * cfg.federation.devices
+        self._drawn: dict[int, list[int]] = {}  # round -> its participants, drawn once
+
+    def participants(self, round_: int) -> list[int]:
+        """Who trains in `round_`: under central DP with sampling each device independently with
+        probability q, from OS entropy (drawn once per round); otherwise `seeded_participants`."""
+        if round_ not in self._drawn:
+            if self.mech is not None and self.mech.poisson:
+                drawn = privacy.poisson_participants(self.cfg.federation.devices, self.mech.sample_rate, round_)
+            else:
+                drawn = seeded_participants(self.cfg, round_)
+            self._drawn = {round_: drawn}
+        return self._drawn[round_]
 
     # ------------------------------------------------------------------ configure
     def configure(self, round_: int) -> list[DeviceTask]:
         if round_ != self.state.rounds_done:
             raise RuntimeError(f"server has done {self.state.rounds_done} rounds, asked to configure round {round_ + 1}")
         tasks, whole = [], None
-        for k in participants(self.cfg, round_):
+        for k in self.participants(round_):
             masks = device_masks(self.cfg, self.layout, self.rates[k], round_, k)
             if self.variant.masks_view:
                 view = self.variant.view(masks, self.layout)
@@ -132,12 +148,12 @@ class Server:
             masks = device_masks(self.cfg, self.layout, task.rate, round_, task.device)
             problem = "no reply" if reply is None else reply.problem()
             entry = DeviceRecord(task.device, task.rate, task.nbytes)
-            if reply is not None and not reply.error:  # what the device reported
-                entry.kept_values = kept_values(self.layout, masks)
-                entry.samples, entry.steps, entry.train_loss = reply.num_samples, reply.steps, reply.train_loss
-                entry.uplink_bytes, entry.train_s = reply.nbytes, round(reply.train_s, 3)
-                entry.lr = [reply.lr_first, reply.lr_last]
-                entry.precision = reply.precision.dtype if reply.precision is not None else None
+            if reply is not None and not reply.error:  # what the device reported (under DP: only its update)
+                entry.kept_values, entry.uplink_bytes = kept_values(self.layout, masks), reply.nbytes
+                if reply.num_samples is not None:
+                    entry.samples, entry.steps, entry.train_loss = reply.num_samples, reply.steps, reply.train_loss
+                    entry.train_s, entry.lr = round(reply.train_s, 3), [reply.lr_first, reply.lr_last]
+                    entry.precision = reply.precision.dtype if reply.precision is not None else None
             devices.append(entry)
             if self.meter is not None and entry.reported:
                 entry.system, entry.limit = self._price(entry)
@@ -157,7 +173,10 @@ class Server:
         record = RoundRecord(round_ + 1, [t.device for t in tasks], devices)
         if self.meter is not None:
             record.system = self._round_sim(devices)
-        if len(updates) < self.cfg.federation.min_devices:
+        for task in tasks:
+            self.state.participations[task.device] += 1
+        central = self.mech is not None and self.mech.mode == "central"
+        if len(updates) < self.cfg.federation.min_devices and not (central and self.mech.poisson):
             reasons = "; ".join(f"device {f['device']}: {f['reason']}" for f in record.failures)
             raise RoundFailed(
                 f"round {round_ + 1}: {len(updates)} of {len(tasks)} devices returned a usable update, "
@@ -166,8 +185,9 @@ class Server:
         fold_update, (record.fold_error, record.fold_error_rel) = self._aggregate(updates)
         if self.mech is not None:
             m = self.mech
-            record.privacy = PrivacySpent(privacy.epsilon(m, self.cfg, self.state.rounds_done), m.delta,
-                                          m.noise_multiplier, m.clip_norm, m.mode)
+            model, known = privacy.spent(m, self.state.rounds_done, self.state.participations)
+            record.privacy = PrivacySpent(model, m.delta, m.noise_multiplier, m.clip_norm, m.mode,
+                                          privacy.RELATION, m.sampling(), m.accountant, privacy.NOISE, known)
         record.fold_bytes = fold_update.nbytes if fold_update else 0
         for entry in devices:
             if entry.ok:  # the others may or may not hold the catch-up: resend it
@@ -175,8 +195,10 @@ class Server:
         return RoundResult(fold_update, record)
 
     def _price(self, entry: DeviceRecord) -> tuple[SimCost, str | None]:
-        """The device's round on the simulated clock and meter, and the limit it broke."""
-        cost = self.meter.price(entry.device, entry.rate, entry.samples, entry.uplink_bytes, entry.downlink_bytes)
+        """The device's round on the simulated clock and meter, and the limit it broke; priced on
+        the samples it trained, or (under DP, where devices report none) the system's D_k."""
+        samples = entry.samples if entry.samples is not None else self.meter.planned_samples(entry.device)
+        cost = self.meter.price(entry.device, entry.rate, samples, entry.uplink_bytes, entry.downlink_bytes)
         sim = SimCost(cost.compute_s, cost.upload_s, cost.downlink_s, cost.latency_s, cost.energy_j)
         return sim, self.meter.violation(entry.device, cost)
 
@@ -218,12 +240,18 @@ class Server:
         """Aggregate; for a folding rule also the fold that travels, and what truncating it cost
         (|R - R_k|_F and its ratio to |R|_F; None when the fold is sent exactly)."""
         fed = self.cfg.federation
-        if not updates:  # federation.min_devices 0: a round nobody completed leaves the model as it was
+        central = self.mech is not None and self.mech.mode == "central"
+        if not updates and not central:  # federation.min_devices 0: a round nobody completed leaves the model
             self.state.rounds_done += 1
             return None, (None, None)
-        weights = device_weights(updates, fed.weighting)
-        new_state, residuals = self.rule.aggregate(self.layout, self.state.global_state, updates, weights,
-                                                   self._sum_noise(updates, weights))
+        if central:  # the noised sum over fixed public totals, even of nobody (its noise is released)
+            totals = self._fixed_totals()
+            noise = privacy.gaussian(totals, self.mech.std, privacy.noise_source("sum", self.state.rounds_done))
+            new_state, residuals = self.rule.aggregate(self.layout, self.state.global_state, updates,
+                                                       torch.ones(len(updates)), noise, totals)
+        else:
+            weights = device_weights(updates, fed.weighting)
+            new_state, residuals = self.rule.aggregate(self.layout, self.state.global_state, updates, weights)
         self.state.global_state = clone_state(new_state)
         self.state.rounds_done += 1
         if not self.rule.folds:
@@ -242,15 +270,14 @@ class Server:
         self._prune_log()
         return update, stats
 
-    def _sum_noise(self, updates: list[DeviceUpdate], weights: torch.Tensor) -> State | None:
-        """Central DP: N(0, (sigma C)^2) on every coordinate of the sum some device sent, scaled by
-        the (uniform) weight as the sum is; drawn from the round's stream on every engine."""
-        if self.mech is None or self.mech.mode != "central" or self.mech.std == 0:
-            return None
-        sent = [privacy.sent_masks(self.layout, u.trained, self.rule.trains_a) for u in updates]
-        where = {k: sum(s[k] for s in sent) for k in sent[0]}
-        noise = privacy.gaussian(where, self.mech.std, where, self.cfg.seed, "dp-noise-sum", self.state.rounds_done)
-        return {k: v * weights[0] for k, v in noise.items()}
+    def _fixed_totals(self) -> State:
+        """Central DP's public divisors this round: every device's sent values (from the seed's
+        masks, whether or not it takes part) at participation rate q (`AggregationRule.fixed_totals`)."""
+        round_, sent = self.state.rounds_done, []
+        for k in range(self.cfg.federation.devices):
+            masks = device_masks(self.cfg, self.layout, self.rates[k], round_, k)
+            sent.append(privacy.sent_masks(self.layout, self.variant.trained(masks, self.layout), self.rule.trains_a))
+        return self.rule.fixed_totals(self.layout, sent, self.mech.sample_rate)
 
     def _prune_log(self) -> None:
         """Keep the newest folds whose sum is at most F's dense size: a device further behind gets F."""

@@ -40,9 +40,19 @@ READERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".pa
 HOLDOUT_SEED = EVAL_SUBSAMPLE_SEED  # the held-out validation rows do not depend on the run's seed
 
 
-def load_own(cfg: RunConfig) -> tuple[Task, Dataset, Dataset]:
-    """The task and its (train, eval) splits in canonical columns, before any subsampling."""
+def load_own(cfg: RunConfig) -> tuple[Task, Dataset | None, Dataset]:
+    """The task and its (train, eval) splits in canonical columns, before any subsampling. With
+    `federation.partition: local` (a deployment whose devices bring their own files) the server
+    reads only data.eval: train is None, and the classes come from the config or from data.eval."""
     data = cfg.data
+    if cfg.federation.partition == "local":
+        where = f"data.eval {data.eval}"
+        eval_raw = read_table(data.eval, "data.eval", data.eval_split or "validation")
+        columns = _Columns(data, by_device=False)
+        columns.check(eval_raw, where, train=False)
+        texts, labels, _ = columns.read(eval_raw, where, train=False)
+        task, ids = _task(cfg, eval_raw, labels, where)
+        return task, None, _canonical(task, texts, ids, None)
     if data.train is not None:
         train_raw, where = read_table(data.train, "data.train", data.train_split), f"data.train {data.train}"
         eval_raw = read_table(data.eval, "data.eval", data.eval_split or "validation") if data.eval is not None else None
@@ -65,6 +75,18 @@ def load_own(cfg: RunConfig) -> tuple[Task, Dataset, Dataset]:
     columns.check(eval_raw, eval_where, train=False)
     texts, labels, _ = columns.read(eval_raw, eval_where, train=False)
     return task, train, _canonical(task, texts, _label_ids(task, labels, eval_where, data.label_column), None)
+
+
+def load_device_file(cfg: RunConfig, task: Task, path: Path) -> Dataset:
+    """A device's own training file in a deployment (`federation.partition: local`), in the run's
+    columns and classes (`task`: the server's, sent with every round: a device cannot see the
+    others' classes). One line naming the file, column and row for anything wrong with it."""
+    where = f"this device's data {path}"
+    ds = read_table(path, "--data", cfg.data.train_split)
+    columns = _Columns(cfg.data, by_device=False)
+    columns.check(ds, where, train=False)
+    texts, labels, _ = columns.read(ds, where, train=False)
+    return _canonical(task, texts, _label_ids(task, labels, where, cfg.data.label_column), None)
 
 
 # ---------------------------------------------------------------------------- reading

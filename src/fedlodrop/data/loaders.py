@@ -70,7 +70,7 @@ def load_task(cfg: RunConfig) -> tuple[Task, Dataset, Dataset]:
     task, train, evaluation = load_own(cfg)
     return (
         task,
-        subsample(train, cfg.data.max_train_samples, cfg.seed),
+        None if train is None else subsample(train, cfg.data.max_train_samples, cfg.seed),
         subsample(evaluation, cfg.data.max_eval_samples, EVAL_SUBSAMPLE_SEED),
     )
 

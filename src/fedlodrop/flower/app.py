@@ -35,7 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlodrop import __version__
 from fedlodrop.config import RunConfig, validate
 from fedlodrop.errors import RoundFailed, UserError
-from fedlodrop.flower.transport import NODE, Discovery, DiscoveryError
+from fedlodrop.flower.transport import NODE, RUN_TASK, Discovery, DiscoveryError
 
 if TYPE_CHECKING:
     import torch
@@ -132,18 +132,34 @@ FOLD, FOLD_LAYOUT, FOLD_META = "fedlodrop.fold", "fedlodrop.fold.layout", "fedlo
 SECAGG_CONFIGS = "secaggplus_configs"  # Flower's record of a SecAgg+ stage
 
 
-_CACHE: dict[str, object] = {}  # config JSON -> its device-side Experiment (one per process, the latest)
+_CACHE: dict[tuple, object] = {}  # (config, task, device, file) -> its device-side Experiment (the latest)
+DATA = "data"  # the node config key of a device's own training file (fedlodrop flower supernode --data)
 
 
-def client_side(config_json: str):
+def client_side(config_json: str, task_json: str | None = None, device: int | None = None,
+                data: str | None = None):
     """Built once per process and config: in simulation a Ray actor serves many devices and
-    rounds with it; in deployment each message starts a new process and builds it again."""
+    rounds with it; in deployment each message starts a new process and builds it again. With
+    `federation.partition: local` the device reads its own file `data`, in the classes of the
+    run's task the server sent (`task_json`)."""
+    from fedlodrop.data.tasks import task_from_json
     from fedlodrop.experiment import build
 
-    if config_json not in _CACHE:
+    key = (config_json, task_json, device, data)
+    if key not in _CACHE:
         _CACHE.clear()
-        _CACHE[config_json] = build(config_from_run_config({CONFIG_JSON: config_json}), eval_data=False)
-    return _CACHE[config_json]
+        cfg = config_from_run_config({CONFIG_JSON: config_json})
+        if cfg.federation.partition == "local":
+            if not data:
+                raise RuntimeError("federation.partition local: this SuperNode has no data of its own (start it with "
+                                   "fedlodrop flower supernode --data FILE)")
+            if not task_json:
+                raise RuntimeError("federation.partition local: the message carries no task from the server")
+            _CACHE[key] = build(cfg, eval_data=False, task=task_from_json(json.loads(task_json)),
+                                device_file=(device, Path(data)))
+        else:
+            _CACHE[key] = build(cfg, eval_data=False)
+    return _CACHE[key]
 
 
 def _device(context: Context) -> int:
@@ -203,7 +219,9 @@ def _device_round(msg: Message, context: Context, step=None):
     if task.device != device:
         raise RuntimeError(f"a task for device {task.device} reached the SuperNode of device {device}")
     _test_fault(device, task.round)
-    side = client_side(str(context.run_config[CONFIG_JSON]))
+    task_json = str(msg.content.config_records[RUN_TASK]["json"]) if RUN_TASK in msg.content.config_records else None
+    data = context.node_config.get(DATA)
+    side = client_side(str(context.run_config[CONFIG_JSON]), task_json, device, str(data) if data else None)
     fold, fold_round = load_fold(context.state)
     side.fm.set_fold(fold, fold_round)
     out = step(side.fm, task, side.shards[device], side.cfg, side.known)

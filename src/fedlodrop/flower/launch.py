@@ -152,19 +152,48 @@ def superlink_command(
     return cmd
 
 
+def check_port_free(host: str, port: int) -> None:
+    """One line instead of Flower's traceback when a SuperNode's Runtime API port is taken (a
+    second SuperNode on the same machine without its own --port)."""
+    from fedlodrop.errors import UserError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise UserError(f"--port {port} on {host} is in use ({err.strerror or err}): another SuperNode on this "
+                            "machine? give each its own --port") from None
+
+
+def _toml_string(text: str) -> str:
+    """`text` as a TOML string Flower's node-config parser keeps whole: it takes '...' or "..."
+    without escapes inside, so a literal '...' string, else a basic "..." one."""
+    from fedlodrop.errors import UserError
+
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return json.dumps(text)
+    raise UserError(f"--data {text}: Flower's node config cannot carry a path with both ' and \"; rename it")
+
+
 def supernode_command(
     superlink: str, device: int, devices: int, port: int, ca: Path | None, key: Path | None,
     host: str = "127.0.0.1", max_retries: int | None = None, heartbeat_s: float | None = None,
+    data: Path | None = None,
 ) -> list[str]:
     """flower-supernode for device `device` of `devices`, its Runtime API on host:port;
     `max_retries`: give up after that many failed connection attempts (None: never);
-    `heartbeat_s`: its heartbeat interval (None: Flower's 30 s; see flower/supernode.py)."""
+    `heartbeat_s`: its heartbeat interval (None: Flower's 30 s; see flower/supernode.py);
+    `data`: the device's own training file, in its node config (federation.partition local)."""
     if heartbeat_s is None:
         cmd = [str(VENV_BIN / "flower-supernode")]
     else:
         cmd = [sys.executable, "-m", "fedlodrop.flower.supernode", repr(float(heartbeat_s))]
-    cmd += ["--superlink", superlink, "--host", host, "--port", str(port),
-            "--node-config", f"partition-id={device} num-partitions={devices}"]
+    node_config = f"partition-id={device} num-partitions={devices}"
+    if data is not None:
+        node_config += f" data={_toml_string(str(data))}"
+    cmd += ["--superlink", superlink, "--host", host, "--port", str(port), "--node-config", node_config]
     cmd += ["--insecure"] if ca is None else ["--root-certificates", str(ca)]
     if key is not None:
         cmd += ["--auth-supernode-private-key", str(key)]

@@ -16,6 +16,7 @@ checkpoints and evaluation belong to the loop, and rounds wait with our own fast
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -27,11 +28,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedlodrop import secagg
 from fedlodrop.config import FlowerConfig
+from fedlodrop.data.tasks import task_to_json
 from fedlodrop.engine import close_round
 from fedlodrop.experiment import Experiment
 from fedlodrop.flower.records import content_bytes, content_reply, task_content
 from fedlodrop.flower.secure import secure_sum
-from fedlodrop.flower.transport import Discovery, error_reason, send_and_receive
+from fedlodrop.flower.transport import RUN_TASK, Discovery, error_reason, send_and_receive
 from fedlodrop.messages import DeviceReply, DeviceTask
 from fedlodrop.records import RoundRecord
 from fedlodrop.server import Server
@@ -95,6 +97,8 @@ class FedLoDropStrategy(FedAvg):
                 state.problems[task.device] = "no SuperNode online for this device"
                 continue
             content = task_content(task, self.settings.pack_arrays)
+            if self.exp.cfg.federation.partition == "local":  # devices read their own files in the run's classes
+                content[RUN_TASK] = ConfigRecord({"json": json.dumps(task_to_json(self.exp.task))})
             state.sent[task.device] = Message(content, node, MessageType.TRAIN, group_id=str(server_round))
             state.down[task.device] = content_bytes(content)
         self._rounds[server_round] = state

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 log = logging.getLogger("flwr")
 
 NODE = "node"  # the ConfigRecord of a QUERY reply
+RUN_TASK = "fedlodrop.task"  # the run's task (classes in id order), sent to devices that bring their own data
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ERROR_NAMES = {
     0: "unknown error",
