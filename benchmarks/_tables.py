@@ -1,7 +1,7 @@
-"""Shared by the grid benchmarks: their grid points as sweep points, run by `fedlodrop.sweep.run_points`
+"""Shared by the grid benchmarks: their grid points as sweep points, run by `fedlodrop.studies.sweep.run_points`
 (the runner of `fedlodrop sweep --jobs`: reuse of finished runs, resume of interrupted ones, parallel
 processes of a fixed thread count), and their tables in the format of the pages committed under
-docs/benchmarks: mean and sample standard deviation over seeds (`fedlodrop.report`'s, from the run
+docs/benchmarks: mean and sample standard deviation over seeds (`fedlodrop.studies.report`'s, from the run
 folders read through RunFolder), Markdown, CSV and plot. Run folders go under bench_out/ (ignored by git).
 """
 
@@ -19,8 +19,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from fedlodrop.config import load_config  # noqa: E402
-from fedlodrop.report import Group, run_row  # noqa: E402
-from fedlodrop.sweep import Outcome, Point, run_points  # noqa: E402
+from fedlodrop.studies.report import Group, run_row  # noqa: E402
+from fedlodrop.studies.sweep import Outcome, Point, run_points  # noqa: E402
 
 GLUE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "glue"
 
@@ -133,7 +133,7 @@ def plot(rows: list[dict], x: str, series: list[str], panels: list[str], path: P
 
 
 def header(threads: int, jobs: int) -> str:
-    from fedlodrop.model import cpu_amx_path
+    from fedlodrop.model.backbone import cpu_amx_path
 
     amx, why = cpu_amx_path()
     return (f"{jobs} process(es) x {threads} torch thread(s) on {os.cpu_count()} CPU(s) "

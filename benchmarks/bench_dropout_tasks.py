@@ -45,7 +45,7 @@ def main() -> None:
     name = f"dropout-{args.task}" + "".join(f"-{e.replace('=', '-').replace('.', '_')}" for e in args.extra)
     results = run(pts, ROOT / "bench_out" / name, args.jobs, args.threads)
     rows = table(pts, results, ["rate"])
-    metric = next(iter(results.values())).summary["main_metric"]
+    metric = next(iter(results.values())).summary.main_metric
     setting = ("the offline default (no-argument `fedlodrop run`) with dropout.rate set" if args.task == "rotten_tomatoes"
                else f"{args.task.upper()}, 600 examples over 3 devices, 3 local epochs x 4 rounds, MiniLM r 4")
     if args.extra:

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedlodrop.runs import RunFolder
+from fedlodrop.run.folder import RunFolder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -46,7 +46,7 @@ DOCS = ROOT / "docs" / "benchmarks"
 
 
 def _cfg(overrides: list[str]):
-    from fedlodrop.config import load_config
+    from fedlodrop.run.settings import load_config
 
     return load_config(None, overrides)
 
@@ -120,7 +120,7 @@ def memory(args) -> None:
 def scale(args) -> None:
     import torch
 
-    from fedlodrop import engine
+    from fedlodrop.run import engine
 
     torch.set_num_threads(args.threads)
     out_rows = []
@@ -145,7 +145,7 @@ def scale(args) -> None:
 
 
 def _reference_experiment(glue: Path, threads: int):
-    from fedlodrop.experiment import build
+    from fedlodrop.run.experiment import build
 
     cfg = _cfg(_sst2(glue, ["federation.devices=1", "data.max_train_samples=600", "federation.rounds=1",
                             "lora.r=4", "lora.alpha=8", "train.batch_size=32", "data.max_eval_samples=32",
@@ -154,8 +154,8 @@ def _reference_experiment(glue: Path, threads: int):
 
 
 def _ours(exp) -> float:
-    from fedlodrop.client import device_step
-    from fedlodrop.server import Server, ServerState
+    from fedlodrop.round.client import device_step
+    from fedlodrop.round.server import Server, ServerState
 
     server = Server(exp.cfg, exp.fm.layout, ServerState(0, exp.fm.get_state()), exp.rates, exp.known)
     (task,) = server.configure(0)

@@ -49,7 +49,7 @@ def main() -> None:
     args = p.parse_args()
     import flwr
 
-    from fedlodrop.runs import RunFolder, compare
+    from fedlodrop.run.folder import RunFolder, compare
 
     rows, checks = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,11 +64,11 @@ def main() -> None:
                 wall = _run([sys.executable, "-m", "fedlodrop", *sub, "--quiet", "--out", str(out), *sets], env)
                 folders[engine] = out
                 m = RunFolder(out).records()
-                count = (sum(r.flower["uplink_count_bytes"] for r in m),
-                         sum(r.flower["downlink_count_bytes"] for r in m)) if engine == "flower" else None
+                count = (sum(r.flower.uplink_count_bytes for r in m),
+                         sum(r.flower.downlink_count_bytes for r in m)) if engine == "flower" else None
                 summary = RunFolder(out).summary()
                 rows.append(
-                    f"| {name} | {engine} | {wall:.1f} | {summary['final']['accuracy']:.4f} | "
+                    f"| {name} | {engine} | {wall:.1f} | {summary.final['accuracy']:.4f} | "
                     f"{sum(r.uplink_bytes for r in m):,} | {sum(r.downlink_bytes for r in m):,} | "
                     + (f"{count[0]:,} / {count[1]:,} |" if count else "- |")
                 )

@@ -102,18 +102,18 @@ accounts: set[str] = set()  # the accountants the runs' records name
 
 
 def dp_table(pts, results):
-    from fedlodrop.runs import RunFolder
+    from fedlodrop.run.folder import RunFolder
 
     groups: dict[tuple, list] = {}
     for p in pts:
         folder = RunFolder(results[p.name].path)
         s, rows = folder.summary(), folder.records()
-        main = s["main_metric"]
-        spent = (s.get("privacy") or {}).get("epsilon")
-        accounts.add((s.get("privacy") or {}).get("accountant") or "")
+        main = s.main_metric
+        spent = s.privacy.epsilon if s.privacy else None
+        accounts.add(s.privacy.accountant if s.privacy else "")
         groups.setdefault((p.values["task"], p.values["epsilon"], p.values["rate"]), []).append(
-            (s["final"][main], spent, s["uplink_bytes_total"] / len(rows), s["downlink_bytes_total"] / len(rows),
-             s["wall_s"], main, (s.get("privacy") or {}).get("noise_multiplier"), p.seed))
+            (s.final[main], spent, s.uplink_bytes_total / len(rows), s.downlink_bytes_total / len(rows),
+             s.wall_s, main, s.privacy.noise_multiplier if s.privacy else None, p.seed))
     out = []
     for (task, eps, rate), runs in groups.items():
         final = _mean_sd([r[0] for r in runs])
@@ -127,7 +127,7 @@ def dp_table(pts, results):
 
 
 def secagg_rows(task: str, glue: Path, threads: int) -> list[dict]:
-    from fedlodrop.runs import RunFolder
+    from fedlodrop.run.folder import RunFolder
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,10 +149,10 @@ def secagg_rows(task: str, glue: Path, threads: int) -> list[dict]:
                 folder = RunFolder(out)
                 s, recs = folder.summary(), folder.records()
                 rows.append({"task": task, "rate": rate, "secure": secure, "wall": wall,
-                             "final": s["final"][s["main_metric"]], "metric": s["main_metric"],
+                             "final": s.final[s.main_metric], "metric": s.main_metric,
                              "up": sum(r.uplink_bytes for r in recs) / len(recs),
                              "down": sum(r.downlink_bytes for r in recs) / len(recs),
-                             "bound": max((r.flower.get("secagg") or {}).get("error_bound", 0.0) for r in recs)})
+                             "bound": max(r.flower.secagg.error_bound if r.flower and r.flower.secagg else 0.0 for r in recs)})
                 print(rows[-1], flush=True)
     return rows
 

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedlodrop.runs import RunFolder
+from fedlodrop.run.folder import RunFolder
 
 WORKLOAD = [
     "task=sst2",

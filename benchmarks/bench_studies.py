@@ -143,11 +143,11 @@ def decoders(args) -> None:
     import torch
     from conftest import write_polarity
 
-    from fedlodrop.experiment import build
-    from fedlodrop.config import validate
-    from fedlodrop.model import resolve_model_path
-    from fedlodrop.runs import RunFolder
-    from fedlodrop.sweep import Point, run_points
+    from fedlodrop.run.experiment import build
+    from fedlodrop.run.settings import validate
+    from fedlodrop.model.backbone import resolve_model_path
+    from fedlodrop.run.folder import RunFolder
+    from fedlodrop.studies.sweep import Point, run_points
 
     torch.set_num_threads(args.threads)
     out_rows, curves = [], {}
@@ -175,7 +175,7 @@ def decoders(args) -> None:
             out_rows.append(
                 f"| {kind} | {', '.join(targets)} | {', '.join(k.split('.')[1] for k in exp.fm.layout.head_keys)} | "
                 f"{rate} | {rows[0].train_loss:.3f} -> {rows[-1].train_loss:.3f} | "
-                f"{rows[0].eval['accuracy']:.3f} -> {o.summary['final']['accuracy']:.3f} | {o.seconds:.0f} |")
+                f"{rows[0].eval['accuracy']:.3f} -> {o.summary.final['accuracy']:.3f} | {o.seconds:.0f} |")
             print(out_rows[-1], file=sys.stderr, flush=True)
     table_ = ("| model | LoRA targets | head | rate | train loss, round 1 -> 6 | validation accuracy, round 1 -> 6 | s |\n"
               "|---|---|---|---|---|---|---|\n" + "\n".join(out_rows))

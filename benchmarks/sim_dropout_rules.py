@@ -10,7 +10,7 @@ Rules (docs/dropout.md):
   unmasked fold, fedex makes the product exact over the devices' masked *models*; the fold
   collects -(2 gamma - gamma^2) s B A and the devices' starts invert (the collapse of issue 7).
 * fedlodrop's variants `update`, `subadapter`, `reset` with `fedex` and `masked`, through the
-  package's own aggregation rules (`fedlodrop.aggregation`) and views (`fedlodrop.variants`).
+  package's own aggregation rules (`fedlodrop.lora.aggregation`) and views (`fedlodrop.lora.variants`).
 * `inverted`: the sub-adapter with kept slices scaled by 1 / (1 - gamma) in the forward pass
   (the authors' earlier Federated Dropout convention), aggregated as the `update` variant.
 
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from fedlodrop.adapter import AdapterLayout, ModuleShape
-from fedlodrop.aggregation import DeviceUpdate, device_weights, make_rule
-from fedlodrop.masks import apply_masks, draw_masks, full_masks
-from fedlodrop.variants import VARIANTS
+from fedlodrop.lora.adapter import AdapterLayout, ModuleShape
+from fedlodrop.lora.aggregation import DeviceUpdate, device_weights, make_rule
+from fedlodrop.lora.masks import apply_masks, draw_masks, full_masks
+from fedlodrop.lora.variants import VARIANTS
 
 N, R, K, STEPS, LR = 48, 4, 3, 30, 0.05
 LAYOUT = AdapterLayout(modules=(ModuleShape("m", N, N, R, 1.0),), head=())

@@ -18,7 +18,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from fedlodrop.config import RunConfig, registry_names
+from fedlodrop.config import RunConfig
+
+from fedlodrop.run.settings import REGISTRIES
 from fedlodrop.data.tasks import TASKS
 
 TARGET = Path(__file__).with_name("default.yaml")
@@ -47,10 +49,6 @@ NOTES: dict[str, str] = {
     "federation": "the simulated federation (SPEC 2)",
     "federation.devices": "number of devices K",
     "federation.rounds": "communication rounds",
-    "federation.aggregation": (
-        "fedit: average A and B; masked: average each row/column over the devices that kept it; "
-        "fedex: exact, folds the residual into the frozen weights; ffa: A frozen, only B trained"
-    ),
     "federation.weighting": "device weights: by local sample count, or equal",
     "federation.dirichlet_alpha": "concentration of the dirichlet partition (smaller: more skew)",
     "dropout": "FedLoDrop's dropout of whole columns of A and rows of B (SPEC 1)",
@@ -101,14 +99,21 @@ def _bounds(field) -> str:
     return ", ".join(parts)
 
 
+def _first_sentence(cls) -> str:
+    doc = " ".join((cls.__doc__ or "").split())
+    return doc.split(". ")[0].split("; ")[0].rstrip(".") if doc else cls.__name__
+
+
 def _comment(key: str, field, indent: str) -> list[str]:
     text = NOTES.get(key) or field.description or ""
     extra = []
     choices = _choices(field.annotation)
     if key == "task":
         choices = sorted(TASKS)
-    if key in ("federation.aggregation", "dropout.variant"):
-        choices = registry_names(key)
+    if key in REGISTRIES:  # the registered names, each with the first sentence of its class's docstring
+        registry = REGISTRIES[key]
+        choices = []
+        extra.append("one of: " + "; ".join(f"{n}: {_first_sentence(registry[n])}" for n in registry.names()))
     if choices:
         extra.append("one of: " + ", ".join(choices))
     bounds = _bounds(field)

@@ -14,14 +14,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "faults"))  # fault_inject, for the tests that make devices raise
 
 import pytest
 import torch
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-from fedlodrop.model import resolve_model_path
+from fedlodrop.model.backbone import resolve_model_path
 
 POSITIVE = ["a charming and moving film", "brilliant , funny and warm", "a delight from start to end",
             "wonderful acting and a clever story", "great fun", "the best movie of the year"]
@@ -49,7 +52,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     """Set FEDLODROP_CPU_AMX for `--cpu-path` before any test or subprocess reads it."""
-    from fedlodrop.model import CPU_AMX_ENV, _cpu_has_amx_bf16
+    from fedlodrop.model.backbone import CPU_AMX_ENV, _cpu_has_amx_bf16
 
     path = config.getoption("cpu_path")
     if path == "other":
@@ -59,7 +62,7 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    from fedlodrop.model import cpu_amx_path
+    from fedlodrop.model.backbone import cpu_amx_path
 
     amx, why = cpu_amx_path()
     return f"fedlodrop: train.precision auto takes the {'AMX-BF16 (bf16)' if amx else 'fp32'} path ({why})"
@@ -220,7 +223,7 @@ def mini2(tmp_path_factory, tokenizer_dir) -> str:
 
 def learning_cfg(model: str, glue_dir: Path, **over):
     """A federation that learns the polarity task in 5 rounds: 3 devices, 2 local epochs, lr 2e-2."""
-    from fedlodrop.config import validate
+    from fedlodrop.run.settings import validate
 
     tree = {
         "task": "sst2", "model": model, "seed": 0,
@@ -241,7 +244,7 @@ def learning_cfg(model: str, glue_dir: Path, **over):
 
 def load_global(run_dir):
     """A finished run's experiment (with its validation data) and global adapter."""
-    from fedlodrop.experiment import load_run
+    from fedlodrop.run.experiment import load_run
 
     run = load_run(Path(run_dir), eval_data=True)
     return run.exp, run.adapter
@@ -249,10 +252,10 @@ def load_global(run_dir):
 
 def one_round(exp, round_=0, order=None):
     """A fresh server over `exp` and its first round in process: (server, record)."""
-    from fedlodrop.inprocess import InProcessEngine
-    from fedlodrop.server import Server, ServerState
+    from fedlodrop.run.inprocess import InProcessEngine
+    from fedlodrop.round.server import Server, ServerState
 
-    server = Server(exp.cfg, exp.fm.layout, ServerState(0, exp.fm.get_state()), exp.rates, exp.known)
+    server = Server(exp.cfg, exp.fm.layout, ServerState(0, exp.fm.get_state()), exp.rates, exp.known, exp.plugins)
     return server, InProcessEngine(order).run_round(exp, server, round_)
 
 
@@ -272,20 +275,20 @@ def tiny_cfg(model, glue_dir, **over):
         for p in path:
             node = node.setdefault(p, {})
         node[last] = value
-    from fedlodrop.config import validate
+    from fedlodrop.run.settings import validate
 
     return validate(tree)
 
 
 def read_metrics(folder):
     """The run's round records, through the run folder's one reader."""
-    from fedlodrop.runs import RunFolder
+    from fedlodrop.run.folder import RunFolder
 
     return RunFolder(folder).records()
 
 
-def read_summary(folder) -> dict:
-    from fedlodrop.runs import RunFolder
+def read_summary(folder):
+    from fedlodrop.run.folder import RunFolder
 
     return RunFolder(folder).summary()
 
@@ -303,7 +306,7 @@ def train(cfg, folder: Path) -> Path:
 
     from rich.console import Console
 
-    from fedlodrop.engine import run
+    from fedlodrop.run.engine import run
 
     run(cfg, folder, console=Console(file=io.StringIO()), show_progress=False)
     return folder
@@ -363,7 +366,7 @@ def fresh_client_cache():
 def diverging(devices, from_round=0):
     """device_step, except that the given devices start from an adapter holding an infinity:
     their loss turns NaN and their update non-finite, as a diverged local phase does."""
-    from fedlodrop.client import device_step
+    from fedlodrop.round.client import device_step
 
     def step(fm, task, shard, cfg, known):
         if task.device in devices and task.round >= from_round:
@@ -382,7 +385,7 @@ def seeded_dp_noise(monkeypatch):
     values, so a test can compare them bit for bit. Production never does this (tests only)."""
     import hashlib
 
-    from fedlodrop import privacy
+    from fedlodrop.round import privacy
 
     def source(purpose: str, *ids: int):
         return privacy.NoiseSource(hashlib.sha256(repr((purpose, ids)).encode()).digest())

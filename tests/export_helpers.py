@@ -1,4 +1,4 @@
-"""Helpers for the export and predict tests: a reference rebuilt without `fedlodrop.export`, and
+"""Helpers for the export and predict tests: a reference rebuilt without `fedlodrop.artifacts.export`, and
 a subprocess that loads exported folders with transformers / PEFT while fedlodrop cannot be
 imported."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedlodrop.config import load_config
+from fedlodrop.run.settings import load_config
 from conftest import load_global
 
 # Loads every job with transformers (merged) or PEFT (peft) and prints logits as JSON. The first
@@ -108,7 +108,7 @@ def reference_logits(
     run_dir: Path, a: list[str], b: list[str] | None = None, fold: bool = True, adapter: bool = True
 ) -> np.ndarray:
     """Logits of the run's global model rebuilt the way `fedlodrop evaluate` does
-    (experiment.load_run: build, the fold, the adapter), independently of fedlodrop.export. `fold=False` skips
+    (experiment.load_run: build, the fold, the adapter), independently of fedlodrop.artifacts.export. `fold=False` skips
     the FedEx deltas and `adapter=False` zeroes every B: both show that a test would notice."""
     cfg = load_config(Path(run_dir) / "config.yaml")
     exp, gs = load_global(Path(run_dir))

@@ -116,14 +116,14 @@ def serve(cfg, out: Path, grid: FakeGrid | None = None, **grid_kw) -> FakeGrid:
 
 
 def metrics(folder: Path) -> list:
-    from fedlodrop.runs import RunFolder
+    from fedlodrop.run.folder import RunFolder
 
     return RunFolder(Path(folder)).records()
 
 
 def assert_same_run(a: Path, b: Path) -> None:
     """Two run folders hold the same model (bit for bit) and the same metrics."""
-    from fedlodrop.runs import compare
+    from fedlodrop.run.folder import compare
 
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter.safetensors", "checkpoint.json"):
         assert (Path(b) / name).is_file(), name
@@ -149,6 +149,20 @@ def subprocess_env(tmp: Path, pythonpath: bool = True, **extra: str) -> dict[str
     # Ray would put its session (and socket paths, limited to 107 characters) under TMPDIR
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TMPDIR=str(tmp / "tmp"), RAY_TMPDIR="/tmp", **extra)
     return env
+
+
+FAULTS = Path(__file__).parent / "faults"  # test-only fault injection for real processes (faults/fault_inject.py)
+
+
+def raising_env(spec: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment entries that make devices `spec` ("K" or "K@R", comma-separated) raise in every
+    Flower process a test starts: the faults folder on PYTHONPATH and FEDLODROP_TEST_RAISE."""
+    import os
+
+    from fault_inject import ENV
+
+    paths = [str(FAULTS)] + [p for p in (base or {}).get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {ENV: spec, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def fedlodrop_cmd(*args) -> list[str]:

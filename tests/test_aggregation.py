@@ -4,8 +4,8 @@ untrained slices count as unchanged, and fedex's residual makes the product exac
 import pytest
 import torch
 
-from fedlodrop.aggregation import DeviceUpdate, device_weights, make_rule
-from fedlodrop.masks import apply_masks, draw_masks, full_masks
+from fedlodrop.lora.aggregation import DeviceUpdate, device_weights, make_rule
+from fedlodrop.lora.masks import apply_masks, draw_masks, full_masks
 
 from test_masks import LAYOUT, random_state
 
@@ -117,7 +117,7 @@ def test_head_moves_by_the_weighted_mean_change_for_every_rule():
 
 
 def test_truncated_fold_is_the_best_rank_k_approximation():
-    from fedlodrop.aggregation import Residual
+    from fedlodrop.lora.aggregation import Residual
 
     g = torch.Generator().manual_seed(0)
     res = Residual(torch.randn(40, 12, generator=g), torch.randn(12, 30, generator=g))

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
     """
     import sys
 
-    import fedlodrop.engine as engine
+    import fedlodrop.run.engine as engine
     import peft.peft_model as third_party
 
     source = "def notice(text):\\n    import warnings\\n    warnings.warn(text, FutureWarning)\\n"

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from fedlodrop.cli import app
 from fedlodrop.planning import load_plan, random_system, save_system
-from fedlodrop.runs import RunFolder
+from fedlodrop.run.folder import RunFolder
 
 
 def _system(path, tiny_bert, devices=3):

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedlodrop.config import RunConfig, load_config
-from fedlodrop.sweep import flatten
+from fedlodrop.config import RunConfig
+
+from fedlodrop.run.settings import load_config
+from fedlodrop.studies.sweep import flatten
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GLUE_SIX = ("cola", "mrpc", "rte", "stsb", "sst2", "qnli")

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from fedlodrop.config import DataConfig, load_config
+from fedlodrop.config import DataConfig
+
+from fedlodrop.run.settings import load_config
 from fedlodrop.data import TASKS, load_splits, loaders, make_loader, pad_token_fix, partition, tokenize
 from fedlodrop.data.collate import length_order, restore_order
 from fedlodrop.errors import UserError

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from export_helpers import dev_rows, job, reference_logits, run_hf_only
 from fedlodrop.cli import app
-from fedlodrop.experiment import load_run
+from fedlodrop.run.experiment import load_run
 from conftest import read_metrics, tiny_cfg, train
 
 pytestmark = pytest.mark.precision  # CI runs these again on the other CPU path
@@ -75,9 +75,9 @@ def test_gpu_recipe_lora_settings_fit_the_architecture(request, recipe, fixture)
     and every attention block gets one LoRA per target."""
     from pathlib import Path
 
-    from fedlodrop.config import load_config
+    from fedlodrop.run.settings import load_config
     from fedlodrop.data.tasks import TASKS
-    from fedlodrop.model import build_model, load_tokenizer
+    from fedlodrop.model.backbone import build_model, load_tokenizer
 
     path = Path(__file__).resolve().parents[1] / "configs" / "gpu" / f"{recipe}.yaml"
     cfg = load_config(path, [f"model={request.getfixturevalue(fixture)}", "train.device=cpu",

@@ -10,11 +10,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedlodrop.cli import app
-from fedlodrop.client import train_local
+from fedlodrop.round.client import train_local
 from fedlodrop.data import make_loader
-from fedlodrop.engine import run
-from fedlodrop.experiment import build as prepare
-from fedlodrop.masks import draw_masks
+from fedlodrop.run.engine import run
+from fedlodrop.run.experiment import build as prepare
+from fedlodrop.lora.masks import draw_masks
+from fedlodrop.lora.variants import VARIANTS
 
 from conftest import read_metrics, read_summary, tiny_cfg
 
@@ -33,9 +34,9 @@ def test_run_folder_is_complete(tiny_bert, sst2_dir, tmp_path):
     saved = read_summary(folder)
     assert saved == summary
     assert set(saved) >= {"task", "rounds", "final", "best", "uplink_bytes_total", "downlink_bytes_total", "wall_s"}
-    assert saved["final"] == rows[-1].eval
-    assert saved["best"]["accuracy"] == max(r.eval["accuracy"] for r in rows)
-    assert saved["uplink_bytes_total"] == sum(r.uplink_bytes for r in rows)
+    assert saved.final == rows[-1].eval
+    assert saved.best["accuracy"] == max(r.eval["accuracy"] for r in rows)
+    assert saved.uplink_bytes_total == sum(r.uplink_bytes for r in rows)
     adapter = load_file(str(folder / "adapter.safetensors"))
     assert any(k.endswith(".lora_A") for k in adapter) and any(k.startswith("head.") for k in adapter)
 
@@ -47,7 +48,7 @@ def test_same_seed_same_result_and_other_seed_differs(tiny_bert, sst2_dir, tmp_p
     run(cfg, tmp_path / "b", show_progress=False)
     other = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": 0.3, "seed": 4})
     run(other, tmp_path / "c", show_progress=False)
-    from fedlodrop.runs import compare
+    from fedlodrop.run.folder import compare
 
     assert compare(tmp_path / "a", tmp_path / "b") == (0.0, [])  # model bit for bit, metrics but time
     worst, problems = compare(tmp_path / "a", tmp_path / "c")
@@ -55,14 +56,14 @@ def test_same_seed_same_result_and_other_seed_differs(tiny_bert, sst2_dir, tmp_p
     assert "metrics.jsonl differ beyond time" in problems
 
 
-@pytest.mark.parametrize("variant", ["subadapter", "update", "reset"])
+@pytest.mark.parametrize("variant", VARIANTS.names())
 def test_bytes_are_what_travels_for_each_variant(tiny_bert, sst2_dir, tmp_path, variant):
     gamma = 0.5
     cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": gamma, "dropout.sampler": "exact",
                                           "dropout.variant": variant, "federation.aggregation": "masked"})
     run(cfg, tmp_path / "r", show_progress=False)
     summary = read_summary(tmp_path / "r")
-    q, head = summary["adapter_values"], summary["head_values"]
+    q, head = summary.adapter_values, summary.head_values
     exp = prepare(cfg)
     layout = exp.fm.layout
     # exact sampler: each module keeps n - floor(gamma n) columns of A and rows of B
@@ -83,7 +84,7 @@ def test_fedex_folds_travel_down_the_next_round_in_the_comm_dtype(tiny_bert, sst
                                           "federation.rounds": 3})
     run(cfg, tmp_path / "r", show_progress=False)
     summary = read_summary(tmp_path / "r")
-    q, head = summary["adapter_values"], summary["head_values"]
+    q, head = summary.adapter_values, summary.head_values
     rows = read_metrics(tmp_path / "r")
     ups = [d.uplink_bytes for r in rows for d in r.devices]
     assert abs(sum(ups) / len(ups) - 2 * ((1 - gamma) * q + head)) < 0.05 * 2 * q
@@ -98,9 +99,9 @@ def test_fedex_folds_travel_down_the_next_round_in_the_comm_dtype(tiny_bert, sst
             assert d.downlink_bytes == 2 * (q + head) + (fold if i > 0 else 0)
 
 
-@pytest.mark.parametrize("variant", ["subadapter", "update", "reset"])
+@pytest.mark.parametrize("variant", VARIANTS.names())
 def test_what_each_variant_trains(tiny_bert, sst2_dir, variant):
-    from fedlodrop.variants import make_variant
+    from fedlodrop.lora.variants import make_variant
 
     cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": 0.5, "dropout.variant": variant})
     exp = prepare(cfg)
@@ -112,7 +113,7 @@ def test_what_each_variant_trains(tiny_bert, sst2_dir, variant):
         glob[m.key_b] = torch.randn_like(glob[m.key_b]) * 0.1
     start = {k: t.clone() for k, t in glob.items()}
     if v.masks_view:
-        from fedlodrop.masks import apply_masks
+        from fedlodrop.lora.masks import apply_masks
         start = apply_masks(glob, layout, masks)
     loader = make_loader(exp.shards[0], exp.fm.tokenizer, 8, True, 0)
     trained = masks if v.masks_training else None
@@ -140,17 +141,17 @@ def test_ffa_keeps_a_frozen_and_sends_no_a(tiny_bert, sst2_dir, tmp_path):
     summary = read_summary(tmp_path / "r")
     b_values = sum(m.n_out * m.r for m in exp.fm.layout.modules)
     row = read_metrics(tmp_path / "r")[0]
-    assert row.devices[0].uplink_bytes == 4 * (b_values + summary["head_values"])
+    assert row.devices[0].uplink_bytes == 4 * (b_values + summary.head_values)
 
 
 def test_centralised_baseline_one_device(tiny_bert, sst2_dir, tmp_path):
     summary = run(tiny_cfg(tiny_bert, sst2_dir, **{"federation.devices": 1}), tmp_path / "r", show_progress=False)
-    assert summary["devices"] == 1 and summary["rounds"] == 2
+    assert summary.devices == 1 and summary.rounds == 2
 
 
 def test_decoder_model_runs(tiny_gpt2, sst2_dir, tmp_path):
     summary = run(tiny_cfg(tiny_gpt2, sst2_dir, **{"federation.rounds": 1}), tmp_path / "r", show_progress=False)
-    assert 0.0 <= summary["final"]["accuracy"] <= 1.0
+    assert 0.0 <= summary.final["accuracy"] <= 1.0
 
 
 @pytest.mark.xdist_group("mini2-runs")
@@ -198,7 +199,7 @@ def test_devices_are_weighted_by_their_sample_counts(tiny_bert, tmp_path):
 
     from conftest import one_round
 
-    from fedlodrop.server import Server
+    from fedlodrop.round.server import Server
 
     glue = write_sst2(tmp_path / "glue", n_train=96)
     cfg = tiny_cfg(tiny_bert, glue, **{"federation.rounds": 1, "federation.partition": "dirichlet",
@@ -237,11 +238,11 @@ def test_test_time_ensemble(mini2, polarity_dir, trained):
     full model (same scores as N = 0); with dropout the members differ and the mean is what is scored."""
     from conftest import learning_cfg
 
-    from fedlodrop.client import predict_outputs
+    from fedlodrop.round.client import predict_outputs
     from conftest import load_global
 
-    from fedlodrop.evaluation import evaluate
-    from fedlodrop.masks import apply_masks, draw_masks
+    from fedlodrop.run.evaluation import evaluate
+    from fedlodrop.lora.masks import apply_masks, draw_masks
 
     cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.3, "dropout.variant": "update",
                                                "federation.aggregation": "masked", "federation.rounds": 5})
@@ -315,7 +316,7 @@ def test_per_device_rates_set_each_devices_upload(tiny_bert, sst2_dir, tmp_path)
     cfg = tiny_cfg(tiny_bert, sst2_dir, **{"dropout.rate": [0.0, 0.5, 0.9], "dropout.sampler": "exact",
                                           "federation.rounds": 1})
     summary = run(cfg, tmp_path / "r", show_progress=False)
-    q, head = summary["adapter_values"], summary["head_values"]
+    q, head = summary.adapter_values, summary.head_values
     devices = read_metrics(tmp_path / "r")[0].devices
     assert [d.rate for d in devices] == [0.0, 0.5, 0.9]
     assert devices[0].uplink_bytes == 4 * (q + head)
@@ -344,9 +345,9 @@ def test_head_learning_rate_scale(tiny_bert, sst2_dir):
 def test_summary_best_is_one_rounds_whole_metrics():
     """MRPC scores f1 and accuracy: `best` is the best round by f1 (the main metric), both of its
     numbers, never a mix of maxima from different rounds."""
-    from fedlodrop.config import load_config
+    from fedlodrop.run.settings import load_config
     from fedlodrop.data import TASKS
-    from fedlodrop.records import DeviceRecord, RoundRecord, summarize
+    from fedlodrop.round.records import DeviceRecord, RoundRecord, summarize
 
     cfg = load_config(None, ["task=mrpc", "data.glue_dir=x"])
     device = DeviceRecord(0, 0.0, 1, samples=8, train_loss=0.5, uplink_bytes=1)
@@ -355,5 +356,5 @@ def test_summary_best_is_one_rounds_whole_metrics():
                                    {"f1": 0.78, "accuracy": 0.72}])]
     summary = summarize(cfg, TASKS["mrpc"].main_metric, [0.0] * 3, 1, 1, rows)
     assert TASKS["mrpc"].main_metric == "f1"
-    assert summary["best"] == {"f1": 0.80, "accuracy": 0.70} and summary["best_round"] == 1
-    assert summary["final"] == {"f1": 0.78, "accuracy": 0.72}
+    assert summary.best == {"f1": 0.80, "accuracy": 0.70} and summary.best_round == 1
+    assert summary.final == {"f1": 0.78, "accuracy": 0.72}

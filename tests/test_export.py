@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from conftest import MINILM, tiny_cfg, train
 from export_helpers import dev_rows, job, reference_logits, run_hf_only
 from fedlodrop.cli import app
-from fedlodrop.runs import RunFolder
-from fedlodrop.export import exact_factors
-from fedlodrop.model import resolve_model_path
+from fedlodrop.run.folder import RunFolder
+from fedlodrop.artifacts.export import exact_factors
+from fedlodrop.model.backbone import resolve_model_path
 
 ATOL = 1e-4
 
@@ -31,7 +31,7 @@ def export_cli(run_dir, out, *extra):
 
 
 def final_accuracy(run_dir) -> float:
-    return RunFolder(run_dir).summary()["final"]["accuracy"]
+    return RunFolder(run_dir).summary().final["accuracy"]
 
 
 def check_same_model(got: dict, ref: np.ndarray, accuracy: float, labels: list[int]) -> None:
@@ -165,7 +165,7 @@ def test_export_errors_are_one_line_and_write_nothing(fedit_run, tmp_path):
 
 @pytest.mark.slow  # trains the packaged MiniLM (fedit_run / fedex_run)
 def test_export_into_an_empty_folder_works_and_a_failure_leaves_nothing(fedit_run, tmp_path, monkeypatch):
-    import fedlodrop.export as export_mod
+    import fedlodrop.artifacts.export as export_mod
 
     run_dir, _ = fedit_run
     empty = tmp_path / "empty"
@@ -187,8 +187,8 @@ def test_peft_base_path_is_absolute_for_a_relative_folder(tiny_gpt2, monkeypatch
     """adapter_config.json must name a backbone that loads from anywhere, not from the run's cwd."""
     from pathlib import Path
 
-    from fedlodrop.config import validate
-    from fedlodrop.export import base_model_id
+    from fedlodrop.run.settings import validate
+    from fedlodrop.artifacts.export import base_model_id
 
     folder = Path(tiny_gpt2)
     monkeypatch.chdir(folder.parent)

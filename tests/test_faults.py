@@ -8,10 +8,10 @@ from conftest import diverging
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fedlodrop import inprocess
+from fedlodrop.run import inprocess
 from fedlodrop.cli import app
-from fedlodrop.client import device_step
-from fedlodrop.runs import RunFolder
+from fedlodrop.round.client import device_step
+from fedlodrop.run.folder import RunFolder
 
 
 def _args(model, glue_dir, out, rounds=2, *extra):
@@ -34,7 +34,7 @@ def test_a_diverging_device_is_left_out_and_logged(tiny_bert, sst2_dir, tmp_path
         assert math.isfinite(row.train_loss) and math.isfinite(row.eval_loss)
     adapter = load_file(str(out / "adapter.safetensors"))
     assert all(torch.isfinite(v).all() for v in adapter.values())
-    assert RunFolder(out).summary()["devices_left_out"] == 2
+    assert RunFolder(out).summary().devices_left_out == 2
     assert "left out" in result.stderr
 
 
@@ -52,4 +52,4 @@ def test_a_round_with_too_few_devices_fails_and_keeps_the_checkpoint(tiny_bert, 
     monkeypatch.setattr(inprocess, "device_step", device_step)
     result = CliRunner().invoke(app, ["run", "--quiet", "--resume", str(out)])
     assert result.exit_code == 0, result.output
-    assert folder.summary()["rounds"] == 3
+    assert folder.summary().rounds == 3

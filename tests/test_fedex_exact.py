@@ -11,13 +11,13 @@ Effective weights are read off the layers themselves: layer(I) - bias.
 import pytest
 import torch
 
-from fedlodrop.config import validate
+from fedlodrop.run.settings import validate
 from fedlodrop.data.tasks import TASKS
-from fedlodrop.masks import device_masks
-from fedlodrop.messages import DeviceReply, decode_adapter, encode_adapter
-from fedlodrop.model import build_model, load_tokenizer
-from fedlodrop.server import Server, ServerState
-from fedlodrop.variants import VARIANTS
+from fedlodrop.lora.masks import device_masks
+from fedlodrop.lora.messages import DeviceReply, decode_adapter, encode_adapter
+from fedlodrop.model.backbone import build_model, load_tokenizer
+from fedlodrop.round.server import Server, ServerState
+from fedlodrop.lora.variants import VARIANTS
 
 
 def _setup(path, variant, rate=0.3, aggregation="fedex", comm="float32", devices=3, r=4):
@@ -75,7 +75,7 @@ def _global(fm, server):
     return _effective(fm)
 
 
-@pytest.mark.parametrize("variant", ["update", "subadapter", "reset"])
+@pytest.mark.parametrize("variant", VARIANTS.names())
 @pytest.mark.parametrize("model_fixture", ["tiny_bert", "tiny_gpt2"])
 def test_fedex_with_masks_is_exact_and_consistent(request, model_fixture, variant):
     cfg, fm, server, g = _setup(request.getfixturevalue(model_fixture), variant)
@@ -110,7 +110,7 @@ def _pristine(fm):
 
 
 def _catch_up(result, round_):
-    from fedlodrop.messages import FoldCatchUp
+    from fedlodrop.lora.messages import FoldCatchUp
 
     return FoldCatchUp(round_, round_ + 1, [result.fold_update])
 

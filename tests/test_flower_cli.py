@@ -19,12 +19,12 @@ from flower_helpers import HANG_S
 from typer.testing import CliRunner
 
 from fedlodrop.cli import app
-from fedlodrop.cli_flower import _Failure, _finish
-from fedlodrop.config import load_config
+from fedlodrop.flower.federation import FlowerFailure, outcome
+from fedlodrop.run.settings import load_config
 from fedlodrop.errors import RoundFailed, UserError
 from fedlodrop.flower import launch
 from fedlodrop.flower.app import ROUND_FAILED, USER_ERROR
-from fedlodrop.sweep import config_differences
+from fedlodrop.studies.sweep import config_differences
 
 
 def _invoke(*args):
@@ -165,16 +165,20 @@ def test_flower_processes_import_this_checkout(monkeypatch):
 
 
 def test_a_failed_run_becomes_the_right_error(tmp_path):
-    cfg = load_config(None, ["task=sst2", "data.glue_dir=x"])
     failed = {"run-id": "9", "status": "finished:failed"}
     with pytest.raises(UserError, match="^GLUE folder missing$"):
-        _finish(failed | {"status-details": f"ServerApp failed with exception: {USER_ERROR}GLUE folder missing"},
-                cfg, tmp_path, "")
+        outcome(failed | {"status-details": f"ServerApp failed with exception: {USER_ERROR}GLUE folder missing"},
+                tmp_path, "")
     with pytest.raises(RoundFailed, match="^round 2: 0 of 2"):
-        _finish(failed | {"status-details": f"Simulation failed with exception: {ROUND_FAILED}round 2: 0 of 2"},
-                cfg, tmp_path, "")
-    with pytest.raises(_Failure, match="Flower run 9 ended finished:failed: Simulation failed with exception: boom"):
-        _finish(failed | {"status-details": "Simulation failed with exception: boom"}, cfg, tmp_path, "")
+        outcome(failed | {"status-details": f"Simulation failed with exception: {ROUND_FAILED}round 2: 0 of 2"},
+                tmp_path, "")
+    said = []
+    with pytest.raises(FlowerFailure, match="Flower run 9 ended finished:failed: Simulation failed with exception: boom"):
+        outcome(failed | {"status-details": "Simulation failed with exception: boom"}, tmp_path, "a\nlast log line",
+                said.append)
+    assert said == ["a\nlast log line"]
+    done = outcome({"run-id": "9", "status": "finished:completed"}, tmp_path / "elsewhere", "")
+    assert done.summary is None and "on the SuperLink's machine" in done.note
 
 
 def test_a_workspace_stops_every_process_it_started(tmp_path, monkeypatch):

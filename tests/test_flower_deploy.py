@@ -16,6 +16,7 @@ import time
 import pytest
 from conftest import learning_cfg
 from flower_helpers import (
+    raising_env,
     HANG_S,
     LIVE_DEVICE_S,
     assert_same_run,
@@ -27,9 +28,8 @@ from flower_helpers import (
 )
 from flower_helpers import federation as start_federation
 
-from fedlodrop.runs import RunFolder
+from fedlodrop.run.folder import RunFolder
 from fedlodrop.flower import launch
-from fedlodrop.flower.app import TEST_RAISE_ENV
 
 # real SuperLink and SuperNodes; one xdist worker runs the whole module (its federation is shared)
 # and test_flower_secagg_deploy, one federation at a time
@@ -103,15 +103,15 @@ def test_devices_with_their_own_files_learn_with_a_server_that_has_none(federati
     assert res.returncode == 0, res.stdout + res.stderr
     assert_same_run(tmp_path / "inproc", tmp_path / "flower")
     summary = RunFolder(tmp_path / "flower").summary()
-    assert summary["final"]["accuracy"] >= 0.75 and summary["devices_never_used"] == {}
+    assert summary.final["accuracy"] >= 0.75 and summary.devices_never_used == {}
     rows = metrics(tmp_path / "flower")
-    assert all(r.flower["uplink_count_bytes"] > r.uplink_bytes > 0 for r in rows)
+    assert all(r.flower.uplink_count_bytes > r.uplink_bytes > 0 for r in rows)
     assert "submitted run" in res.stderr and "final accuracy" in res.stdout
     assert "each device's own choice" in res.stderr  # precision: decided on the devices
 
 
 def _tree(flat: dict):
-    from fedlodrop.config import validate
+    from fedlodrop.run.settings import validate
 
     tree: dict = {}
     for key, value in flat.items():
@@ -168,15 +168,15 @@ def test_a_killed_supernode_is_left_out_then_too_few_devices_fail(federation, ti
     assert r1.devices[1].downlink_bytes > 0  # its message went out before it died
     # round 2 did not wait for the dead node: no message to it at all
     assert f2 == {"device": 1, "reason": "no SuperNode online for this device"}
-    assert r2.devices[1].downlink_bytes == 0 and list(r2.flower["nodes"]) == ["0"]
+    assert r2.devices[1].downlink_bytes == 0 and list(r2.flower.nodes) == ["0"]
     for r in (r1, r2):
         assert r.uplink_bytes == r.devices[0].uplink_bytes > 0
     assert "(1 left out)" in err
-    assert RunFolder(tmp_path / "flower").summary()["devices_left_out"] == 2
+    assert RunFolder(tmp_path / "flower").summary().devices_left_out == 2
 
     # device 1 is back (its node is offline now, so its key may activate again), but its
     # ClientApp raises: with min_devices 2 round 1 cannot stand
-    federation.ws.env, env = federation.ws.env | {TEST_RAISE_ENV: "1"}, federation.ws.env
+    federation.ws.env, env = federation.ws.env | raising_env("1", federation.ws.env), federation.ws.env
     try:
         back = federation.ws.spawn("node1-back", federation.node_cmd(1))
     finally:

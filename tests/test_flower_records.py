@@ -11,7 +11,7 @@ import torch
 from flwr.app import Array, ConfigRecord, Error, RecordDict
 
 from fedlodrop.flower.app import load_fold, save_fold
-from fedlodrop.flower.records import (
+from fedlodrop.flower.wire import (
     content_bytes,
     content_reply,
     content_task,
@@ -22,9 +22,9 @@ from fedlodrop.flower.records import (
     to_records,
 )
 from fedlodrop.flower.transport import error_reason
-from fedlodrop.masks import payload_bytes as tensor_bytes
-from fedlodrop.records import Precision
-from fedlodrop.messages import DeviceReply, DeviceTask, FoldCatchUp, FoldUpdate
+from fedlodrop.lora.masks import payload_bytes as tensor_bytes
+from fedlodrop.lora.messages import Precision
+from fedlodrop.lora.messages import DeviceReply, DeviceTask, FoldCatchUp, FoldUpdate
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,10 @@ import pytest
 from conftest import learning_cfg
 from flower_helpers import FakeGrid
 
-from fedlodrop import engine
+from fedlodrop.run import engine
 from fedlodrop.flower import app as flower_app
-from fedlodrop.inprocess import InProcessEngine
-from fedlodrop.runs import RunFolder, compare
+from fedlodrop.run.inprocess import InProcessEngine
+from fedlodrop.run.folder import RunFolder, compare
 from fedlodrop.data import TASKS
 
 pytestmark = pytest.mark.usefixtures("fresh_client_cache")
@@ -61,7 +61,7 @@ def test_an_interrupted_run_resumes_on_flower_as_an_uninterrupted_run(tiny_bert,
     # device processes hold none and are sent rounds 1 and 2 (or F whole); the rest is the same
     assert b[2].downlink_bytes > a[2].downlink_bytes
     assert [r.downlink_bytes for i, r in enumerate(a) if i != 2] == [r.downlink_bytes for i, r in enumerate(b) if i != 2]
-    assert RunFolder(whole).summary()["final"] == RunFolder(cut).summary()["final"]
+    assert RunFolder(whole).summary().final == RunFolder(cut).summary().final
 
 
 def test_resume_options_are_checked_before_anything_starts(tiny_bert, polarity_dir, tmp_path):
@@ -90,13 +90,13 @@ def test_the_flower_app_declares_every_key_the_cli_sends(tmp_path):
     the keys `flower simulate` and `flower run` send are exactly the app's."""
     import tomllib
 
-    from fedlodrop.cli_flower import _run_config
-    from fedlodrop.config import load_config
+    from fedlodrop.flower.federation import run_config
+    from fedlodrop.run.settings import load_config
     from fedlodrop.flower import launch
 
     app = launch.write_app(tmp_path / "app")
     declared = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     for resume in (False, True):
-        sent = _run_config(load_config(None, []), tmp_path / "run", False, resume)
+        sent = run_config(load_config(None, []), tmp_path / "run", False, resume)
         assert set(sent) == set(declared)
         assert all(type(sent[k]) is type(declared[k]) for k in sent)

@@ -6,17 +6,20 @@ from __future__ import annotations
 import math
 
 import pytest
+from fault_inject import patch as patch_faults
+
+import fedlodrop.round.client as client
 import torch
 from conftest import learning_cfg
 from flower_helpers import FakeGrid, assert_same_run, metrics, serve
 
-from fedlodrop import engine
-from fedlodrop.config import validate
+from fedlodrop.run import engine
+from fedlodrop.run.settings import validate
 from fedlodrop.errors import RoundFailed
-from fedlodrop.runs import RunFolder
+from fedlodrop.run.folder import RunFolder
 from fedlodrop.flower import app as flower_app
 from fedlodrop.flower import strategy as flower_strategy
-from fedlodrop.flower.records import content_task, payload_bytes
+from fedlodrop.flower.wire import content_task, payload_bytes
 from fedlodrop.flower.transport import Discovery, DiscoveryError
 
 pytestmark = pytest.mark.usefixtures("fresh_client_cache")
@@ -48,8 +51,8 @@ def test_partial_participation_fedex_equals_in_process(tiny_bert, polarity_dir, 
     arrays_per_msg = {len(m.content["arrays"]) for m in train}
     assert arrays_per_msg == {1} if pack else min(arrays_per_msg) > 1
     for r in rows:
-        assert r.flower["downlink_count_bytes"] > r.downlink_bytes
-        assert r.flower["uplink_count_bytes"] > r.uplink_bytes
+        assert r.flower.downlink_count_bytes > r.downlink_bytes
+        assert r.flower.uplink_count_bytes > r.uplink_bytes
 
 
 def test_ffa_equals_in_process(tiny_bert, polarity_dir, tmp_path):
@@ -87,7 +90,7 @@ def test_bytes_are_counted_from_the_messages(tiny_bert, polarity_dir, tmp_path, 
     TRAIN message (the device ignores it) and the downlink grows by its bytes."""
     from flwr.app import ConfigRecord, RecordDict
 
-    from fedlodrop.flower.records import ARRAYS, LAYOUT, TASK, to_records
+    from fedlodrop.flower.wire import ARRAYS, LAYOUT, TASK, to_records
 
     def with_extra(task, pack):
         tensors, scalars = task.to_flat()
@@ -115,7 +118,7 @@ def test_failed_devices_are_left_out_with_their_reason(tiny_bert, polarity_dir, 
     grid.offline.add(40)
     grid.unavailable.add(30)
     grid.refused.add(10)
-    monkeypatch.setenv(flower_app.TEST_RAISE_ENV, "3@1")
+    patch_faults(client, "3@1", monkeypatch.setattr)
     real = grid.push_messages
 
     def push(messages):  # after round 1's messages, device 3's node is no longer listed
@@ -142,7 +145,7 @@ def test_failed_devices_are_left_out_with_their_reason(tiny_bert, polarity_dir, 
             assert set(d.to_json()) == {"device", "rate", "downlink_bytes", "status", "reason"}
         assert math.isfinite(r.train_loss) and r.train_loss == ok.train_loss
     assert r2.devices[3].downlink_bytes == 0  # nothing was sent to a node that is not there
-    assert RunFolder(tmp_path / "flower").summary()["devices_left_out"] == 8
+    assert RunFolder(tmp_path / "flower").summary().devices_left_out == 8
 
 
 def test_too_few_devices_fail_the_run_with_the_reasons(tiny_bert, polarity_dir, tmp_path, monkeypatch):

@@ -15,7 +15,9 @@ from conftest import diverging, learning_cfg
 from flower_helpers import cli_ok, federation, metrics, run_and_kill_node, write_config
 from safetensors.torch import load_file
 
-from fedlodrop import inprocess, secagg
+from fedlodrop.run import inprocess
+
+from fedlodrop.round import secagg
 
 # real SuperLink and SuperNodes: the same xdist group as test_flower_deploy, so that one worker runs
 # the deployments one at a time
@@ -48,7 +50,7 @@ def test_secure_aggregation_deployment_survives_a_killed_device_and_equals_the_p
     assert [d.status for d in ref.devices] == [d.status for d in row.devices] == ["ok", "ok", "left out"]
     reason = row.devices[2].reason
     assert reason.startswith("SecAgg+ collect_masked_vectors: SuperNode unavailable"), reason
-    assert row.flower["secagg"]["devices_in_sum"] == 2
+    assert row.flower.secagg.devices_in_sum == 2
     assert all(d.uplink_bytes > 0 for d in row.devices[:2])
     a, b = (load_file(str(root / name / "adapter.safetensors")) for name in ("plain", "secure"))
     bound, eps = secagg.error_bound(2, 1.0), torch.finfo(torch.float32).eps

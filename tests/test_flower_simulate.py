@@ -16,6 +16,7 @@ import subprocess
 
 import pytest
 from conftest import learning_cfg
+from flower_helpers import raising_env
 from flower_helpers import (
     HANG_S,
     LIVE_DEVICE_S,
@@ -31,7 +32,6 @@ from flower_helpers import (
 from typer.testing import CliRunner
 
 from fedlodrop.cli import app
-from fedlodrop.flower.app import TEST_RAISE_ENV
 
 pytestmark = pytest.mark.slow  # real SuperLink, SuperExec and Ray
 
@@ -70,8 +70,8 @@ def test_simulate_with_partial_participation_equals_fedlodrop_run(tiny_bert, pol
     rows = metrics(tmp_path / "flower")
     for r in rows:  # bytes measured from the messages equal the in-process counts (assert_same_run)
         assert r.failures == [] and len(r.participants) == 2
-        assert sorted(r.flower["nodes"]) == sorted(str(k) for k in r.participants)
-        assert r.uplink_bytes > 0 and r.flower["uplink_count_bytes"] > r.uplink_bytes
+        assert sorted(r.flower.nodes) == sorted(str(k) for k in r.participants)
+        assert r.uplink_bytes > 0 and r.flower.uplink_count_bytes > r.uplink_bytes
     assert rows[1].downlink_bytes > rows[0].downlink_bytes  # round 2 carries round 1's fold
     assert set(rows[1].participants) & set(rows[2].participants)  # state kept across messages
     sat_out = [set(range(3)) - set(r.participants) for r in rows]
@@ -89,7 +89,7 @@ def test_a_raising_clientapp_is_left_out_and_ctrl_c_stops_every_process(tiny_ber
     out, log = tmp_path / "flower", tmp_path / "stderr.txt"
     with open(log, "w") as err_file:
         proc = subprocess.Popen(fedlodrop_cmd("flower", "simulate", "--config", cfg_file, "--out", out),
-                                env=subprocess_env(tmp_path, pythonpath=False, **{TEST_RAISE_ENV: "1@2"}), cwd=SRC,
+                                env=subprocess_env(tmp_path, pythonpath=False, **raising_env("1@2")), cwd=SRC,
                                 stdout=subprocess.DEVNULL, stderr=err_file, text=True,
                                 # a suite started in the background (`pytest &`) passes SIGINT on ignored
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509

@@ -11,9 +11,10 @@ import torch
 
 from conftest import learning_cfg
 from conftest import load_global
-from fedlodrop.engine import run
-from fedlodrop.evaluation import evaluate
-from fedlodrop.runs import RunFolder
+from fedlodrop.run.engine import run
+from fedlodrop.run.evaluation import evaluate
+from fedlodrop.run.folder import RunFolder
+from fedlodrop.lora.variants import VARIANTS
 
 pytestmark = pytest.mark.slow  # every test trains the 2-layer cut of the pretrained MiniLM for several rounds
 
@@ -38,7 +39,7 @@ def check_learns(cfg, out, min_accuracy=0.8, adapter_alone_at_chance=True):
     losses = [r.eval_loss if cfg.privacy.dp else r.train_loss for r in rows]
     assert losses[-1] < 0.75 * losses[0], f"loss did not fall: {losses}"
     accuracy = [r.eval["accuracy"] for r in rows]
-    assert summary["final"]["accuracy"] >= min_accuracy, f"validation accuracy by round: {accuracy}"
+    assert summary.final["accuracy"] >= min_accuracy, f"validation accuracy by round: {accuracy}"
     if adapter_alone_at_chance:
         assert _ablated_accuracy(out) <= 0.65, "the head alone solves the task: this test would not see the adapter"
     return summary, rows
@@ -46,7 +47,7 @@ def check_learns(cfg, out, min_accuracy=0.8, adapter_alone_at_chance=True):
 
 @pytest.mark.xdist_group("mini2-runs")  # runs test_engine reads too: one worker trains them once
 @pytest.mark.parametrize("aggregation", ["fedex", "masked"])
-@pytest.mark.parametrize("variant", ["update", "subadapter", "reset"])
+@pytest.mark.parametrize("variant", VARIANTS.names())
 def test_dropout_learns_with_every_variant(mini2, polarity_dir, trained, variant, aggregation):
     # reset is the released code's rule: every round a device restarts its dropped slices from zero
     # and the server averages what was sent, so it learns more slowly; it gets more rounds
@@ -132,8 +133,8 @@ def test_differential_privacy_learns(mini2, polarity_dir, tmp_path, mode, aggreg
                                                 "privacy.noise_multiplier": sigma})
     summary, rows = check_learns(cfg, tmp_path / "r", min_accuracy=0.85)
     spent = [r.privacy.epsilon for r in rows]
-    assert all(a < b for a, b in zip(spent, spent[1:])) and summary["privacy"]["epsilon"] == spent[-1]
-    assert summary["privacy"]["mode"] == mode and summary["privacy"]["noise_multiplier"] == sigma
+    assert all(a < b for a, b in zip(spent, spent[1:])) and summary.privacy.epsilon == spent[-1]
+    assert summary.privacy.mode == mode and summary.privacy.noise_multiplier == sigma
 
 
 def test_own_csv_split_by_site_learns(mini2, polarity_dir, tmp_path):
@@ -141,7 +142,7 @@ def test_own_csv_split_by_site_learns(mini2, polarity_dir, tmp_path):
     of different sizes, no validation file (a tenth held out). Learns as the built-in task does."""
     import csv
 
-    from fedlodrop.config import validate
+    from fedlodrop.run.settings import validate
 
     lines = (polarity_dir / "SST-2" / "train.tsv").read_text().splitlines()[1:]
     lines += (polarity_dir / "SST-2" / "dev.tsv").read_text().splitlines()[1:]

@@ -6,8 +6,8 @@ import struct
 from typer.testing import CliRunner
 
 from fedlodrop.cli import app
-from fedlodrop.logs import round_scalars
-from fedlodrop.runs import RunFolder
+from fedlodrop.run.logs import round_scalars
+from fedlodrop.run.folder import RunFolder
 
 
 def _wandb_history(run_dir):

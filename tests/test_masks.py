@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedlodrop.adapter import AdapterLayout, ModuleShape
-from fedlodrop.masks import apply_masks, draw_keep, draw_masks, pack, payload_bytes, unpack
+from fedlodrop.lora.adapter import AdapterLayout, ModuleShape
+from fedlodrop.lora.masks import apply_masks, draw_keep, draw_masks, pack, payload_bytes, unpack
 
 LAYOUT = AdapterLayout(
     modules=(ModuleShape("l0.q", 48, 32, 4, 2.0), ModuleShape("l0.v", 48, 32, 4, 2.0),

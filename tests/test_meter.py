@@ -1,4 +1,4 @@
-"""The simulated clock and meter (fedlodrop.meter): every round of a run with a system is priced
+"""The simulated clock and meter (fedlodrop.run.meter): every round of a run with a system is priced
 on SPEC 3's formulas from what each device really did; limits are enforced like a deployment
 would; run budgets end training before the round that would exceed them; bad input is refused."""
 
@@ -11,13 +11,13 @@ from conftest import learning_cfg
 from flower_helpers import FakeGrid
 from typer.testing import CliRunner
 
-from fedlodrop import engine
+from fedlodrop.run import engine
 from fedlodrop.cli import app
-from fedlodrop.experiment import build
+from fedlodrop.run.experiment import build
 from fedlodrop.flower import app as flower_app
 from fedlodrop.planning import random_system, save_system
-from fedlodrop.runs import RunFolder, compare
-from fedlodrop.server import Server, ServerState
+from fedlodrop.run.folder import RunFolder, compare
+from fedlodrop.round.server import Server, ServerState
 
 pytestmark = pytest.mark.usefixtures("fresh_client_cache")
 
@@ -41,7 +41,7 @@ def _cfg(model, glue, system, **over):
 def device_latencies(cfg) -> list[float]:
     """Round 1's simulated latency of each device, priced before anything trains."""
     exp = build(cfg)
-    server = Server(cfg, exp.fm.layout, ServerState(0, exp.fm.get_state()), exp.rates, exp.known, exp.meter)
+    server = Server(cfg, exp.fm.layout, ServerState(0, exp.fm.get_state()), exp.rates, exp.known, exp.plugins)
     return [exp.meter.price(t.device, t.rate, len(exp.shards[t.device]), server.upload_bytes(t), t.nbytes).latency_s
             for t in server.configure(0)]
 
@@ -74,7 +74,7 @@ def test_every_round_is_priced_from_what_travelled_on_both_engines(tiny_bert, po
         assert r.system.energy_j == pytest.approx(sum(d.system.energy_j for d in r.devices))
     # round 2 carries the fold down and uploads other masks: the clock follows the bytes
     assert rows[0].devices[0].system.upload_s != rows[1].devices[0].system.upload_s
-    summary = RunFolder(tmp_path / "inproc").summary()["system"]
+    summary = RunFolder(tmp_path / "inproc").summary().system
     assert summary["simulated_time_s"] == pytest.approx(sum(r.system.latency_s for r in rows))
     assert summary["stopped_by"] is None and summary["devices_dropped_for_limits"] == 0
 
@@ -94,9 +94,9 @@ def test_a_device_over_the_latency_limit_is_dropped_and_the_run_still_learns(min
         assert r.failures[0]["reason"].startswith("missed the latency limit")
         assert r.system.latency_s == pytest.approx(limit)  # the server waited until the deadline
         assert r.device(slow).system.energy_j > 0  # the late device spent its energy all the same
-    assert summary["system"]["devices_dropped_for_limits"] == 5
+    assert summary.system.devices_dropped_for_limits == 5
     # learning goes on with the devices that keep the deadline
-    assert rows[-1].train_loss < 0.75 * rows[0].train_loss and summary["final"]["accuracy"] >= 0.8
+    assert rows[-1].train_loss < 0.75 * rows[0].train_loss and summary.final["accuracy"] >= 0.8
 
     report = _cfg(mini2, polarity_dir, tight, **{"system.enforce": "report", "federation.rounds": 1})
     engine.run(report, tmp_path / "report", show_progress=False)
@@ -112,8 +112,8 @@ def test_a_time_budget_ends_the_run_before_the_round_that_would_exceed_it(tiny_b
     per_round = max(device_latencies(_cfg(tiny_bert, polarity_dir, system, **over)))
     cfg = _cfg(tiny_bert, polarity_dir, system, **over, **{"federation.time_budget_s": 2.5 * per_round})
     summary = engine.run(cfg, tmp_path / "r", show_progress=False)
-    assert summary["rounds"] == 2 and summary["system"]["stopped_by"] == "time_budget_s"
-    assert summary["system"]["simulated_time_s"] <= 2.5 * per_round
+    assert summary.rounds == 2 and summary.system.stopped_by == "time_budget_s"
+    assert summary.system.simulated_time_s <= 2.5 * per_round
     result = CliRunner().invoke(app, ["run", "--quiet", "--out", str(tmp_path / "none"), "--set", "task=sst2",
                                       "--set", f"model={tiny_bert}", "--set", "data.source=glue_dir",
                                       "--set", f"data.glue_dir={polarity_dir}", "--set", f"system={system}",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedlodrop.data.tasks import TASKS
-from fedlodrop.metrics import compute_metrics, generalization_gap
+from fedlodrop.data.metrics import compute_metrics, generalization_gap
 
 
 def test_keys_follow_the_task():

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from conftest import read_metrics, read_summary, train
 from fedlodrop.cli import app
-from fedlodrop.config import validate
+from fedlodrop.run.settings import validate
 from fedlodrop.data import load_task
 from fedlodrop.data.partitions import device_groups, partition
 from fedlodrop.errors import UserError
@@ -267,7 +267,7 @@ def test_the_readme_example_learns_exports_and_predicts_team_names(tmp_path, mon
         train_rows = list(csv.DictReader(fh))
     majority = max(sum(r["team"] == t for r in train_rows) for t in ("billing", "shipping", "technical")) / len(train_rows)
     assert rounds[-1].train_loss < 0.5 * rounds[0].train_loss
-    assert summary["final"]["accuracy"] >= majority + 0.4, (summary["final"], majority)
+    assert summary.final["accuracy"] >= majority + 0.4, (summary.final, majority)
     # each site is a device, holding that site's tickets
     sites = sorted({r["site"] for r in train_rows})
     assert [d.samples for d in rounds[0].devices] == [sum(r["site"] == s for r in train_rows) for s in sites]
@@ -306,7 +306,7 @@ def test_a_regression_pair_task_predicts_scores_from_both_columns(tiny_bert, tmp
     run_dir = train(cfg, tmp_path / "run")
     task = json.loads((run_dir / "task.json").read_text())
     assert task["is_regression"] and task["metrics"] == ["pearson", "spearman"] and task["text_b"] == "answer"
-    assert set(read_summary(run_dir)["final"]) == {"pearson", "spearman"}
+    assert set(read_summary(run_dir).final) == {"pearson", "spearman"}
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a, _ in rows[:5]))
     result = CliRunner().invoke(app, ["predict", str(run_dir), "--input", str(tmp_path / "in.jsonl"), "--quiet"])
     assert result.exit_code == 0, result.output
@@ -325,7 +325,7 @@ def test_own_data_resumes_and_refuses_data_that_changed(tiny_bert, tmp_path, mon
     """An interrupted run on a CSV resumes to the uninterrupted run's end; if the file gained a
     class meanwhile, resuming says so instead of training a different task."""
     from test_resume import Killed, _strip
-    from fedlodrop.runs import RunFolder
+    from fedlodrop.run.folder import RunFolder
 
     path = write_csv(tmp_path / "t.csv", ROWS * 3)
     args = ["run", "--quiet", "--set", "task=tickets", "--set", f"model={tiny_bert}", "--set", f"data.train={path}",
@@ -356,7 +356,7 @@ def test_own_data_on_flower_is_the_in_process_run(tiny_bert, tmp_path, fresh_cli
     """The ServerApp and each ClientApp read the CSV and partition it by site as `fedlodrop run`
     does: the same run, bit for bit."""
     from flower_helpers import assert_same_run, serve
-    from fedlodrop import engine
+    from fedlodrop.run import engine
 
     rows = [(t, lab, site) for t, lab, site in ROWS] * 3
     path = write_csv(tmp_path / "t.csv", rows)
@@ -391,7 +391,7 @@ def test_system_random_from_a_run_prices_its_own_partition_and_payload(tiny_bert
     the run's own split, and the payload the run's model really sends in its comm dtype."""
     import yaml
 
-    from fedlodrop.experiment import build
+    from fedlodrop.run.experiment import build
 
     sites = ["oslo"] * 9 + ["lisbon"] * 6 + ["berlin"] * 3
     path = write_csv(tmp_path / "t.csv", [(f"ticket {i}", ["billing", "shipping"][i % 2], s) for i, s in enumerate(sites)])
@@ -404,7 +404,7 @@ def test_system_random_from_a_run_prices_its_own_partition_and_payload(tiny_bert
     assert result.exit_code == 0, result.output
     spec = yaml.safe_load((tmp_path / "sys.yaml").read_text())
     assert [d["samples"] for d in spec["devices"]] == [3, 6, 9]  # berlin, lisbon, oslo
-    from fedlodrop.config import load_config
+    from fedlodrop.run.settings import load_config
 
     exp = build(load_config(overrides=sets), eval_data=False)
     assert [len(exp.shards.raw[k]) for k in range(3)] == [3, 6, 9]
@@ -436,9 +436,9 @@ def test_devices_with_their_own_files_train_as_by_column_does(tiny_bert, tmp_pat
     in every round, and the run's last line says so."""
     from flower_helpers import assert_same_run, serve
 
-    from fedlodrop import engine
-    from fedlodrop.cli_common import print_summary
-    from fedlodrop.runs import RunFolder
+    from fedlodrop.run import engine
+    from fedlodrop.cli.common import print_summary
+    from fedlodrop.run.folder import RunFolder
 
     rows = [(t, lab, site) for t, lab, site in ROWS] * 3
     union, files = _site_files(tmp_path, rows)
@@ -461,10 +461,10 @@ def test_devices_with_their_own_files_train_as_by_column_does(tiny_bert, tmp_pat
     (tmp_path / "bad.csv").write_text("text,team\nhello,billing\n")
     serve(local, tmp_path / "bad", data=[files[0], tmp_path / "bad.csv", files[2]])
     summary = RunFolder(tmp_path / "bad").summary()
-    assert list(summary["devices_never_used"]) == ["1"]
-    assert "bad.csv has no column 'message'" in summary["devices_never_used"]["1"]
+    assert list(summary.devices_never_used) == ["1"]
+    assert "bad.csv has no column 'message'" in summary.devices_never_used["1"]
     assert all(r.device(1).status == "left out" for r in read_metrics(tmp_path / "bad"))
-    from fedlodrop.cli_common import err_console
+    from fedlodrop.cli.common import err_console
 
     with err_console.capture() as captured:
         print_summary(summary, tmp_path / "bad")

@@ -9,10 +9,10 @@ import yaml
 from typer.testing import CliRunner
 
 from fedlodrop.cli import app
-from fedlodrop.cli_planning import solve
+from fedlodrop.planning import plan_system as solve
 from fedlodrop.planning.scenarios import random_system
 from fedlodrop.planning.system import system_model
-from fedlodrop.records import DeviceRecord, RoundRecord
+from fedlodrop.round.records import DeviceRecord, RoundRecord
 
 
 def recheck(plan, m):

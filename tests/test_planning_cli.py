@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from fedlodrop.cli import app
 from fedlodrop.planning import load_plan, load_system, random_system, save_system
-from fedlodrop.records import DeviceRecord, RoundRecord
+from fedlodrop.round.records import DeviceRecord, RoundRecord
 
 runner = CliRunner()
 

@@ -11,11 +11,11 @@ import torch
 from typer.testing import CliRunner
 
 from fedlodrop.cli import app
-from fedlodrop.config import load_config
+from fedlodrop.run.settings import load_config
 from fedlodrop.data.tasks import TASKS
 from fedlodrop.errors import UserError
-from fedlodrop.model import build_model, load_tokenizer, model_pooling
-from fedlodrop.pooling import checkpoint_pooling
+from fedlodrop.model.backbone import build_model, load_tokenizer, model_pooling
+from fedlodrop.model.pooling import checkpoint_pooling
 
 
 def _fm(model: str, *over: str):
@@ -97,7 +97,7 @@ def test_a_run_folder_from_before_pooling_reads_as_the_cls_head_it_was_trained_w
     import yaml
 
     from fedlodrop.config import RunConfig, dump_config
-    from fedlodrop.runs import RunFolder
+    from fedlodrop.run.folder import RunFolder
 
     tree = yaml.safe_load(dump_config(RunConfig()))
     (tmp_path / "new").mkdir()

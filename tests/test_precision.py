@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 
 from conftest import POSITIVE, NEGATIVE, read_metrics, read_summary, tiny_cfg, train
 from export_helpers import dev_rows, job, run_hf_only
-from fedlodrop import model as model_mod
+from fedlodrop.model import backbone as model_mod
 from fedlodrop.cli import app
-from fedlodrop.client import predict_outputs
+from fedlodrop.round.client import predict_outputs
 from fedlodrop.data import make_loader
-from fedlodrop.experiment import load_run
-from fedlodrop.model import CPU_AMX_ENV, resolve_precision
+from fedlodrop.run.experiment import load_run
+from fedlodrop.model.backbone import CPU_AMX_ENV, resolve_precision
 from test_decoders import DECODER
 
 pytestmark = pytest.mark.precision
@@ -74,8 +74,8 @@ def test_bf16_training_learns_is_recorded_and_inference_gives_the_exports_output
     cfg = tiny_cfg(tiny_bloom, sst2_dir, **DECODER, **{"train.precision": "bf16"})
     run_dir = train(cfg, tmp_path / "run")
     summary, rounds = read_summary(run_dir), read_metrics(run_dir)
-    assert rounds[-1].train_loss < 0.75 * rounds[0].train_loss and summary["final"]["accuracy"] >= 0.75
-    assert summary["precision"] == {"train": [{"dtype": "bf16", "why": "train.precision bf16"}],
+    assert rounds[-1].train_loss < 0.75 * rounds[0].train_loss and summary.final["accuracy"] >= 0.75
+    assert summary.precision == {"train": [{"dtype": "bf16", "why": "train.precision bf16"}],
                                     "eval": {"dtype": "fp32", "why": "train.eval_precision fp32"}}
     for record in rounds:
         assert [d.precision for d in record.devices] == ["bf16"] * 3
@@ -85,7 +85,7 @@ def test_bf16_training_learns_is_recorded_and_inference_gives_the_exports_output
     result = runner.invoke(app, ["evaluate", str(run_dir)])
     assert result.exit_code == 0, result.output
     rescored = json.loads(result.stdout)
-    assert rescored["eval"] == summary["final"] and rescored["precision"]["dtype"] == "fp32"
+    assert rescored["eval"] == summary.final and rescored["precision"]["dtype"] == "fp32"
 
     texts = POSITIVE + NEGATIVE
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"sentence": t}) + "\n" for t in texts))
@@ -127,7 +127,7 @@ def test_the_switch_makes_auto_train_in_bf16_on_any_cpu(tiny_bert, sst2_dir, tmp
         assert result.exit_code == 0, result.output
         assert f"training {dtype} (train.precision auto: {CPU_AMX_ENV}={forced}), evaluation fp32" in result.stderr
         assert f"(trained {dtype}, evaluated fp32)" in result.stdout
-        assert read_summary(out)["precision"]["train"] == [
+        assert read_summary(out).precision["train"] == [
             {"dtype": dtype, "why": f"train.precision auto: {CPU_AMX_ENV}={forced}"}]
         losses[dtype] = read_metrics(out)[0].train_loss
     assert losses["bf16"] != losses["fp32"]  # the other path really ran

@@ -1,4 +1,4 @@
-"""Client-level differential privacy (fedlodrop.privacy, docs/privacy.md): each device's update is
+"""Client-level differential privacy (fedlodrop.round.privacy, docs/privacy.md): each device's update is
 clipped, the Gaussian noise lands once (on the sum under central DP, on each update under local
 DP) with the scale the accountant was told and from the OS's entropy (a party holding the seed
 cannot take it away), the server divides by totals that do not depend on who took part, epsilon
@@ -14,16 +14,17 @@ import torch
 from conftest import one_round, tiny_cfg
 from typer.testing import CliRunner
 
-from fedlodrop import privacy
-from fedlodrop.aggregation import make_rule
+from fedlodrop.round import privacy
+from fedlodrop.lora.aggregation import make_rule
 from fedlodrop.cli import app
-from fedlodrop.client import device_step
-from fedlodrop.experiment import build
-from fedlodrop.masks import device_masks
-from fedlodrop.messages import decode_adapter, encode_adapter
+from fedlodrop.round.client import device_step
+from fedlodrop.run.experiment import build
+from fedlodrop.lora.masks import device_masks
+from fedlodrop.lora.messages import decode_adapter, encode_adapter
 from fedlodrop.rng import torch_generator
-from fedlodrop.server import Server, ServerState
-from fedlodrop.variants import make_variant
+from fedlodrop.round.server import Server, ServerState
+from fedlodrop.lora.variants import make_variant
+from fedlodrop.lora.aggregation import RULES
 
 
 def _dp(**over):
@@ -64,7 +65,7 @@ def _coverage(cfg, exp, rule_trains_a=True):
     return {key: sum(s[key] for s in sent) for key in sent[0]}
 
 
-@pytest.mark.parametrize("rule", ["fedit", "masked"])
+@pytest.mark.parametrize("rule", [r for r in RULES.where(lambda cls: cls.from_sums) if RULES[r].trains_a])
 def test_central_noise_joins_the_sum_once_with_std_sigma_c(tiny_bert, sst2_dir, rule):
     """One round with sigma 0 and one with sigma 2, same seed: the models differ by the noise
     alone. FedIT divides the noised sum by the devices (3), the masked rule by each value's
@@ -225,10 +226,8 @@ def test_under_central_dp_the_server_clips_what_a_device_sent_unclipped(tiny_ber
     """The sensitivity is the server's promise: a device that skips its own clipping (a bug or a
     cheat) still moves the sum by at most C. With sigma 0 the FedIT change is the mean of the
     clipped updates, so its norm is at most C."""
-    import fedlodrop.client as client
-
     c = 0.01
-    monkeypatch.setattr(client.privacy, "privatize_device", lambda start, end, *a, **k: end)
+    monkeypatch.setattr(privacy.DifferentialPrivacy, "privatize", lambda self, start, end, *a, **k: end)
     cfg = tiny_cfg(tiny_bert, sst2_dir, **_dp(**{"privacy.noise_multiplier": 0.0, "privacy.clip_norm": c}))
     exp = build(cfg)
     before = {k: v.clone() for k, v in exp.fm.get_state().items()}
@@ -250,7 +249,7 @@ def _seeded_noise(shapes: dict, std: float, where: dict, seed: int, stream: str,
 
 def _device_reply(cfg, device: int = 0):
     exp = build(cfg)
-    server = Server(cfg, exp.fm.layout, ServerState(0, exp.fm.get_state()), exp.rates, exp.known)
+    server = Server(cfg, exp.fm.layout, ServerState(0, exp.fm.get_state()), exp.rates, exp.known, exp.plugins)
     task = next(t for t in server.configure(0) if t.device == device)
     return exp, task, device_step(exp.fm, task, exp.shards[device], cfg, exp.known)
 
@@ -320,7 +319,7 @@ def test_central_dp_divides_by_totals_that_do_not_see_who_took_part(tiny_bert, s
         states = []
         for keep in ([0, 1, 2], [0, 1]):
             initial = {k: v.clone() for k, v in exp.known.items()}
-            server = Server(cfg, exp.fm.layout, ServerState(0, initial), exp.rates, exp.known)
+            server = Server(cfg, exp.fm.layout, ServerState(0, initial), exp.rates, exp.known, exp.plugins)
             tasks = server.configure(0)
             replies = [device_step(exp.fm, t, exp.shards[t.device], cfg, exp.known) for t in tasks if t.device in keep]
             server.finish(tasks, replies)
@@ -336,7 +335,7 @@ def test_central_dp_samples_devices_by_poisson_draws_from_the_os(tiny_bert, sst2
     """devices_per_round under central DP: each device joins with probability q, so a round's size
     varies, and who joins is not the seed's: two runs of one config draw other devices. The
     records say which sampling the epsilon is for, and the epsilon against someone who knows."""
-    from fedlodrop.engine import run
+    from fedlodrop.run.engine import run
 
     from conftest import read_metrics
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedlodrop.cli import app
-from fedlodrop.runs import RunFolder
+from fedlodrop.run.folder import RunFolder
 
 VOLATILE = {"wall_s", "timing", "train_s"}
 SRC = Path(__file__).resolve().parents[1] / "src"  # this checkout's fedlodrop
@@ -52,7 +52,7 @@ def _rows(folder):
 # checkpoint pointer written): the kill lands at the same point on a fast or a slow machine
 KILLED_AFTER_ROUND_2 = """
 import os, signal, sys
-from fedlodrop.runs import RunFolder
+from fedlodrop.run.folder import RunFolder
 from fedlodrop.cli import main
 
 commit = RunFolder.commit
@@ -87,13 +87,13 @@ def test_killed_run_resumes_bit_identical(tiny_bert, sst2_dir, tmp_path):
     for name in ("adapter.safetensors", "base_delta.safetensors"):
         a, b = load_file(str(whole / name)), load_file(str(killed / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    sa, sb = (RunFolder(f).summary() for f in (whole, killed))
+    sa, sb = (RunFolder(f).summary().to_json() for f in (whole, killed))
     assert {k: v for k, v in sa.items() if k != "wall_s"} == {k: v for k, v in sb.items() if k != "wall_s"}
 
 
 def test_resume_after_a_partial_round_drops_its_metrics_line(tiny_bert, sst2_dir, tmp_path, monkeypatch):
     """Killed between round 3's metrics line and its pointer: the line is dropped, the round redone."""
-    from fedlodrop.runs import RunFolder
+    from fedlodrop.run.folder import RunFolder
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert CliRunner().invoke(app, _args(tiny_bert, sst2_dir, whole, 3)).exit_code == 0
@@ -136,10 +136,10 @@ def test_resume_of_a_folder_without_a_checkpoint_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("rounds_folded", [1, 3])
 def test_folded_base_is_one_definition(tiny_bert, rounds_folded):
     """W0 + F computed afresh equals a reload's: no in-place accumulation (((W0 + d1) + d2) ...)."""
-    from fedlodrop.config import validate
+    from fedlodrop.run.settings import validate
     from fedlodrop.data.tasks import TASKS
-    from fedlodrop.messages import FoldCatchUp, FoldUpdate
-    from fedlodrop.model import build_model, load_tokenizer
+    from fedlodrop.lora.messages import FoldCatchUp, FoldUpdate
+    from fedlodrop.model.backbone import build_model, load_tokenizer
 
     cfg = validate({"model": tiny_bert, "task": "sst2", "lora": {"r": 4}})
     a = build_model(cfg, TASKS["sst2"], load_tokenizer(cfg), 0)

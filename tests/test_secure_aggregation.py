@@ -6,16 +6,20 @@ a device that drops out while the updates are collected is survived; bad setting
 from __future__ import annotations
 
 import pytest
+from fault_inject import patch as patch_faults
+
+import fedlodrop.round.client as client
 import torch
 from conftest import learning_cfg
 from flower_helpers import FakeGrid, metrics, serve
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fedlodrop import engine, secagg
+from fedlodrop.run import engine
+
+from fedlodrop.round import secagg
 from fedlodrop.cli import app
 from fedlodrop.flower import app as flower_app
-from fedlodrop.flower.app import TEST_RAISE_ENV
 
 pytestmark = pytest.mark.usefixtures("fresh_client_cache")
 
@@ -57,8 +61,8 @@ def test_secure_sum_gives_the_plain_model_within_the_quantisation_bound(tiny_ber
         worst, scale = float((a[k] - b[k]).abs().max()), float(a[k].abs().max())
         assert worst <= bound + 8 * eps * scale, (k, worst, bound, scale)
     [row] = metrics(tmp_path / "secure")
-    info = row.flower["secagg"]
-    assert info["devices_in_sum"] == 3 and info["error_bound"] == pytest.approx(bound)
+    info = row.flower.secagg
+    assert info.devices_in_sum == 3 and info.error_bound == pytest.approx(bound)
     assert [d.status for d in row.devices] == ["ok"] * 3
     # four exchanges, every one a TRAIN message to each device; none carries an ArrayRecord back
     train = [m for m in grid.pushed if m.metadata.message_type == "train"]
@@ -71,13 +75,13 @@ def test_a_device_lost_while_updates_are_collected_is_survived(tiny_bert, polari
     """Device 1's ClientApp raises in the collect stage (after the keys were shared): SecAgg+
     unmasks the other two from the shares, and the model is the plain Flower round's, which
     leaves device 1 out too."""
-    monkeypatch.setenv(TEST_RAISE_ENV, "1")
+    patch_faults(client, "1", monkeypatch.setattr)
     serve(_cfg(tiny_bert, polarity_dir), tmp_path / "plain")
     serve(_cfg(tiny_bert, polarity_dir, **{"privacy.secure_aggregation": True}), tmp_path / "secure")
     [p], [s] = metrics(tmp_path / "plain"), metrics(tmp_path / "secure")
     assert [d.status for d in p.devices] == [d.status for d in s.devices] == ["ok", "left out", "ok"]
     assert s.devices[1].reason.startswith("SecAgg+ collect_masked_vectors: ") and "test fault" in s.devices[1].reason
-    assert s.flower["secagg"]["devices_in_sum"] == 2
+    assert s.flower.secagg.devices_in_sum == 2
     a, b = _adapter(tmp_path / "plain"), _adapter(tmp_path / "secure")
     bound, eps = secagg.error_bound(2, 8.0), torch.finfo(torch.float32).eps
     for k in a:
@@ -105,7 +109,7 @@ def test_a_device_lost_from_the_start_is_left_out_and_the_protocol_restarts(tiny
     [p], [s] = metrics(tmp_path / "plain"), metrics(tmp_path / "secure")
     assert [d.status for d in s.devices] == [d.status for d in p.devices] == ["ok", "ok", "left out"]
     assert s.devices[2].reason == f"SecAgg+ setup: {why}"
-    assert s.flower["secagg"]["devices_in_sum"] == 2
+    assert s.flower.secagg.devices_in_sum == 2
     setups = [m for m in grids["secure"].pushed if m.metadata.message_type == "train"
               and m.content.config_records["secaggplus_configs"].get("stage") == "setup"]
     assert len(setups) == 3 + 2  # the first setup to all three, the restart to the two that answered
@@ -153,7 +157,7 @@ def test_secure_aggregation_learns(mini2, polarity_dir, tmp_path):
     losses = [r.train_loss for r in rows]
     assert losses[-1] < 0.75 * losses[0], losses
     assert rows[-1].eval["accuracy"] >= 0.85, [r.eval["accuracy"] for r in rows]
-    assert all(r.flower["secagg"]["devices_in_sum"] == 3 for r in rows)
+    assert all(r.flower.secagg.devices_in_sum == 3 for r in rows)
 
 
 _NO_TORCH_STAGES = r'''

@@ -20,13 +20,14 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import write_sst2
-from fedlodrop import engine
+from fedlodrop.run import engine
 from fedlodrop.cli import app
-from fedlodrop.config import RunConfig, dump_config, load_config, with_overrides
-from fedlodrop.runs import RunFolder
+from fedlodrop.config import RunConfig, dump_config
+from fedlodrop.run.settings import load_config, with_overrides
+from fedlodrop.run.folder import RunFolder
 from fedlodrop.errors import UserError
-from fedlodrop.report import build_report, collect, plot
-from fedlodrop.sweep import (
+from fedlodrop.studies.report import build_report, collect, plot
+from fedlodrop.studies.sweep import (
     expand_grid,
     format_value,
     make_axes,
@@ -289,9 +290,9 @@ def test_error_bars_are_the_sample_std_across_seeds(tmp_path, cfg_file, fake_eng
     for row in rows:
         rate = float(row["dropout.rate"])
         sums = [fake_summary(with_overrides(base, {"seed": s, "dropout.rate": rate})) for s in (3, 4, 5)]
-        finals = [s["final"]["accuracy"] for s in sums]
-        gaps = [s["generalization_gap"]["accuracy"] for s in sums]
-        ups = [s["uplink_bytes_total"] / s["rounds"] for s in sums]
+        finals = [s.final["accuracy"] for s in sums]
+        gaps = [s.generalization_gap["accuracy"] for s in sums]
+        ups = [s.uplink_bytes_total / s.rounds for s in sums]
         assert float(row["final_mean"]) == pytest.approx(statistics.fmean(finals))
         assert float(row["final_std"]) == pytest.approx(statistics.stdev(finals))
         assert float(row["gap_mean"]) == pytest.approx(statistics.fmean(gaps))
@@ -410,15 +411,15 @@ def test_tiny_sweep_writes_run_folders_table_csv_and_png(tiny_sweep):
     assert [r["run"] for r in runs] == names
     for r in runs:
         s = json.loads((out / r["run"] / "summary.json").read_text())
-        main = s["main_metric"]
+        main = s.main_metric
         assert r["main_metric"] == main == "accuracy"
-        assert float(r["final"]) == s["final"][main]
-        assert float(r["best"]) == s["best"][main]
-        assert float(r["train"]) == s["final_train"][main]
-        assert float(r["gap"]) == pytest.approx(s["generalization_gap"][main])
-        assert float(r["gap"]) == pytest.approx(s["final_train"][main] - s["final"][main])
-        assert float(r["uplink_bytes_per_round"]) == s["uplink_bytes_total"] / s["rounds"]
-        assert float(r["downlink_bytes_per_round"]) == s["downlink_bytes_total"] / s["rounds"]
+        assert float(r["final"]) == s.final[main]
+        assert float(r["best"]) == s.best[main]
+        assert float(r["train"]) == s.final_train[main]
+        assert float(r["gap"]) == pytest.approx(s.generalization_gap[main])
+        assert float(r["gap"]) == pytest.approx(s.final_train[main] - s.final[main])
+        assert float(r["uplink_bytes_per_round"]) == s.uplink_bytes_total / s.rounds
+        assert float(r["downlink_bytes_per_round"]) == s.downlink_bytes_total / s.rounds
         assert int(r["seed"]) == load_config(out / r["run"] / "config.yaml").seed
     # dropout sends less
     up = {r["run"]: float(r["uplink_bytes_per_round"]) for r in runs}
@@ -465,7 +466,7 @@ def test_tiny_sweep_reruns_an_interrupted_run(tiny_sweep, tmp_path, monkeypatch)
     # same seed, same config: the re-run reproduces the interrupted run's numbers
     again = RunFolder(victim).summary()
     first = json.loads((out / victim.name / "summary.json").read_text())
-    assert again["final"] == first["final"] and again["uplink_bytes_total"] == first["uplink_bytes_total"]
+    assert again.final == first.final and again.uplink_bytes_total == first.uplink_bytes_total
 
 
 class Killed(BaseException):
@@ -473,7 +474,7 @@ class Killed(BaseException):
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tiny_bert, tmp_path, monkeypatch):
-    from fedlodrop.runs import RunFolder
+    from fedlodrop.run.folder import RunFolder
 
     glue = write_sst2(tmp_path / "glue")
     cfg_path = tmp_path / "tiny.yaml"
@@ -554,7 +555,7 @@ def test_bad_jobs_or_threads_exit_2_and_write_nothing(tmp_path, cfg_file, fake_e
 
 
 def test_threads_set_train_threads_and_do_not_stop_reuse(tmp_path, cfg_file, fake_engine):
-    from fedlodrop.sweep import cpu_count, run_threads
+    from fedlodrop.studies.sweep import cpu_count, run_threads
 
     base = load_config(cfg_file)
     assert run_threads(base, 1, None).train.threads is None  # one job: torch's own choice
@@ -579,7 +580,7 @@ def _folder_files(folder: Path) -> dict[str, bytes]:
 def test_jobs_2_gives_the_runs_of_jobs_1_and_resumes_and_reuses(tiny_bert, tmp_path, monkeypatch):
     """The same sweep with one job and with two processes: bit-identical adapters and metrics
     (time aside); an interrupted run resumes in a worker; a finished sweep is reused."""
-    from fedlodrop.runs import RunFolder, compare
+    from fedlodrop.run.folder import RunFolder, compare
 
     glue = write_sst2(tmp_path / "glue")
     cfg_path = tmp_path / "tiny.yaml"

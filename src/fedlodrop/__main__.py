@@ -1,3 +1,5 @@
+"""`python -m fedlodrop`: the `fedlodrop` command."""
+
 from fedlodrop.cli import main
 
 main()

@@ -1,16 +1,20 @@
-"""Typed run configuration: defaults, YAML files, `--set key=value` overrides, validation.
+"""Typed run configuration: every key with its default, type, bounds and help text; YAML files
+and `--set key=value` overrides.
 
-This is the only module that validates user settings; everything downstream trusts a `RunConfig`.
+The schema's own checks (types, ranges, keys that must agree with each other) run here; the
+checks that need to know the registered rules and variants, the tasks, privacy and secure
+aggregation run in `fedlodrop.run.settings`, the one validator every entry point calls
+(`settings.load_config`, `settings.validate`). This module imports nothing of fedlodrop but its
+errors: every other layer reads it.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedlodrop.errors import UserError
 
@@ -22,6 +26,7 @@ class _Section(BaseModel):
 
 
 class LoraConfig(_Section):
+    """PEFT LoRA: rank, alpha, PEFT's input dropout, rsLoRA, and which modules are adapted or trained in full."""
     r: int = Field(8, ge=1, le=4096)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1, description="PEFT's input dropout, not FedLoDrop's")
@@ -37,14 +42,18 @@ class LoraConfig(_Section):
 
 
 class FederationConfig(_Section):
+    """The federation: devices, rounds, local epochs, the aggregation rule, weights, how data is split, what
+    travels and in which dtype, sampling, and run budgets."""
     devices: int = Field(3, ge=1, le=10_000)
     rounds: int = Field(5, ge=1)
     local_epochs: float = Field(1.0, gt=0, description="may be fractional: 0.5 = half a pass")
     aggregation: str = Field(
-        "fedex", description="the aggregation rule, one registered in fedlodrop.aggregation.RULES"
+        "fedex", description="the aggregation rule, one registered in fedlodrop.lora.aggregation.RULES (each "
+        "rule's docstring says what it does; docs/dropout.md)"
     )
-    factor_rule: Literal["masked", "fedit"] = Field(
-        "masked", description="how fedex and ffa average the factors before folding the rest"
+    factor_rule: str = Field(
+        "masked", description="how rules that do not fix it (fedex, ffa) average the factors, one registered in "
+        "fedlodrop.lora.aggregation.FACTOR_RULES"
     )
     weighting: Literal["samples", "uniform"] = "samples"
     partition: Literal["iid", "dirichlet", "continuous", "by_column", "local"] = Field(
@@ -79,33 +88,10 @@ class FederationConfig(_Section):
         "energy past this many joules (needs a system); null: no budget"
     )
 
-    @field_validator("aggregation")
-    @classmethod
-    def _known_rule(cls, value: str) -> str:
-        return _registered("federation.aggregation", value)
-
-
-def registry_names(key: str) -> list[str]:
-    """The names a registry-backed key accepts, in registration order."""
-    if key == "federation.aggregation":
-        from fedlodrop.aggregation import RULES
-
-        return list(RULES)
-    if key == "dropout.variant":
-        from fedlodrop.variants import VARIANTS
-
-        return list(VARIANTS)
-    raise KeyError(key)
-
-
-def _registered(key: str, value: str) -> str:
-    names = registry_names(key)
-    if value not in names:
-        raise ValueError(f"unknown {key} {value!r}; choose one of: {', '.join(names)}")
-    return value
-
 
 class DropoutConfig(_Section):
+    """FedLoDrop's dropout of whole columns of A and rows of B: the rate (one, or one per device), how indices
+    are drawn, the variant, and test-time ensembling."""
     rate: float | list[float] = 0.0
     sampler: Literal["bernoulli", "exact", "budget"] = Field(
         "bernoulli", description="bernoulli: each row/column kept with probability 1 - rate (the paper); exact: "
@@ -113,20 +99,12 @@ class DropoutConfig(_Section):
         "than (1 - rate) of a factor and a plan's bytes are never exceeded (what `fedlodrop compare` trains with)"
     )
     variant: str = Field(
-        "update",
-        description="update: the forward pass uses the whole global adapter, only the kept rows/columns "
-        "train and travel up; subadapter: the paper's sub-adapter, dropped rows/columns are absent from "
-        "the device's model; reset: the released code, zero them once, train and send everything "
-        "(docs/dropout.md)",
+        "update", description="what a device's model holds and trains of its dropped slices, one registered in "
+        "fedlodrop.lora.variants.VARIANTS (each variant's docstring says what it does; docs/dropout.md)",
     )
     test_ensemble: int = Field(
         0, ge=0, le=1000, description="evaluate as the mean of N sub-adapter models at the mean rate; 0: the full adapter"
     )
-
-    @field_validator("variant")
-    @classmethod
-    def _known_variant(cls, value: str) -> str:
-        return _registered("dropout.variant", value)
 
     @model_validator(mode="after")
     def _rates_in_range(self) -> DropoutConfig:
@@ -138,6 +116,8 @@ class DropoutConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """Local training on each device: optimiser, schedule, batches, precision (training and evaluation), device
+    and threads."""
     lr: float = Field(5e-3, gt=0, le=1)
     head_lr_scale: float = Field(
         10.0, gt=0, le=1000, description="the classifier head's learning rate as a multiple of train.lr: "
@@ -168,6 +148,8 @@ class TrainConfig(_Section):
 
 
 class DataConfig(_Section):
+    """Where the task's data comes from (a built-in task's source, or your own files or hub dataset with their
+    columns) and how much of it is used."""
     source: Literal["hub", "glue_dir", "rotten_tomatoes"] | None = Field(
         None, description="where a built-in task's data comes from; None: rotten_tomatoes for that task, glue_dir "
         "if data.glue_dir is set, else hub (your own data: data.train or data.hub_path instead)"
@@ -233,6 +215,9 @@ class DataConfig(_Section):
         return self.train is not None or self.hub_path is not None or self.eval is not None
 
     def resolved_source(self, task: str) -> str:
+        """Where this task's data is read from: `files` or `hub_path` for your own data; for a built-in task
+        the given source, else rotten_tomatoes for that task, glue_dir if a GLUE folder is set, else
+        the hub."""
         if self.own:
             return "files" if self.train is not None else "hub_path"
         if self.source is not None:
@@ -243,8 +228,6 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _own_data(self) -> DataConfig:
-        from fedlodrop.data.tasks import METRICS
-
         if self.train is not None and self.hub_path is not None:
             raise ValueError("data.train and data.hub_path are two sources: give one")
         if self.eval is not None and self.hub_path is not None:
@@ -268,9 +251,6 @@ class DataConfig(_Section):
                 raise ValueError(f"data.label_names must list at least 2 distinct classes, got {self.label_names}")
             if self.regression:
                 raise ValueError("data.label_names are classes: not with data.regression true")
-        for name in self.metrics or []:
-            if name not in METRICS:
-                raise ValueError(f"data.metrics: unknown metric {name!r}; known: {', '.join(METRICS)}")
         if self.metrics is not None and not self.metrics:
             raise ValueError("data.metrics is empty: name at least one, or null for the defaults")
         return self
@@ -291,6 +271,7 @@ class SystemConfig(_Section):
 
 
 class LogConfig(_Section):
+    """Run logs to watch while training (TensorBoard, Weights & Biases); metrics.jsonl is always written."""
     tensorboard: bool = Field(False, description="write TensorBoard event files to <run>/tensorboard/")
     wandb: bool = Field(False, description="log to Weights & Biases (needs `pip install wandb`)")
     wandb_project: str = Field("fedlodrop", description="the W&B project")
@@ -300,6 +281,8 @@ class LogConfig(_Section):
 
 
 class PrivacyConfig(_Section):
+    """Client-level differential privacy (the mechanism, its noise and accountant) and secure aggregation's
+    settings."""
     dp: bool = Field(
         False, description="client-level differential privacy against adding or removing one device: each "
         "device clips its update (the trained slices it sends, head included) to clip_norm, Gaussian noise from "
@@ -376,6 +359,8 @@ class FlowerConfig(_Section):
 
 
 class RunConfig(_Section):
+    """A whole run: the task, the model, the seed, and every section; `fedlodrop.run.settings.validate` is how
+    a run gets one."""
     task: str = "rotten_tomatoes"
     model: str = DEFAULT_MODEL
     pooling: Literal["auto", "cls", "mean"] = Field(
@@ -401,16 +386,8 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
-        from fedlodrop.data.tasks import TASKS
-
+        """Keys of the schema that must agree with each other (the rest: fedlodrop.run.settings)."""
         own = self.data.own
-        if own and self.task in TASKS:
-            key = "train" if self.data.train else "hub_path" if self.data.hub_path else "eval"
-            raise ValueError(f"task {self.task!r} is a built-in task, and data.{key} brings your own data: name "
-                             "your task something else (task: my_reviews)")
-        if not own and self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; known: {', '.join(sorted(TASKS))}; or train on your own "
-                             "data with data.train (files) or data.hub_path (docs/data.md)")
         if isinstance(self.dropout.rate, list) and len(self.dropout.rate) != self.federation.devices:
             raise ValueError(
                 f"dropout.rate lists {len(self.dropout.rate)} rates for "
@@ -441,74 +418,10 @@ class RunConfig(_Section):
             )
         if (f.time_budget_s or f.energy_budget_j) and self.system.file is None and self.plan is None:
             raise ValueError("federation.time_budget_s and energy_budget_j need a system: set system.file or plan")
-        self._check_privacy()
-        if self.federation.partition == "continuous" and (
-                self.data.regression is False if own else not TASKS[self.task].is_regression):
-            raise ValueError("federation.partition continuous is for a real-valued label (stsb, or your own "
-                             "data with data.regression)")
-        return self
-
-    def _check_privacy(self) -> None:
         p = self.privacy
-        if p.secure_aggregation:
-            self._check_secure_aggregation()
-        if not p.dp:
-            return
-        if (p.noise_multiplier is None) == (p.target_epsilon is None):
+        if p.dp and (p.noise_multiplier is None) == (p.target_epsilon is None):
             raise ValueError("privacy.dp needs exactly one of privacy.noise_multiplier and privacy.target_epsilon")
-        if self.federation.weighting != "uniform":
-            raise ValueError(
-                f"privacy.dp needs federation.weighting uniform, not {self.federation.weighting!r}: a device's "
-                "sample count would scale its sensitivity and travel in the clear"
-            )
-        from fedlodrop.aggregation import RULES
-
-        rule = self.federation.aggregation
-        if p.mode == "central" and not RULES[rule].from_sums:
-            sums = ", ".join(name for name, cls in RULES.items() if cls.from_sums)
-            raise ValueError(
-                f"privacy.mode central cannot protect federation.aggregation {rule!r}: its aggregate needs each "
-                f"device's own update, not only their noised sum; use privacy.mode local, or one of: {sums}"
-            )
-        if p.mode == "central" and self.dropout.variant == "reset":
-            raise ValueError(
-                "privacy.mode central cannot protect dropout.variant 'reset': each device restarts its dropped "
-                "slices from zero, which moves the sum by more than the clipped update and shows who took part; "
-                "use dropout.variant update or subadapter, or privacy.mode local"
-            )
-
-    def _check_secure_aggregation(self) -> None:
-        from fedlodrop.aggregation import RULES
-        from fedlodrop.secagg import shares_and_threshold
-
-        p, f = self.privacy, self.federation
-        if not RULES[f.aggregation].from_sums:
-            sums = ", ".join(name for name, cls in RULES.items() if cls.from_sums)
-            raise ValueError(
-                f"privacy.secure_aggregation cannot carry federation.aggregation {f.aggregation!r}: its aggregate "
-                f"needs each device's own update, and the server would see only their sum; use one of: {sums}"
-            )
-        if f.weighting != "uniform":
-            raise ValueError(
-                f"privacy.secure_aggregation needs federation.weighting uniform, not {f.weighting!r}: "
-                "the sum is unweighted"
-            )
-        n = f.devices_per_round or f.devices
-        shares, threshold = shares_and_threshold(p, n)
-        if n < 3:
-            raise ValueError(f"privacy.secure_aggregation needs at least 3 devices a round (SecAgg+), got {n}")
-        if p.secagg_shares is not None and p.secagg_shares > n:
-            raise ValueError(f"privacy.secagg_shares {p.secagg_shares} exceeds the {n} devices of a round")
-        if not 2 <= threshold < shares:
-            raise ValueError(
-                f"privacy.secagg_threshold {threshold} must be at least 2 and below the {shares} shares "
-                f"(the {n} devices of a round)"
-            )
-        if (self.system.file is not None or self.plan is not None) and self.system.enforce == "drop":
-            raise ValueError(
-                "privacy.secure_aggregation cannot leave a late device out after the fact (its update is "
-                "already in the sum): set system.enforce report"
-            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -579,11 +492,18 @@ def _format_error(err: ValidationError) -> str:
     return f"invalid config: {where}{msg}{shown}"
 
 
-def validate(tree: dict) -> RunConfig:
+def from_tree(tree: dict) -> RunConfig:
+    """The schema's reading of a config tree (one-line UserError); `fedlodrop.run.settings.validate`
+    adds the checks that need the registries, tasks and privacy."""
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
         raise UserError(_format_error(err)) from None
+
+
+def set_key(tree: dict, key: str, value: Any) -> None:
+    """Set dotted `key` in a config tree (`system: FILE` and `system.KEY` both work)."""
+    _set_path(tree, key.split("."), value)
 
 
 def read_yaml(text: str) -> Any:
@@ -606,42 +526,6 @@ def read_config_tree(path: Path) -> dict:
     return loaded or {}
 
 
-def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                tree: dict | None = None) -> RunConfig:
-    """Defaults <- YAML file (or its already read `tree`) <- overrides, validated once."""
-    tree = copy.deepcopy(tree) if tree is not None else read_config_tree(path) if path is not None else {}
-    for item in overrides:
-        key, value = parse_override(item)
-        _set_path(tree, key, value)
-    return validate(tree)
-
-
-def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """A copy of `cfg` with dotted keys replaced, validated again (used by sweeps)."""
-    tree = cfg.model_dump(mode="json")
-    for key, value in overrides.items():
-        _set_path(tree, key.split("."), value)
-    return validate(tree)
-
-
-def with_absolute_paths(cfg: RunConfig) -> RunConfig:
-    """A copy whose paths (data.glue_dir, data.train, data.eval, a local data.hub_path, plan, a local
-    model folder) are absolute from the current
-    folder: for processes that run elsewhere (Flower's)."""
-    tree = cfg.model_dump(mode="json")
-    for key in ("glue_dir", "train", "eval"):
-        if tree["data"][key]:
-            tree["data"][key] = str(Path(tree["data"][key]).expanduser().resolve())
-    if tree["data"]["hub_path"] and Path(tree["data"]["hub_path"]).expanduser().is_dir():
-        tree["data"]["hub_path"] = str(Path(tree["data"]["hub_path"]).expanduser().resolve())
-    if tree["plan"]:
-        tree["plan"] = str(Path(tree["plan"]).expanduser().resolve())
-    if tree["system"]["file"]:
-        tree["system"]["file"] = str(Path(tree["system"]["file"]).expanduser().resolve())
-    if Path(tree["model"]).expanduser().is_dir():
-        tree["model"] = str(Path(tree["model"]).expanduser().resolve())
-    return validate(tree)
-
-
 def dump_config(cfg: RunConfig) -> str:
+    """The config as the YAML a run folder keeps (config.yaml): every key, in the schema's order."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -20,10 +20,12 @@ def stream_seed(seed: int, name: str, *ids: int) -> int:
 
 
 def numpy_rng(seed: int, name: str, *ids: int) -> np.random.Generator:
+    """A numpy Generator on the stream `name` at `ids` of `seed`."""
     return np.random.default_rng(stream_seed(seed, name, *ids))
 
 
 def torch_generator(seed: int, name: str, *ids: int) -> torch.Generator:
+    """A torch Generator on the stream `name` at `ids` of `seed`."""
     return torch.Generator().manual_seed(stream_seed(seed, name, *ids))
 
 

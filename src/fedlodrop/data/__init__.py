@@ -1,7 +1,9 @@
-"""Data layer: tasks, loading (hub, GLUE TSV, offline Rotten Tomatoes), partitions, batching.
+"""Data layer: tasks, loading (hub, GLUE TSV, offline Rotten Tomatoes, your own files),
+partitions, batching, metrics.
 
-Only `tasks` is imported eagerly: `fedlodrop.config` imports this package to validate a task
-name, and must not pay for torch, datasets or flwr. Everything else loads on first access.
+Only `tasks` is imported eagerly: the validator (`run.settings`) reads the task table on paths
+that must not pay for torch, datasets or flwr (a Flower ClientApp answering a query). Everything
+else loads on first access.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from fedlodrop.data.tasks import TASKS, Task
 
 if TYPE_CHECKING:
+    from fedlodrop.data.canonical import canonical_features
     from fedlodrop.data.collate import (
         length_order,
         make_loader,
@@ -19,14 +22,14 @@ if TYPE_CHECKING:
         restore_order,
         tokenize,
     )
-    from fedlodrop.data.loaders import canonical_features, load_splits, load_task, subsample
+    from fedlodrop.data.loaders import load_splits, load_task, subsample
     from fedlodrop.data.partitions import partition
 
 _LAZY = {
     "load_splits": "loaders",
     "load_task": "loaders",
     "subsample": "loaders",
-    "canonical_features": "loaders",
+    "canonical_features": "canonical",
     "partition": "partitions",
     "tokenize": "collate",
     "make_loader": "collate",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from fedlodrop.data.loaders import quiet_datasets
+from fedlodrop.data.canonical import quiet_datasets
 from fedlodrop.data.tasks import Task
 from fedlodrop.errors import UserError
 from fedlodrop.rng import numpy_rng

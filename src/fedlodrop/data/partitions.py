@@ -22,7 +22,7 @@ import io
 import warnings
 from typing import TYPE_CHECKING
 
-from fedlodrop.data.loaders import quiet_datasets
+from fedlodrop.data.canonical import quiet_datasets
 from fedlodrop.errors import UserError
 
 if TYPE_CHECKING:

@@ -37,6 +37,7 @@ class Task:
 
     @property
     def is_pair(self) -> bool:
+        """The task reads two texts (sentence pairs: MRPC, RTE, ...)."""
         return self.text_b is not None
 
 
@@ -109,6 +110,8 @@ TASKS: dict[str, Task] = {
 
 
 def default_metrics(num_labels: int, regression: bool) -> tuple[str, ...]:
+    """The scores a task of your own gets unless data.metrics names them: Pearson and Spearman for regression;
+    accuracy, F1 (two classes) or macro F1, and MCC for classes."""
     if regression:
         return ("pearson", "spearman")
     return ("accuracy", "f1", "mcc") if num_labels == 2 else ("accuracy", "macro_f1", "mcc")
@@ -155,10 +158,12 @@ def task_from_config(cfg) -> Task | None:
 
 
 def task_to_json(task: Task) -> dict:
+    """A task as task.json keeps it (tuples as lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in task.__dict__.items()}
 
 
 def task_from_json(d: dict) -> Task:
+    """The task task.json holds (unknown keys ignored)."""
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in Task.__dataclass_fields__}
     return Task(**fields)
 

@@ -33,7 +33,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedlodrop import __version__
-from fedlodrop.config import RunConfig, validate
+from fedlodrop.config import RunConfig
 from fedlodrop.errors import RoundFailed, UserError
 from fedlodrop.flower.transport import NODE, RUN_TASK, Discovery, DiscoveryError
 
@@ -46,8 +46,6 @@ CONFIG_JSON, RUN_DIR, FORCE, RESUME = "config-json", "run-dir", "force", "resume
 # prefixes of the exception text the ServerApp fails with; the CLI reads them back from
 # `flwr ls` (status-details) to print one line and choose the exit code
 USER_ERROR, ROUND_FAILED = "fedlodrop user error: ", "fedlodrop round failed: "
-# test-only fault injection: "K" or "K@R" (device K, in round R, 1-based), comma-separated
-TEST_RAISE_ENV = "FEDLODROP_FLOWER_TEST_RAISE"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -90,8 +88,8 @@ def serve(grid: Grid, run_config: dict) -> None:
     resume the run folder's interrupted run."""
     from rich.console import Console
 
-    from fedlodrop import engine
     from fedlodrop.flower.strategy import FedLoDropStrategy, FlowerEngine
+    from fedlodrop.run import engine
 
     cfg = config_from_run_config(run_config)
     run_dir = Path(str(run_config.get(RUN_DIR, "")))
@@ -114,6 +112,9 @@ def serve(grid: Grid, run_config: dict) -> None:
 
 
 def config_from_run_config(run_config: dict) -> RunConfig:
+    """The run's config, from the JSON `fedlodrop flower` put in Flower's run config, validated."""
+    from fedlodrop.run.settings import validate  # torch (the registries' modules): only a training stage pays
+
     text = str(run_config.get(CONFIG_JSON, ""))
     if not text:
         raise UserError(f"the run config has no {CONFIG_JSON}: submit runs with `fedlodrop flower`")
@@ -143,7 +144,7 @@ def client_side(config_json: str, task_json: str | None = None, device: int | No
     `federation.partition: local` the device reads its own file `data`, in the classes of the
     run's task the server sent (`task_json`)."""
     from fedlodrop.data.tasks import task_from_json
-    from fedlodrop.experiment import build
+    from fedlodrop.run.experiment import build
 
     key = (config_json, task_json, device, data)
     if key not in _CACHE:
@@ -191,7 +192,7 @@ def train(msg: Message, context: Context) -> Message:
         from flwr.client.mod import secaggplus_mod
 
         return secaggplus_mod(msg, context, _secure_train)
-    from fedlodrop.flower.records import reply_content
+    from fedlodrop.flower.wire import reply_content
 
     side, task, reply = _device_round(msg, context)
     return Message(reply_content(reply, side.cfg.flower.pack_arrays), reply_to=msg)
@@ -200,8 +201,8 @@ def train(msg: Message, context: Context) -> Message:
 def _secure_train(msg: Message, context: Context) -> Message:
     """The device's round with its update as a vector for the secure sum; its scalars travel in
     the clear."""
-    from fedlodrop.client import secure_step
     from fedlodrop.flower.secure import fitres_reply
+    from fedlodrop.round.client import secure_step
 
     side, task, (reply, vector) = _device_round(msg, context, secure_step)
     _, scalars = reply.to_flat()
@@ -210,15 +211,14 @@ def _secure_train(msg: Message, context: Context) -> Message:
 
 def _device_round(msg: Message, context: Context, step=None):
     """`step` (client.device_step or secure_step) on this node's device, its fold kept in context."""
-    from fedlodrop.client import device_step
-    from fedlodrop.flower.records import content_task
+    from fedlodrop.flower.wire import content_task
+    from fedlodrop.round.client import device_step
 
     step = step or device_step
     device = _device(context)
     task = content_task(msg.content)
     if task.device != device:
         raise RuntimeError(f"a task for device {task.device} reached the SuperNode of device {device}")
-    _test_fault(device, task.round)
     task_json = str(msg.content.config_records[RUN_TASK]["json"]) if RUN_TASK in msg.content.config_records else None
     data = context.node_config.get(DATA)
     side = client_side(str(context.run_config[CONFIG_JSON]), task_json, device, str(data) if data else None)
@@ -233,25 +233,18 @@ def load_fold(state: RecordDict) -> tuple[dict[str, torch.Tensor], int]:
     """This device's fold F and the rounds it holds ({} and 0 before its first fold)."""
     if FOLD_META not in state:
         return {}, 0
-    from fedlodrop.flower.records import from_records
+    from fedlodrop.flower.wire import from_records
 
     fold = from_records(state.array_records[FOLD], state.config_records[FOLD_LAYOUT])
     return fold, int(state.config_records[FOLD_META]["fold_round"])
 
 
 def save_fold(state: RecordDict, fold: dict[str, torch.Tensor], fold_round: int) -> None:
-    from fedlodrop.flower.records import to_records
+    """Keep this device's fold F (and the rounds it holds) in the SuperNode's context state, so the next
+    round's catch-up applies to it."""
+    from fedlodrop.flower.wire import to_records
 
     arrays, layout = to_records(fold, pack=True)
     state[FOLD] = arrays
     state[FOLD_LAYOUT] = layout
     state[FOLD_META] = ConfigRecord({"fold_round": int(fold_round)})
-
-
-def _test_fault(device: int, round_: int) -> None:
-    spec = os.environ.get(TEST_RAISE_ENV, "")
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        k, _, r = item.partition("@")
-        if int(k) == device and (not r or int(r) == round_ + 1):
-            raise RuntimeError(f"test fault: device {device} raises in round {round_ + 1}")
-

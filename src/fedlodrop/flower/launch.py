@@ -21,9 +21,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
-import random
 import signal
 import socket
 import subprocess
@@ -34,6 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import fedlodrop
+from fedlodrop import __version__
+from fedlodrop.errors import UserError
 
 VENV_BIN = Path(sys.executable).parent
 APP_NAME = "fedlodrop-app"  # letters, digits, hyphens: what `flwr build` accepts
@@ -55,7 +59,6 @@ class FlowerError(Exception):
 
 def source_root() -> Path | None:
     """The folder fedlodrop is imported from, when that is not site-packages (a checkout)."""
-    import fedlodrop
 
     root = Path(fedlodrop.__file__).resolve().parents[1]
     return None if root.name in ("site-packages", "dist-packages") else root
@@ -77,7 +80,6 @@ def flower_env(flwr_home: Path | None = None, base: dict[str, str] | None = None
 
 def write_app(folder: Path) -> Path:
     """The Flower app folder: one pyproject.toml naming the installed fedlodrop.flower.app."""
-    from fedlodrop import __version__
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(f'''[project]
@@ -155,7 +157,6 @@ def superlink_command(
 def check_port_free(host: str, port: int) -> None:
     """One line instead of Flower's traceback when a SuperNode's Runtime API port is taken (a
     second SuperNode on the same machine without its own --port)."""
-    from fedlodrop.errors import UserError
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
@@ -168,7 +169,6 @@ def check_port_free(host: str, port: int) -> None:
 def _toml_string(text: str) -> str:
     """`text` as a TOML string Flower's node-config parser keeps whole: it takes '...' or "..."
     without escapes inside, so a literal '...' string, else a basic "..." one."""
-    from fedlodrop.errors import UserError
 
     if "'" not in text:
         return f"'{text}'"
@@ -207,12 +207,14 @@ def supernode_command(
 
 @dataclass
 class Proc:
+    """A process a workspace started: its name, its Popen, and the log file its output goes to."""
     name: str
     popen: subprocess.Popen
     log: Path
 
     @property
     def pid(self) -> int:
+        """The process id (the leader of its own session: stopping it signals the whole group)."""
         return self.popen.pid
 
 
@@ -226,12 +228,14 @@ class Workspace:
 
     @classmethod
     def create(cls, base: Path | None = None) -> Workspace:
+        """A fresh workspace in a new temporary folder (under `base`), with its own FLWR_HOME."""
         d = Path(tempfile.mkdtemp(prefix="fedlodrop-flower-", dir=base)).resolve()
         (d / "flwr-home").mkdir()
         return cls(d, flower_env(d / "flwr-home"))
 
     @property
     def flwr_home(self) -> Path:
+        """The FLWR_HOME of every Flower process this workspace starts."""
         return self.dir / "flwr-home"
 
     def flwr(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -257,6 +261,7 @@ class Workspace:
         return answer
 
     def spawn(self, name: str, cmd: list[str], cwd: Path | None = None) -> Proc:
+        """Start `cmd` in its own session with the workspace's environment, its output appended to <name>.log."""
         log = self.dir / f"{name}.log"
         with open(log, "ab") as fh:
             popen = subprocess.Popen(cmd, env=self.env, cwd=cwd or self.dir, stdout=fh, stderr=subprocess.STDOUT,
@@ -291,6 +296,7 @@ class Workspace:
             raise FlowerError(f"`flwr run` returned no run id: {answer}") from None
 
     def run_status(self, conn: str, run_id: int) -> dict:
+        """Flower's `flwr ls` entry of run `run_id` on connection `conn`."""
         return self.flwr_json("ls", conn, "--run-id", str(run_id))["runs"][0]
 
     def wait_run(self, conn: str, run_id: int, poll_s: float = 2.0, max_poll_s: float = 8.0,
@@ -314,6 +320,7 @@ class Workspace:
                 last = 0.0
 
     def run_log(self, conn: str, run_id: int) -> str:
+        """What `flwr log` has for run `run_id` (printed when a run fails)."""
         res = self.flwr("log", str(run_id), conn, "--show", check=False, timeout=60)
         return res.stdout + res.stderr
 
@@ -500,7 +507,6 @@ def make_node_keys(out: Path, devices: int) -> list[Path]:
 
 def _write_new(out: Path, files: dict[str, bytes], private: set[str]) -> list[Path]:
     """Write all the files or none: refuse if any exists already."""
-    from fedlodrop.errors import UserError
 
     out = Path(out)
     if out.exists() and not out.is_dir():

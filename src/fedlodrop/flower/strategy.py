@@ -2,7 +2,7 @@
 
 No algorithm lives here. `configure_train` asks `Server.configure` for the round's tasks and puts
 each in a Message for its device's SuperNode; `aggregate_train` turns what came back into
-`DeviceReply`s and hands them to `engine.close_round` (which calls `Server.finish`, syncs the
+`DeviceReply`s and hands them to `step.close_round` (which calls `Server.finish`, syncs the
 evaluating backbone's fold, evaluates and completes the round's record), exactly as the in-process
 round does. A device the round could not reach (no online SuperNode, an error reply, no reply in
 time, a malformed reply) reaches the Server as a reply with `error` set, so it is left out and
@@ -26,17 +26,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedlodrop import secagg
 from fedlodrop.config import FlowerConfig
 from fedlodrop.data.tasks import task_to_json
-from fedlodrop.engine import close_round
-from fedlodrop.experiment import Experiment
-from fedlodrop.flower.records import content_bytes, content_reply, task_content
 from fedlodrop.flower.secure import secure_sum
 from fedlodrop.flower.transport import RUN_TASK, Discovery, error_reason, send_and_receive
-from fedlodrop.messages import DeviceReply, DeviceTask
-from fedlodrop.records import RoundRecord
-from fedlodrop.server import Server
+from fedlodrop.flower.wire import content_bytes, content_reply, task_content
+from fedlodrop.lora.messages import DeviceReply, DeviceTask
+from fedlodrop.round import secagg
+from fedlodrop.round.records import FlowerRound, RoundRecord, SecAggRound
+from fedlodrop.round.server import Server
+from fedlodrop.run.experiment import Experiment
+from fedlodrop.run.step import close_round
 
 log = logging.getLogger("flwr")
 
@@ -52,6 +52,9 @@ class _Round:
 
 
 class FedLoDropStrategy(FedAvg):
+    """The round as a Flower strategy: `configure_train` packs the Server's tasks into TRAIN messages,
+    `aggregate_train` turns the replies into DeviceReplies and closes the round as every engine does;
+    evaluation stays on the server."""
     def __init__(self, exp: Experiment, discovery: Discovery, settings: FlowerConfig):
         super().__init__(min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=1)
         self.exp = exp
@@ -110,7 +113,7 @@ class FedLoDropStrategy(FedAvg):
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Replies (matched to what was sent by message id) -> DeviceReply, then the engine's
-        `engine.close_round`; a device without a usable reply becomes an error reply, which the
+        `step.close_round`; a device without a usable reply becomes an error reply, which the
         Server leaves out. The round's record is kept for `run_round`."""
         state = self._rounds[server_round]
         round_ = server_round - 1
@@ -178,14 +181,9 @@ class FedLoDropStrategy(FedAvg):
             if entry.reported:
                 entry.uplink_bytes = result.up.get(entry.device, 0)
         in_sum = len(result.reported)
-        record.flower = {
-            "uplink_count_bytes": sum(result.up.values()),
-            "downlink_count_bytes": sum(result.down.values()),
-            "nodes": {str(k): m.metadata.dst_node_id for k, m in sorted(state.sent.items())},
-            "secagg": {"shares": shares, "threshold": threshold, "clip_range": p.secagg_clip_range,
-                       "levels": levels, "devices_in_sum": in_sum,
-                       "error_bound": secagg.error_bound(in_sum, p.secagg_clip_range, levels) if in_sum else 0.0},
-        }
+        bound = secagg.error_bound(in_sum, p.secagg_clip_range, levels) if in_sum else 0.0
+        record.flower = _flower_round(state, sum(result.up.values()), sum(result.down.values()),
+                                      SecAggRound(shares, threshold, p.secagg_clip_range, levels, in_sum, bound))
         return record
 
     def _measured(self, record: RoundRecord, state: _Round, up: dict[int, tuple[int, int]]) -> RoundRecord:
@@ -194,11 +192,7 @@ class FedLoDropStrategy(FedAvg):
             entry.downlink_bytes = state.down.get(entry.device, (0, 0))[0]
             if entry.device in up:
                 entry.uplink_bytes = up[entry.device][0]
-        record.flower = {
-            "uplink_count_bytes": sum(c for _, c in up.values()),
-            "downlink_count_bytes": sum(c for _, c in state.down.values()),
-            "nodes": {str(k): m.metadata.dst_node_id for k, m in sorted(state.sent.items())},
-        }
+        record.flower = _flower_round(state, sum(c for _, c in up.values()), sum(c for _, c in state.down.values()))
         return record
 
     # ------------------------------------------------------------------ evaluate
@@ -206,12 +200,18 @@ class FedLoDropStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         """Nothing to send: the global model is evaluated centrally on the server, inside
-        `engine.close_round`, exactly as the in-process engine does."""
+        `step.close_round`, exactly as the in-process engine does."""
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: list[Message]) -> MetricRecord | None:
         """No device evaluates (see `configure_evaluate`): nothing to aggregate."""
         return None
+
+
+def _flower_round(state: _Round, up: int, down: int, secagg_round: SecAggRound | None = None) -> FlowerRound:
+    """The round's Flower details: Flower's byte counts and the node each device's message went to."""
+    nodes = {str(k): m.metadata.dst_node_id for k, m in sorted(state.sent.items())}
+    return FlowerRound(up, down, nodes, secagg_round)
 
 
 class FlowerEngine:
@@ -224,4 +224,5 @@ class FlowerEngine:
         self.strategy, self.grid = strategy, grid
 
     def run_round(self, exp: Experiment, server: Server, round_: int) -> RoundRecord:
+        """One round over Flower, between the server's two halves (the shared loop calls it)."""
         return self.strategy.run_round(self.grid, exp, server, round_)

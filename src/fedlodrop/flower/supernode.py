@@ -29,6 +29,8 @@ def set_heartbeat(interval_s: float) -> None:
 
 
 def main() -> None:
+    """`python -m fedlodrop.flower.supernode HEARTBEAT_S ...`: set the interval, then run Flower's own flower-
+    supernode with the remaining arguments."""
     interval = float(sys.argv[1])
     set_heartbeat(interval)
     from flwr.supernode.cli import flower_supernode

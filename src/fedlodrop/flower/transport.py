@@ -106,6 +106,7 @@ class Discovery:
     silent: set[int] = field(default_factory=set)  # nodes that did not answer (or not usefully)
 
     def online(self, grid: Grid) -> set[int]:
+        """The node ids the SuperLink lists as online now."""
         return set(grid.get_node_ids())
 
     def refresh(self, grid: Grid, online: set[int] | None = None) -> None:

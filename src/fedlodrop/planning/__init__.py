@@ -15,7 +15,7 @@ Nothing here imports training code (or torch).
 from __future__ import annotations
 
 from fedlodrop.planning.feasibility import InfeasibleError
-from fedlodrop.planning.methods import METHODS, SOLVERS, optimize, solve
+from fedlodrop.planning.methods import METHODS, SOLVERS, optimize, plan_system, solve
 from fedlodrop.planning.plan import Plan, SolverStats, load_plan, make_plan, round_costs
 from fedlodrop.planning.scenarios import random_system
 from fedlodrop.planning.spec import SystemSpec, dump_system, load_system, save_system, system_from_dict
@@ -23,6 +23,6 @@ from fedlodrop.planning.system import SystemModel, system_model
 
 __all__ = [
     "METHODS", "SOLVERS", "InfeasibleError", "Plan", "SolverStats", "SystemModel", "SystemSpec",
-    "dump_system", "load_plan", "load_system", "make_plan", "optimize", "random_system", "round_costs",
+    "dump_system", "load_plan", "load_system", "make_plan", "optimize", "plan_system", "random_system", "round_costs",
     "save_system", "solve", "system_from_dict", "system_model",
 ]

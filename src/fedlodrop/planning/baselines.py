@@ -26,6 +26,7 @@ from fedlodrop.planning.system import SystemModel
 
 @dataclass
 class BaselineResult:
+    """A baseline's rates, its bound value, and how it was found."""
     gamma: np.ndarray
     objective: float
     stats: SolverStats

@@ -280,6 +280,7 @@ class _Incumbent:
 
 @dataclass
 class BnbResult:
+    """Branch-and-bound's rates, its bound value and its certificate (the gap, nodes, iterations)."""
     gamma: np.ndarray
     objective: float
     stats: SolverStats

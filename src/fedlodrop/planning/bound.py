@@ -27,6 +27,7 @@ class Bound:
 
     @classmethod
     def of(cls, system) -> Bound:
+        """The bound of a system model (its constants, device weights and total samples)."""
         return cls(system.bound, system.w, system.N)
 
     # ---- the pieces of SPEC 4 ----
@@ -36,6 +37,7 @@ class Bound:
         return (2.0 * g - g * g) @ self.w
 
     def gap_of_s(self, s):
+        """The Gap term at expected sparsity s."""
         b = self.spec
         inner = b.M**2 + 24.0 * b.M * b.rho**2 / (b.lambda_min + 2.0 * b.lam * np.asarray(s))
         return np.sqrt(inner / (2.0 * self.N * b.delta))
@@ -48,10 +50,12 @@ class Bound:
         return d_inner / (2.0 * self.N * b.delta) / (2.0 * self.gap_of_s(s))
 
     def emp(self, gamma):
+        """Emp(gamma): e0 + c_emp sum_k w_k gamma_k / (1 - gamma_k), the empirical-risk term."""
         g = np.asarray(gamma, dtype=float)
         return self.spec.e0 + self.spec.c_emp * (g / (1.0 - g)) @ self.w
 
     def gap(self, gamma):
+        """Gap(gamma): the stability term, at the rates' expected sparsity."""
         return self.gap_of_s(self.sparsity(gamma))
 
     def value(self, gamma):
@@ -87,10 +91,13 @@ class Bound:
         return min(max(s, s_lo), s_hi)
 
     def gap_scalar(self, s: float) -> float:
+        """The Gap term at expected sparsity s, for a float (no numpy): the solvers' inner loops."""
         b = self.spec
         return math.sqrt((b.M**2 + 24.0 * b.M * b.rho**2 / (b.lambda_min + 2.0 * b.lam * s)) / (2.0 * self.N * b.delta))
 
     def gamma_star_scalar(self, lam: float) -> float:
+        """The rate that minimises the bound's Lagrangian for one device at multiplier `lam` (-inf when lam <=
+        0)."""
         c = self.spec.c_emp
         if lam <= 0.0:
             return -math.inf

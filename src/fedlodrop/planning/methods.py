@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from fedlodrop.errors import UserError
 from fedlodrop.planning.feasibility import InfeasibleError
 from fedlodrop.planning.plan import Plan, make_plan
 from fedlodrop.planning.spec import SystemSpec
@@ -83,3 +84,26 @@ def optimize(spec: SystemSpec, method: str = "bnb", **options) -> Plan:
     m = system_model(spec)
     result = solve(m, method, **options)
     return make_plan(spec, result.gamma, method, result.stats, getattr(result, "bandwidth", None), m)
+
+
+def _parse_gamma(text) -> float | str:
+    if text is None:
+        return "min"
+    if isinstance(text, (int, float)):
+        return float(text)
+    if text in ("best", "min"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--gamma must be min, best or a number (got {text!r})") from None
+
+
+def plan_system(spec: SystemSpec, method: str, gamma=None, tol: float = 1e-4, time_limit: float = 600.0) -> Plan:
+    """The plan for a system by one method, with the user's choices checked first: what `fedlodrop
+    optimize` prints and writes (`gamma`: fixed only; min, best or a rate)."""
+    if method not in METHODS:
+        raise UserError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
+    if method != "fixed" and gamma is not None:
+        raise UserError(f"--gamma applies to --method fixed only (got --method {method})")
+    return optimize(spec, method, gamma=_parse_gamma(gamma), tol=tol, time_limit=time_limit)

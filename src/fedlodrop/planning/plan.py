@@ -24,6 +24,7 @@ _BIND_TOL = 1e-6  # a constraint counts as binding within this relative distance
 
 
 class PlanDevice(BaseModel):
+    """One device's plan: its rate, bandwidth, power and frequency, and the latency and energy they cost."""
     model_config = ConfigDict(extra="ignore")
 
     index: int
@@ -43,6 +44,7 @@ class PlanDevice(BaseModel):
 
 
 class SolverStats(BaseModel):
+    """How a plan was found: iterations, time, status, and whatever else the solver reports."""
     model_config = ConfigDict(extra="allow")
 
     iterations: int = 0
@@ -55,6 +57,8 @@ class SolverStats(BaseModel):
 
 
 class Plan(BaseModel):
+    """A plan for a system (plan.json): its method, bound value and terms, each device's rate and resources,
+    the system itself, and how it was found."""
     model_config = ConfigDict(extra="ignore")
 
     method: str
@@ -70,15 +74,18 @@ class Plan(BaseModel):
 
     @property
     def gammas(self) -> list[float]:
+        """Each device's dropout rate."""
         return [d.gamma for d in self.devices]
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", exclude_none=False), indent=2)
 
     def save(self, path: str | Path) -> None:
+        """Write the plan as JSON (what `fedlodrop run --set plan=FILE` reads)."""
         Path(path).write_text(self.to_json() + "\n")
 
     def model(self) -> SystemModel:
+        """The plan's system as a model (the formulas the planner and the meter use)."""
         return system_model(self.system)
 
 

@@ -45,6 +45,7 @@ class SolverFailedError(UserError):
 
 @dataclass
 class PscaResult:
+    """P-SCA's rates, its bound value and its iterations."""
     gamma: np.ndarray
     objective: float
     stats: SolverStats

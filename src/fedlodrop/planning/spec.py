@@ -28,6 +28,8 @@ class _Section(BaseModel):
 
 
 class DeviceSpec(_Section):
+    """One device of a system: its samples, where it is (or its channel gain), its power and frequency limits
+    and its energy budget."""
     name: str | None = None
     samples: int = Field(gt=0, description="D_k, local training samples")
     distance_m: float | None = Field(None, gt=0, description="distance to the base station")
@@ -53,6 +55,7 @@ class PathLossSpec(_Section):
 
 
 class CellSpec(_Section):
+    """The cell: the shared band, noise, path loss and fading, and the downlink when it is modelled."""
     bandwidth_hz: float = Field(10e6, gt=0, description="B_tot, the uplink band shared by FDMA")
     noise_dbm_per_hz: float = -174.0
     path_loss: PathLossSpec = PathLossSpec()
@@ -65,6 +68,7 @@ class CellSpec(_Section):
 
 
 class RoundSpec(_Section):
+    """A round: its latency limit, local epochs, and the compute model (cycles per sample)."""
     latency_s: float = Field(gt=0, description="T_max, the latency limit of a round")
     local_epochs: float = Field(1.0, gt=0, description="tau")
     cycles_per_sample: float | None = Field(None, gt=0, description="c0; None: from the model's FLOPs")
@@ -77,6 +81,8 @@ class RoundSpec(_Section):
 
 
 class PayloadSpec(_Section):
+    """What a device sends: the model (or Q and head sizes given directly), rank, targets, labels and bits per
+    value."""
     model: str | None = Field("roberta-large", description="built-in name or local config.json path")
     rank: int = Field(4, ge=1)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
@@ -107,6 +113,8 @@ class BoundSpec(_Section):
 
 
 class SystemSpec(_Section):
+    """A whole system file (`fedlodrop system random`, or your own): devices, cell, round, payload and the
+    bound's constants."""
     devices: list[DeviceSpec] = Field(min_length=1)
     cell: CellSpec = CellSpec()
     round: RoundSpec
@@ -114,6 +122,7 @@ class SystemSpec(_Section):
     bound: BoundSpec = BoundSpec()
 
     def to_dict(self) -> dict[str, Any]:
+        """The system as the YAML file keeps it (unset keys left out)."""
         return self.model_dump(mode="json", exclude_none=True)
 
 
@@ -156,20 +165,24 @@ def load_file(
 
 
 def system_from_dict(tree: Any, source: str = "system") -> SystemSpec:
+    """A system from a parsed YAML or JSON tree, checked (unknown models and modules fail here, at load time)."""
     spec = validate(SystemSpec, tree, source, "a mapping with devices, cell, round, payload, bound")
     resolve_payload(spec)  # unknown models and modules fail here, at load time
     return spec
 
 
 def load_system(path: str | Path) -> SystemSpec:
+    """A system file (YAML), checked; one line naming the file for anything wrong."""
     return load_file(path, "system file", "YAML", system_from_dict)
 
 
 def dump_system(spec: SystemSpec) -> str:
+    """The system as YAML text."""
     return yaml.safe_dump(spec.to_dict(), sort_keys=False)
 
 
 def save_system(spec: SystemSpec, path: str | Path) -> None:
+    """Write the system as a YAML file."""
     Path(path).write_text(dump_system(spec))
 
 
@@ -180,6 +193,8 @@ def save_system(spec: SystemSpec, path: str | Path) -> None:
 
 @dataclass(frozen=True)
 class Payload:
+    """A system's payload resolved to numbers: Q, the head's values, the backbone's parameters and bits per
+    value."""
     adapter_values: int  # Q
     head_values: int
     backbone_params: float
@@ -187,6 +202,7 @@ class Payload:
 
 
 def resolve_payload(spec: SystemSpec) -> Payload:
+    """The numbers of a system's payload: from the model's architecture, or those given directly."""
     pl = spec.payload
     arch = resolve_arch(pl.model) if pl.model else None
     q = pl.adapter_values if pl.adapter_values is not None else arch.adapter_values(pl.rank, pl.target_modules)

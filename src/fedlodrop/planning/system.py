@@ -68,14 +68,17 @@ class SystemModel:
 
     @property
     def K(self) -> int:
+        """Devices."""
         return len(self.D)
 
     @property
     def N(self) -> float:
+        """Training samples over all devices."""
         return float(self.D.sum())
 
     @property
     def w(self) -> np.ndarray:
+        """Each device's weight in the bound: D_k / N."""
         return self.D / self.D.sum()
 
     def with_limits(self, latency_s: float | None = None, energy_scale: float | None = None) -> SystemModel:
@@ -92,6 +95,7 @@ class SystemModel:
         return (1.0 - np.asarray(gamma)) * self.Q * self.bits + self.head * self.bits + 0.0 * self.D[k]
 
     def downlink_bits(self, gamma, k=slice(None)):
+        """Bits a device downloads: what it uploads plus the extra (a FedEx fold)."""
         return self.uplink_bits(gamma, k) + self.dl_extra_bits
 
     def cycles(self, gamma, k=slice(None)):
@@ -99,6 +103,7 @@ class SystemModel:
         return self.tau * self.D[k] * (self.c0 + (1.0 - np.asarray(gamma)) * self.c1)
 
     def downlink_time(self, gamma, k=slice(None)):
+        """Seconds a device's download takes (zero where the cell models no downlink)."""
         if self.dl_rate is None:
             return 0.0 * np.asarray(gamma) * self.D[k]
         return self.downlink_bits(gamma, k) / self.dl_rate[k]
@@ -162,6 +167,7 @@ def system_model(spec: SystemSpec) -> SystemModel:
 
 
 def as_model(system: SystemSpec | SystemModel | dict) -> SystemModel:
+    """A system model from a model, a spec, or a parsed tree."""
     if isinstance(system, SystemModel):
         return system
     if isinstance(system, dict):

@@ -48,6 +48,8 @@ class Sweep:
 
 @dataclass
 class Tradeoff:
+    """The optimal bound and rates against the latency limit and against the energy budgets (what `plot-
+    tradeoff` draws)."""
     latency: Sweep
     energy: Sweep
     weights: np.ndarray  # w_k = D_k / N, for the weighted mean rate

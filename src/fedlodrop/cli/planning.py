@@ -1,0 +1,252 @@
+"""CLI commands of the resource planner: `system random`, `optimize`, `calibrate`, `plot-tradeoff`.
+
+Registered by cli.py. Bad input of any kind (missing file, bad key or value, infeasible system)
+prints one line on stderr and exits with code 2, leaving no output file behind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedlodrop.cli.common import err_console
+from fedlodrop.cli.common import user_errors as _user_errors
+from fedlodrop.errors import UserError
+
+
+class _OutConsole:
+    """stdout console made at print time: piped or captured output gets 160 columns, so the
+    12-column plan table stays readable in logs (rich would use 80)."""
+
+    def print(self, *args, **kwargs) -> None:
+        import sys
+
+        width = None if sys.stdout.isatty() else 160
+        Console(width=width).print(*args, **kwargs)
+
+
+out_console = _OutConsole()
+
+system_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="System descriptions (devices, cell, round) for `fedlodrop optimize`.",
+)
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# system random
+# --------------------------------------------------------------------------------------------
+
+
+@system_app.command("random")
+@_user_errors
+def system_random(
+    devices: Annotated[Optional[int], typer.Option("--devices", "-k", help="number of devices K (with --config: "
+                                                   "its federation.devices)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of positions, samples, budgets and fading")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="YAML file (default: print it)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="built-in model name or local config.json (default "
+                                                 "roberta-large; with --config: the run's model, measured)")] = None,
+    latency: Annotated[Optional[float], typer.Option(help="T_max [s] (default: halfway, see docs)")] = None,
+    bandwidth_mhz: Annotated[float, typer.Option(help="B_tot [MHz]")] = 10.0,
+    samples: Annotated[Optional[int], typer.Option(help="training samples over all devices (default 6000; with "
+                                                   "--config: each device's own, from the run's data)")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="a run configuration: the system gets "
+                                                   "its devices, each device's training samples (its partition of "
+                                                   "the run's data), its local epochs and what a device really "
+                                                   "sends (Q, head, federation.comm_dtype bits)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a key of --config")] = None,
+) -> None:
+    """Write a realistic random system: devices in a 500 m cell, Rayleigh fading, random budgets;
+    with --config, the devices, samples and payload of that run."""
+    from fedlodrop.planning import dump_system, random_system, system_model
+    from fedlodrop.planning.spec import PayloadSpec
+
+    if bandwidth_mhz <= 0:
+        raise UserError(f"--bandwidth-mhz must be positive (got {bandwidth_mhz})")
+    if latency is not None and latency <= 0:
+        raise UserError(f"--latency must be positive (got {latency})")
+    extra: dict = {}
+    if config is not None or set_:
+        from fedlodrop.run.experiment import run_shape
+        from fedlodrop.run.settings import load_config
+
+        for flag, value in (("--model", model), ("--samples", samples)):
+            if value is not None:
+                raise UserError(f"{flag} comes from the run with --config: drop it")
+        cfg = load_config(config, set_ or [])
+        if devices is not None and devices != cfg.federation.devices:
+            raise UserError(f"--devices {devices} but the run's federation.devices is {cfg.federation.devices}")
+        devices = cfg.federation.devices
+        shape = run_shape(cfg)
+        extra = {"samples": shape.samples, "local_epochs": shape.local_epochs,
+                 "payload": PayloadSpec(model=None, rank=shape.rank, num_labels=shape.num_labels,
+                                        adapter_values=shape.adapter_values, head_values=shape.head_values,
+                                        backbone_params=float(shape.backbone_params),
+                                        bits_per_value=float(shape.bits_per_value))}
+    if devices is None:
+        raise UserError("give --devices K, or --config with a run's federation.devices")
+    if devices < 1:
+        raise UserError(f"--devices must be at least 1 (got {devices})")
+    samples = 6000 if samples is None else samples
+    if samples < devices:
+        raise UserError(f"--samples ({samples}) must be at least --devices ({devices})")
+    spec = random_system(devices, seed, model=model or "roberta-large", samples_total=samples,
+                         bandwidth_hz=bandwidth_mhz * 1e6, latency_s=latency, **extra)
+    text = dump_system(spec)
+    m = system_model(spec)
+    summary = (f"{devices} devices, {int(m.N)} samples, T_max {m.T:.4g} s, B_tot {m.B_tot / 1e6:.4g} MHz, "
+               f"Q {m.Q:,} adapter values + {m.head:,} head values ({m.bits:g} bits each)")
+    if out is None:
+        out_console.print(text, highlight=False, markup=False, end="")
+        err_console.print(summary, highlight=False)
+    else:
+        _write_text(out, text)
+        err_console.print(f"wrote {out}: {summary}", highlight=False)
+
+
+# --------------------------------------------------------------------------------------------
+# optimize
+# --------------------------------------------------------------------------------------------
+
+
+def _plan_table(plan) -> Table:
+    table = Table(title=f"{plan.method}: G = {plan.objective:.6f} (Emp {plan.emp:.4f} + Gap {plan.gap:.4f})")
+    for col in ("dev", "D", "gamma", "B [MHz]", "p [W]", "f [GHz]", "compute [s]", "upload [s]",
+                "latency [s]", "energy [J]", "budget [J]", "binding"):
+        table.add_column(col, justify="left" if col in ("dev", "binding") else "right")
+    budgets = [d.energy_budget_j for d in plan.system.devices]
+    for d, spec_dev, budget in zip(plan.devices, plan.system.devices, budgets):
+        table.add_row(
+            d.name, str(spec_dev.samples), f"{d.gamma:.4f}", f"{d.bandwidth_hz / 1e6:.4f}", f"{d.power_w:.4f}",
+            f"{d.frequency_hz / 1e9:.4f}", f"{d.compute_s:.4g}", f"{d.upload_s:.4g}", f"{d.latency_s:.4g}",
+            f"{d.energy_j:.4g}", f"{budget:.4g}", ",".join(d.binding) or "-",
+        )
+    return table
+
+
+def _solver_line(plan) -> str:
+    s = plan.solver
+    parts = [f"status {s.status}", f"{s.seconds:.2f} s", f"iterations {s.iterations}"]
+    if plan.method == "bnb":
+        parts += [f"nodes {s.nodes}", f"lower bound {s.lower_bound:.6f}", f"gap {s.gap:.2e} ({s.rel_gap:.1e} rel)"]
+    used = plan.totals["bandwidth_used_hz"] / 1e6
+    binding = " (binding)" if plan.totals["bandwidth_binding"] else ""
+    parts.append(f"band {plan.totals['bandwidth_needed_hz'] / 1e6:.4g} of {plan.totals['bandwidth_total_hz'] / 1e6:.4g} "
+                 f"MHz needed{binding}, {used:.4g} MHz allotted")
+    return "; ".join(parts)
+
+
+@_user_errors
+def optimize(
+    system: Annotated[Path, typer.Argument(help="system YAML (see `fedlodrop system random`)")],
+    method: Annotated[str, typer.Option("--method", "-m", help="bnb | psca | fixed | equal-bandwidth | none")] = "bnb",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write the plan here (plan.json)")] = None,
+    gamma: Annotated[Optional[str], typer.Option(help="fixed: min (smallest that fits, default), best, or a rate")] = None,
+    tol: Annotated[float, typer.Option(help="bnb: relative gap; psca: relative change")] = 1e-4,
+    time_limit: Annotated[float, typer.Option(help="bnb: seconds before stopping with a gap")] = 600.0,
+) -> None:
+    """Choose per-device dropout rates, bandwidth, power and CPU frequency that minimise the bound."""
+    from fedlodrop.planning import load_system, plan_system
+
+    if not 0 < tol < 1:
+        raise UserError(f"--tol must lie in (0, 1) (got {tol})")
+    if time_limit <= 0:
+        raise UserError(f"--time-limit must be positive (got {time_limit})")
+    spec = load_system(system)
+    plan = plan_system(spec, method, gamma, tol, time_limit)
+    out_console.print(_plan_table(plan))
+    out_console.print(_solver_line(plan), highlight=False)
+    if out is not None:
+        _write_text(out, plan.to_json() + "\n")
+        err_console.print(f"wrote {out}", highlight=False)
+
+
+# --------------------------------------------------------------------------------------------
+# calibrate
+# --------------------------------------------------------------------------------------------
+
+
+@_user_errors
+def calibrate(
+    sweep_dir: Annotated[Path, typer.Argument(help="folder holding run folders (config.yaml + metrics.jsonl)")],
+    metric: Annotated[Optional[str], typer.Option(help="fit 1 - this train metric instead of train_loss")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="YAML to write (snippet or system)")] = None,
+    system: Annotated[Optional[Path], typer.Option(help="write this system file updated with the fit to --out")] = None,
+) -> None:
+    """Fit Emp(gamma) = e0 + c_emp gamma/(1-gamma) to the final training error of a dropout sweep."""
+    import yaml
+
+    from fedlodrop.planning import dump_system, load_system
+    from fedlodrop.studies.calibration import calibrate as fit_sweep
+
+    if system is not None and out is None:
+        raise UserError("--system needs --out for the updated system file")
+    spec = load_system(system) if system is not None else None
+    fit = fit_sweep(sweep_dir, metric, report=lambda line: err_console.print(line, highlight=False))
+    table = Table(title=f"calibration of Emp on round-{fit.last_round} {fit.what} ({fit.runs} runs)")
+    for col in ("dropout.rate", "gamma/(1-gamma)", "runs", "mean", "fit"):
+        table.add_column(col, justify="right")
+    for row in fit.rows:
+        table.add_row(row.rate, f"{row.feature:.4f}", str(row.runs), f"{row.mean:.5f}", f"{row.fit:.5f}")
+    out_console.print(table)
+    out_console.print(f"e0 = {fit.e0:.6g}, c_emp = {fit.c_emp:.6g} (rmse {fit.rmse:.3g})", highlight=False)
+    if out is None:
+        return
+    if spec is not None:
+        spec.bound.e0, spec.bound.c_emp = fit.e0, fit.c_emp
+        _write_text(out, dump_system(spec))
+    else:
+        snippet = {"bound": {"e0": fit.e0, "c_emp": fit.c_emp}}
+        _write_text(out, f"# fitted on {sweep_dir} ({fit.what}); merge into the system file\n"
+                    + yaml.safe_dump(snippet, sort_keys=False))
+    err_console.print(f"wrote {out}", highlight=False)
+
+
+# --------------------------------------------------------------------------------------------
+# plot-tradeoff
+# --------------------------------------------------------------------------------------------
+
+
+@_user_errors
+def plot_tradeoff(
+    system: Annotated[Path, typer.Argument(help="system YAML")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write (data: same name, .json)")] = Path(
+        "tradeoff.png"),
+    points: Annotated[int, typer.Option(help="points per sweep")] = 8,
+    methods: Annotated[str, typer.Option(help="comma-separated methods")] = "bnb,psca",
+    tol: Annotated[float, typer.Option(help="solver tolerance")] = 1e-4,
+    time_limit: Annotated[float, typer.Option(help="B&B seconds per point")] = 120.0,
+) -> None:
+    """PNG of the optimal bound and rates against T_max and against the energy budgets."""
+    from fedlodrop.planning import METHODS, load_system, system_model
+    from fedlodrop.planning.tradeoff import plot, tradeoff
+
+    chosen = [x.strip() for x in methods.split(",") if x.strip()]
+    bad = [x for x in chosen if x not in METHODS]
+    if bad or not chosen:
+        raise UserError(f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}")
+    if not 2 <= points <= 200:
+        raise UserError(f"--points must lie in [2, 200] (got {points})")
+    if not 0 < tol < 1 or time_limit <= 0:
+        raise UserError("--tol must lie in (0, 1) and --time-limit be positive")
+    m = system_model(load_system(system))
+    result = tradeoff(m, chosen, points, tol, time_limit,
+                      report=lambda line: err_console.print(line, highlight=False))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(result, out)
+    _write_text(out.with_suffix(".json"), json.dumps(result.data(), indent=1))
+    err_console.print(f"wrote {out} and {out.with_suffix('.json')}", highlight=False)

@@ -1,0 +1,306 @@
+"""SPEC 2, as amended in docs/dropout.md: the aggregation rules, pure functions on adapter states.
+
+Every rule moves the global model by what the devices trained, never by what their masks removed:
+a slice a device did not train counts as "no change", not as a zero weight.
+
+* `fedit`  - each factor moves by the weighted mean of its trained slices' changes.
+* `masked` - each row of B / column of A moves to the mean over the devices that trained it.
+* `fedex`  - factors as `federation.factor_rule`, then the residual that makes the global
+             effective weight exact is returned for folding into the frozen base:
+                 W' = W + sum_k w_k (W_k^end - W_k^start)
+             where W_k^start is the model device k held (the global one seen through its view)
+             and W_k^end what it trained. Without dropout this is FedEx-LoRA's mean of models.
+* `ffa`    - A stays at its shared seeded initialisation and never travels; B as factor_rule.
+The head moves by the weighted mean of the head changes under every rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from fedlodrop.lora.adapter import AdapterLayout, ModuleShape, State
+from fedlodrop.lora.masks import Masks
+from fedlodrop.registry import Registry
+
+RULES: Registry[AggregationRule] = Registry("federation.aggregation")
+FACTOR_RULES: Registry[FactorRule] = Registry("federation.factor_rule")
+
+
+class FactorRule:
+    """How a factor's slices are averaged over the devices of a round: the one hook a rule's
+    factors differ by. A new one subclasses, names itself and registers (`@FACTOR_RULES.register`)."""
+
+    name: ClassVar[str]
+
+    def move(self, change: torch.Tensor, kept: torch.Tensor, w: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """The factor's change from the devices' `change` (K x ...; zero where not trained), their
+        `kept` masks (K x broadcast) and weights `w` (K), plus central DP's `noise` on the sum."""
+        raise NotImplementedError
+
+    def total(self, sent: torch.Tensor) -> torch.Tensor:
+        """Per value, how many of the devices whose sent-values masks are stacked in `sent` it
+        averages over: what central DP divides its noised sum by, at participation rate 1."""
+        raise NotImplementedError
+
+
+@FACTOR_RULES.register
+class MeanOverAll(FactorRule):
+    """FedAvg: each slice moves by the weighted mean over all devices, a slice a device did not
+    train counting as no change."""
+
+    name = "fedit"
+
+    def move(self, change, kept, w, noise):
+        """Sum of the devices' weighted changes (their weights sum to 1), plus the noise."""
+        summed = torch.einsum("k,kij->ij", w, change)
+        return summed if noise is None else summed + noise
+
+    def total(self, sent):
+        """Every device of the federation, wherever any device could send."""
+        return torch.full_like(sent[0], float(len(sent))) * (sent.sum(0) > 0)
+
+
+@FACTOR_RULES.register
+class MeanOverKept(FactorRule):
+    """Each slice moves to the weighted mean over the devices that trained it; a slice nobody
+    trained stays."""
+
+    name = "masked"
+
+    def move(self, change, kept, w, noise):
+        """Per slice, the weighted mean change over the devices that trained it (the noise joins the sum); a
+        slice nobody trained does not move."""
+        wk = w.view(-1, 1, 1) * kept
+        total = wk.sum(0)
+        summed = (wk * change).sum(0) if noise is None else (wk * change).sum(0) + noise
+        mean = summed / total.clamp_min(torch.finfo(change.dtype).tiny)
+        return torch.where(total > 0, mean, torch.zeros_like(mean))
+
+    def total(self, sent):
+        """Per value, the devices whose masks keep it."""
+        return sent.sum(0)
+
+
+@dataclass
+class DeviceUpdate:
+    """One device's round, as the server reconstructs it from the messages."""
+
+    start: State  # what it received, full size, zeros outside its view
+    end: State  # start with its trained slices replaced by what it uploaded
+    trained: Masks  # the slices it trained and sent
+    num_samples: int
+
+
+@dataclass
+class Residual:
+    """A fold, U @ V in the B @ A (out x in) orientation, scaling folded into U."""
+
+    u: torch.Tensor  # n_out x R
+    v: torch.Tensor  # R x n_in
+
+    def dense(self) -> torch.Tensor:
+        """U @ V: the dense (out x in) matrix."""
+        return self.u @ self.v
+
+    def truncated(self, rank: int) -> tuple[Residual, float, float]:
+        """The best rank-`rank` approximation (Eckart-Young) with |R - R_k|_F and |R|_F.
+
+        From the factors, never the dense matrix: QR of U and V^T, then the SVD of the small
+        R x R core, so a 4096 x 4096 module costs O(4096 R^2)."""
+        qu, ru = torch.linalg.qr(self.u.double())
+        qv, rv = torch.linalg.qr(self.v.double().T)
+        p, sing, qh = torch.linalg.svd(ru @ rv.T)
+        norm = float(sing.norm())
+        if rank >= int((sing > 0).sum()):
+            return self, 0.0, norm
+        root = sing[:rank].sqrt()
+        u = (qu @ p[:, :rank]) * root
+        v = root[:, None] * (qh[:rank] @ qv.T)
+        return Residual(u.float(), v.float()), float(sing[rank:].norm()), norm
+
+    @property
+    def factored(self) -> bool:
+        """Send the factors when they are fewer values than the dense matrix."""
+        n_out, rank = self.u.shape
+        return rank * (n_out + self.v.shape[1]) < n_out * self.v.shape[1]
+
+
+def device_weights(updates: list[DeviceUpdate], weighting: Literal["samples", "uniform"]) -> torch.Tensor:
+    """Each device's weight in the round, summing to 1: by its sample count, or equal."""
+    raw = [float(u.num_samples) if weighting == "samples" else 1.0 for u in updates]
+    w = torch.tensor(raw, dtype=torch.float64)
+    return (w / w.sum()).float()
+
+
+class AggregationRule:
+    """A rule, as a class with a few hooks (in the spirit of Flower's strategies and PEFT's LoRA
+    variants): what devices train and send (`trains_a`, `sends`), whether the server folds a
+    residual into the base weights (`folds`), and how factors move (`factor_rule`). `aggregate`
+    is the one template every rule shares; a new rule overrides what differs and registers.
+    """
+
+    name: ClassVar[str]
+    trains_a: ClassVar[bool] = True  # devices train A (FFA-LoRA freezes it at its seeded start)
+    folds: ClassVar[bool] = False  # the server folds the residual that makes the model exact
+    # the aggregate is a function of the (weighted) sum of the devices' updates and of the public
+    # masks alone: central DP may noise that sum, secure aggregation may hide the addends
+    from_sums: ClassVar[bool] = True
+
+    default_factor_rule: ClassVar[str | None] = None  # a rule that fixes its factor rule names it here
+
+    def __init__(self, factor_rule: str = "masked"):
+        self.factor_rule: FactorRule = FACTOR_RULES.make(self.default_factor_rule or factor_rule)
+
+    def sends(self, key: str) -> bool:
+        """Whether a state key travels (FFA's A is known to every device and never sent)."""
+        return self.trains_a or not key.endswith(".lora_A")
+
+    def aggregate(
+        self, layout: AdapterLayout, global_state: State, updates: list[DeviceUpdate], weights: torch.Tensor,
+        noise: State | None = None, totals: State | None = None,
+    ) -> tuple[State, dict[str, Residual]]:
+        """New global state and, for a folding rule, each module's residual for its base weight.
+
+        Central DP (a `from_sums` rule) gives `noise`, added to the sum of the changes, and
+        `totals` (`fixed_totals`): each value then moves by (sum_k kept_k change_k + noise) /
+        total, a division by public numbers that do not depend on who took part (`weights` unused)."""
+        if totals is not None:
+            return self._from_noised_sum(layout, global_state, updates, noise or {}, totals), {}
+        new: State = {}
+        residuals: dict[str, Residual] = {}
+        noise = noise or {}
+        for m in layout.modules:
+            b = _move(m.key_b, lambda u: u.trained[m.name].b_rows[:, None], global_state, updates, weights,
+                      self.factor_rule, noise.get(m.key_b))
+            if self.trains_a:
+                a = _move(m.key_a, lambda u: u.trained[m.name].a_cols[None, :], global_state, updates, weights,
+                          self.factor_rule, noise.get(m.key_a))
+            else:
+                a = global_state[m.key_a].clone()
+            new[m.key_a], new[m.key_b] = a, b
+            if self.folds:
+                residuals[m.name] = _residual(m, global_state, updates, weights, a, b)
+        for key in layout.head_keys:
+            change = sum(w * (u.end[key] - u.start[key]) for w, u in zip(weights, updates))
+            new[key] = global_state[key] + change + noise.get(key, 0.0)
+        return new, residuals
+
+    def fixed_totals(self, layout: AdapterLayout, sent: list[State], q: float) -> State:
+        """What central DP divides each value's noised sum by: the expected number of devices that
+        send it, from every device of the federation (`sent`: each one's sent-values mask this
+        round, drawn from the seed) at participation rate q. `fedit` averages over all devices
+        (q N), `masked` over those whose masks keep the value (q times their count); the head over
+        all. Public, and the same whoever took part: the released model then moves by at most
+        C / total when one device is added or removed."""
+        out: State = {}
+        for key in sent[0]:
+            stacked = torch.stack([s[key] for s in sent])
+            rule = MeanOverAll() if key in layout.head_keys else self.factor_rule  # every device sends the head
+            out[key] = q * rule.total(stacked)
+        return out
+
+    def _from_noised_sum(self, layout: AdapterLayout, prev: State, updates: list[DeviceUpdate], noise: State,
+                         totals: State) -> State:
+        new: State = {}
+        for key in [k for m in layout.modules for k in (m.key_a, m.key_b)] + layout.head_keys:
+            if key.endswith(".lora_A") and not self.trains_a:
+                new[key] = prev[key].clone()  # never sent (FFA's A)
+                continue
+            summed = noise.get(key, torch.zeros_like(prev[key])).clone()
+            for u in updates:
+                summed += (u.end[key] - prev[key]) * _sent(u, key, layout)
+            total = totals[key]
+            new[key] = prev[key] + torch.where(total > 0, summed / total.clamp_min(1e-12), torch.zeros_like(summed))
+        return new
+
+
+@RULES.register
+class FedIT(AggregationRule):
+    """FedAvg of the factors: each moves by the weighted mean of its trained slices' changes."""
+
+    name = "fedit"
+    default_factor_rule = "fedit"
+
+
+@RULES.register
+class Masked(AggregationRule):
+    """Each row of B / column of A moves to the mean over the devices that trained it."""
+
+    name = "masked"
+    default_factor_rule = "masked"
+
+
+@RULES.register
+class FedEx(AggregationRule):
+    """Factors by `federation.factor_rule`, then the residual folded into the frozen base makes
+    the global model exactly the weighted mean of what the devices trained (docs/dropout.md)."""
+
+    name = "fedex"
+    folds = True
+    from_sums = False  # the fold needs each device's own product B_k A_k
+
+
+@RULES.register
+class FFA(AggregationRule):
+    """FFA-LoRA: A stays at its shared seeded initialisation and never travels."""
+
+    name = "ffa"
+    trains_a = False
+
+
+def make_rule(aggregation: str, factor_rule: str = "masked") -> AggregationRule:
+    """The one place a rule is chosen by name (`fedlodrop.run.settings` checks the names first)."""
+    return RULES.make(aggregation, factor_rule)
+
+
+def _move(
+    key: str, trained_of, prev: State, updates: list[DeviceUpdate], w: torch.Tensor, rule: FactorRule,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The factor plus the mean change of its trained slices (the factor rule's `move`), measured
+    from the global value (for `reset`, whose dropped slices restart from zero, that is the mean of
+    what devices sent). `noise` joins the weighted sum of the changes (zero where nobody trained)."""
+    kept = torch.stack([trained_of(u) for u in updates]).to(prev[key].dtype)  # K x (broadcast)
+    change = torch.stack([u.end[key] - prev[key] for u in updates]) * kept
+    return prev[key] + rule.move(change, kept, w, noise)
+
+
+def _sent(u: DeviceUpdate, key: str, layout: AdapterLayout) -> torch.Tensor:
+    """1 where update `u` trained (and sent) the values of `key`."""
+    if key in layout.head_keys:
+        return torch.ones(())
+    name, part = key.rsplit(".", 1)
+    mask = u.trained[name]
+    return mask.a_cols[None, :].float() if part == "lora_A" else mask.b_rows[:, None].float()
+
+
+def _residual(
+    m: ModuleShape, prev: State, updates: list[DeviceUpdate], w: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> Residual:
+    """s (B A + sum_k w_k (B_k^e A_k^e - B_k^s A_k^s) - B' A'), as factors.
+
+    Equal (B, A) pairs are merged first: devices that all started from the whole global adapter
+    (no view mask) cancel the B A term, leaving FedEx-LoRA's rank (K + 1) r residual.
+    """
+    terms: list[list] = [[prev[m.key_b], prev[m.key_a], 1.0]]
+    for wk, u in zip(w.tolist(), updates):
+        terms.append([u.end[m.key_b], u.end[m.key_a], wk])
+        terms.append([u.start[m.key_b], u.start[m.key_a], -wk])
+    terms.append([b, a, -1.0])
+    merged: list[list] = []
+    for tb, ta, c in terms:
+        for other in merged:
+            if torch.equal(other[0], tb) and torch.equal(other[1], ta):
+                other[2] += c
+                break
+        else:
+            merged.append([tb, ta, c])
+    kept = [(tb, ta, c) for tb, ta, c in merged if abs(c) > 1e-6]
+    if not kept:
+        return Residual(torch.zeros(m.n_out, 0), torch.zeros(0, m.n_in))
+    u = torch.cat([m.scaling * c * tb for tb, _, c in kept], dim=1)
+    v = torch.cat([ta for _, ta, _ in kept], dim=0)
+    return Residual(u, v)

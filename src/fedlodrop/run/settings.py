@@ -1,0 +1,108 @@
+"""The one validator of a run's configuration, and how every entry point gets one.
+
+`fedlodrop.config` is the schema (types, bounds, keys that must agree with each other). What else a
+config must satisfy needs the layers above it, so it is checked here, once, for every entry point
+(`fedlodrop run`, sweeps, comparisons, Flower's ServerApp and ClientApp, a run folder read back):
+
+* the task: a built-in one, or your own data under another name; its label kind fits the
+  partition;
+* the names of registered extension points (aggregation rules, factor rules, dropout variants,
+  metrics);
+* each feature's refusals, written once in its own module: `round.privacy.check`,
+  `round.secagg.check`.
+
+Every problem is one UserError line, `invalid config: ...`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from fedlodrop.config import RunConfig, from_tree, parse_override, read_config_tree, set_key
+from fedlodrop.data.tasks import METRICS, TASKS
+from fedlodrop.errors import UserError
+from fedlodrop.lora.aggregation import FACTOR_RULES, RULES
+from fedlodrop.lora.variants import VARIANTS
+from fedlodrop.round import privacy, secagg
+
+REGISTRIES = {r.key: r for r in (RULES, FACTOR_RULES, VARIANTS)}  # config key -> the names it accepts
+
+
+def check(cfg: RunConfig) -> None:
+    """Everything the schema alone cannot know; ValueError with the one line to show."""
+    for key, registry in REGISTRIES.items():
+        section, name = key.split(".")
+        problem = registry.unknown(getattr(getattr(cfg, section), name))
+        if problem:
+            raise ValueError(problem)
+    own = cfg.data.own
+    if own and cfg.task in TASKS:
+        key = "train" if cfg.data.train else "hub_path" if cfg.data.hub_path else "eval"
+        raise ValueError(f"task {cfg.task!r} is a built-in task, and data.{key} brings your own data: name your "
+                         "task something else (task: my_reviews)")
+    if not own and cfg.task not in TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}; known: {', '.join(sorted(TASKS))}; or train on your own data "
+                         "with data.train (files) or data.hub_path (docs/data.md)")
+    for name in cfg.data.metrics or []:
+        if name not in METRICS:
+            raise ValueError(f"data.metrics: unknown metric {name!r}; known: {', '.join(METRICS)}")
+    if cfg.federation.partition == "continuous" and (
+            cfg.data.regression is False if own else not TASKS[cfg.task].is_regression):
+        raise ValueError("federation.partition continuous is for a real-valued label (stsb, or your own data with "
+                         "data.regression)")
+    privacy.check(cfg)
+    secagg.check(cfg)
+
+
+def validate(tree: dict) -> RunConfig:
+    """A config tree, read by the schema and checked here: a RunConfig or one UserError line."""
+    cfg = from_tree(tree)
+    try:
+        check(cfg)
+    except ValueError as err:
+        raise UserError(f"invalid config: {err}") from None
+    return cfg
+
+
+def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                tree: dict | None = None) -> RunConfig:
+    """Defaults <- YAML file (or its already read `tree`) <- `--set` overrides, validated once."""
+    tree = copy.deepcopy(tree) if tree is not None else read_config_tree(path) if path is not None else {}
+    for item in overrides:
+        key, value = parse_override(item)
+        set_key(tree, ".".join(key), value)
+    return validate(tree)
+
+
+def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """A copy of `cfg` with dotted keys replaced, validated again (sweeps, comparisons)."""
+    tree = cfg.model_dump(mode="json")
+    for key, value in overrides.items():
+        set_key(tree, key, value)
+    return validate(tree)
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """A copy whose paths (data.glue_dir, data.train, data.eval, a local data.hub_path, plan, the
+    system file, a local model folder) are absolute from the current folder: for processes that
+    run elsewhere (Flower's)."""
+    tree = cfg.model_dump(mode="json")
+    for key in ("glue_dir", "train", "eval"):
+        if tree["data"][key]:
+            tree["data"][key] = str(Path(tree["data"][key]).expanduser().resolve())
+    if tree["data"]["hub_path"] and Path(tree["data"]["hub_path"]).expanduser().is_dir():
+        tree["data"]["hub_path"] = str(Path(tree["data"]["hub_path"]).expanduser().resolve())
+    if tree["plan"]:
+        tree["plan"] = str(Path(tree["plan"]).expanduser().resolve())
+    if tree["system"]["file"]:
+        tree["system"]["file"] = str(Path(tree["system"]["file"]).expanduser().resolve())
+    if Path(tree["model"]).expanduser().is_dir():
+        tree["model"] = str(Path(tree["model"]).expanduser().resolve())
+    return validate(tree)
+
+
+def registry_names(key: str) -> list[str]:
+    """The names a registry-backed config key accepts, in registration order."""
+    return REGISTRIES[key].names()
