@@ -27,7 +27,7 @@ import torch
 from fedlodrop.lora.adapter import AdapterLayout, ModuleShape
 from fedlodrop.lora.aggregation import DeviceUpdate, device_weights, make_rule
 from fedlodrop.lora.masks import apply_masks, draw_masks, full_masks
-from fedlodrop.lora.variants import VARIANTS
+from fedlodrop.lora.variants import make_variant
 
 N, R, K, STEPS, LR = 48, 4, 3, 30, 0.05
 LAYOUT = AdapterLayout(modules=(ModuleShape("m", N, N, R, 1.0),), head=())
@@ -51,9 +51,10 @@ def run(rule: str, variant: str, gamma: float, rounds: int, seed: int = 0, facto
             elif variant == "spec":  # masked adapter over the unmasked fold (SPEC 1-2 as built)
                 view, trained, scale, fold_view = masks, masks, 1.0, fold
             else:
-                v = VARIANTS[variant]
+                v = make_variant(variant)
                 view, trained, scale = v.view(masks, LAYOUT), v.trained(masks, LAYOUT), 1.0
-                fold_view = fold * mk if v.masks_view else fold
+                fold_view = fold if view is None else fold * mk
+                view = full_masks(LAYOUT) if view is None else view
             start = apply_masks(glob, LAYOUT, view)
             b = start[M.key_b].clone().requires_grad_(True)
             a = start[M.key_a].clone().requires_grad_(True)

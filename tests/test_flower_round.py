@@ -150,7 +150,7 @@ def test_failed_devices_are_left_out_with_their_reason(tiny_bert, polarity_dir, 
 
 def test_too_few_devices_fail_the_run_with_the_reasons(tiny_bert, polarity_dir, tmp_path, monkeypatch):
     cfg = _cfg(tiny_bert, polarity_dir, **{"federation.devices": 2, "federation.min_devices": 2})
-    monkeypatch.setenv(flower_app.TEST_RAISE_ENV, "1@2")
+    patch_faults(client, "1@2", monkeypatch.setattr)
     with pytest.raises(RoundFailed, match=r"round 2: 1 of 2 devices .*federation.min_devices is 2 .*device 1: ClientApp raised"):
         serve(cfg, tmp_path / "flower")
     assert RunFolder(tmp_path / "flower").rounds_done() == 1

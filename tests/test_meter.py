@@ -75,8 +75,8 @@ def test_every_round_is_priced_from_what_travelled_on_both_engines(tiny_bert, po
     # round 2 carries the fold down and uploads other masks: the clock follows the bytes
     assert rows[0].devices[0].system.upload_s != rows[1].devices[0].system.upload_s
     summary = RunFolder(tmp_path / "inproc").summary().system
-    assert summary["simulated_time_s"] == pytest.approx(sum(r.system.latency_s for r in rows))
-    assert summary["stopped_by"] is None and summary["devices_dropped_for_limits"] == 0
+    assert summary.simulated_time_s == pytest.approx(sum(r.system.latency_s for r in rows))
+    assert summary.stopped_by is None and summary.devices_dropped_for_limits == 0
 
 
 @pytest.mark.slow  # trains the 2-layer MiniLM

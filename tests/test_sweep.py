@@ -26,6 +26,7 @@ from fedlodrop.config import RunConfig, dump_config
 from fedlodrop.run.settings import load_config, with_overrides
 from fedlodrop.run.folder import RunFolder
 from fedlodrop.errors import UserError
+from fedlodrop.round.records import Summary
 from fedlodrop.studies.report import build_report, collect, plot
 from fedlodrop.studies.sweep import (
     expand_grid,
@@ -53,7 +54,7 @@ def _read_csv(path: Path) -> list[dict]:
 # ---------------------------------------------------------------------------- a fake engine
 
 
-def fake_summary(cfg: RunConfig) -> dict:
+def fake_summary(cfg: RunConfig) -> Summary:
     """Deterministic numbers that depend on the rate, rank, aggregation and seed."""
     rate = cfg.device_rates()[0]
     agg = ["fedit", "masked", "fedex", "ffa"].index(cfg.federation.aggregation)
@@ -61,20 +62,14 @@ def fake_summary(cfg: RunConfig) -> dict:
     train = val + 0.1 - 0.1 * rate + 0.003 * cfg.seed**2
     rounds = cfg.federation.rounds
     up = int(1000 * cfg.lora.r * (1 - rate)) * rounds + cfg.seed
-    return {
-        "task": cfg.task,
-        "rounds": rounds,
-        "main_metric": "accuracy",
-        "final": {"accuracy": val},
-        "best": {"accuracy": val + 0.05},
-        "best_round": rounds,
-        "final_train": {"accuracy": train},
-        "generalization_gap": {"accuracy": train - val},
-        "uplink_bytes_total": up,
-        "downlink_bytes_total": 3 * up,
-        "wall_s": 1.0,
-        "rates": cfg.device_rates(),
-    }
+    return Summary(
+        task=cfg.task, model=cfg.model, rounds=rounds, devices=cfg.federation.devices,
+        aggregation=cfg.federation.aggregation, variant=cfg.dropout.variant, rates=cfg.device_rates(),
+        main_metric="accuracy", final={"accuracy": val}, best={"accuracy": val + 0.05}, best_round=rounds,
+        final_train={"accuracy": train}, generalization_gap={"accuracy": train - val},
+        uplink_bytes_total=up, downlink_bytes_total=3 * up, devices_left_out=0, adapter_values=0,
+        head_values=0, wall_s=1.0,
+    )
 
 
 class FakeEngine:
@@ -88,7 +83,7 @@ class FakeEngine:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
         summary = fake_summary(cfg)
-        (out / "summary.json").write_text(json.dumps(summary))
+        (out / "summary.json").write_text(json.dumps(summary.to_json()))
         return summary
 
 
@@ -410,7 +405,7 @@ def test_tiny_sweep_writes_run_folders_table_csv_and_png(tiny_sweep):
     runs = _read_csv(out / "sweep_runs.csv")
     assert [r["run"] for r in runs] == names
     for r in runs:
-        s = json.loads((out / r["run"] / "summary.json").read_text())
+        s = RunFolder(out / r["run"]).summary()
         main = s.main_metric
         assert r["main_metric"] == main == "accuracy"
         assert float(r["final"]) == s.final[main]
@@ -465,7 +460,7 @@ def test_tiny_sweep_reruns_an_interrupted_run(tiny_sweep, tmp_path, monkeypatch)
     assert (victim / "summary.json").is_file()
     # same seed, same config: the re-run reproduces the interrupted run's numbers
     again = RunFolder(victim).summary()
-    first = json.loads((out / victim.name / "summary.json").read_text())
+    first = RunFolder(out / victim.name).summary()
     assert again.final == first.final and again.uplink_bytes_total == first.uplink_bytes_total
 
 

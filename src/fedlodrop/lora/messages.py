@@ -17,7 +17,7 @@ import torch
 
 from fedlodrop.lora.adapter import AdapterLayout, State
 from fedlodrop.lora.aggregation import AggregationRule, Residual
-from fedlodrop.lora.masks import Masks, pack, payload_bytes, unpack
+from fedlodrop.lora.masks import Masks, full_masks, pack, payload_bytes, unpack
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,10 @@ def encode_adapter(state: State, layout: AdapterLayout, masks: Masks, rule: Aggr
     return {k: v for k, v in pack(state, layout, masks, dtype).items() if rule.sends(k)}
 
 
-def decode_adapter(packed: State, layout: AdapterLayout, masks: Masks, known: State) -> State:
-    """Full-size float32 state, zeros outside `masks`; keys that never travel come from `known`."""
+def decode_adapter(packed: State, layout: AdapterLayout, masks: Masks | None, known: State) -> State:
+    """Full-size float32 state, zeros outside `masks` (None: the whole adapter, a variant's view of
+    the whole global model); keys that never travel come from `known`."""
+    masks = full_masks(layout) if masks is None else masks
     full = dict(packed)
     for m in layout.modules:
         if m.key_a not in full:

@@ -23,7 +23,7 @@ from fedlodrop.config import RunConfig, TrainConfig
 from fedlodrop.data import make_loader
 from fedlodrop.lora.adapter import State
 from fedlodrop.lora.aggregation import make_rule
-from fedlodrop.lora.masks import Masks, device_masks, full_masks
+from fedlodrop.lora.masks import Masks, device_masks
 from fedlodrop.lora.messages import (
     COMM_DTYPES,
     DeviceReply,
@@ -103,7 +103,7 @@ def _step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: State, p
     if task.fold is not None:
         fm.sync_fold(task.fold)
     fm.set_view(view)  # None: the whole global model
-    start = decode_adapter(task.adapter, layout, view or full_masks(layout), known)
+    start = decode_adapter(task.adapter, layout, view, known)
     seed_torch(cfg.seed, "local-train", task.round, task.device)
     loader = make_loader(
         shard,

@@ -192,8 +192,7 @@ class Server:
         (shared) tensors share one decoded start."""
         key = tuple(map(id, task.adapter.values()))
         if key not in decoded:
-            view = self.variant.view(masks, self.layout) or full_masks(self.layout)
-            decoded[key] = decode_adapter(task.adapter, self.layout, view, self.known)
+            decoded[key] = decode_adapter(task.adapter, self.layout, self.variant.view(masks, self.layout), self.known)
         return decoded[key]
 
     def _update(self, task: DeviceTask, masks: Masks, reply: DeviceReply, decoded: dict) -> DeviceUpdate:

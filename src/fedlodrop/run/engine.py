@@ -23,7 +23,7 @@ from rich.console import Console
 
 from fedlodrop.config import RunConfig
 from fedlodrop.errors import UserError
-from fedlodrop.round.records import RoundRecord, summarize
+from fedlodrop.round.records import RoundRecord, Summary, summarize
 from fedlodrop.round.server import Server, ServerState
 from fedlodrop.run.experiment import Experiment, build
 from fedlodrop.run.folder import RunFolder
@@ -82,7 +82,7 @@ def _server(exp: Experiment, state: ServerState) -> Server:
 
 
 def run(cfg: RunConfig, out: Path, make_engine: EngineFactory = in_process, console=None,
-        show_progress: bool = True, force: bool = False) -> dict:
+        show_progress: bool = True, force: bool = False) -> Summary:
     """Build (may raise UserError, leaving nothing), make the engine, then train all rounds into `out`."""
     folder = RunFolder(out)
     folder.check_new(force)
@@ -95,7 +95,7 @@ def run(cfg: RunConfig, out: Path, make_engine: EngineFactory = in_process, cons
 
 
 def resume(run_dir: Path, make_engine: EngineFactory = in_process, console=None,
-           show_progress: bool = True) -> dict:
+           show_progress: bool = True) -> Summary:
     """Continue an interrupted run from its last complete round, on any engine; the model and
     the metrics end as an uninterrupted run's (on an engine whose devices start afresh, the first
     round after resuming sends each device the whole fold F instead of the rounds it missed)."""
@@ -114,7 +114,7 @@ def resume(run_dir: Path, make_engine: EngineFactory = in_process, console=None,
 
 
 def train(exp: Experiment, folder: RunFolder, state: ServerState, records: list[RoundRecord],
-          round_engine: RoundEngine, console=None, show_progress: bool = True) -> dict:
+          round_engine: RoundEngine, console=None, show_progress: bool = True) -> Summary:
     """The rounds from `state` on: each record is checkpointed, appended and logged before the
     next round starts; then the final model and the summary."""
     cfg = exp.cfg

@@ -120,16 +120,21 @@ class Meter(RoundPlugin):
         return None
 
 
-def meter_for(cfg, plan, spec) -> Meter:
-    """The run's meter on system `spec` (system.file, or the plan's): the plan's resources, or no
-    planning's. Checks that the system describes this federation."""
-    where = cfg.system.file or cfg.plan
+def check_system(cfg, spec, where) -> None:
+    """Refuse, in one line, a system (`where` it came from) that describes another federation than
+    `cfg`: another number of devices or of local epochs a round."""
     if len(spec.devices) != cfg.federation.devices:
         raise UserError(f"system {where} describes {len(spec.devices)} devices but federation.devices is "
                         f"{cfg.federation.devices}")
     if spec.round.local_epochs != cfg.federation.local_epochs:
         raise UserError(f"system {where} prices {spec.round.local_epochs:g} local epochs a round but "
                         f"federation.local_epochs is {cfg.federation.local_epochs:g}")
+
+
+def meter_for(cfg, plan, spec) -> Meter:
+    """The run's meter on system `spec` (system.file, or the plan's): the plan's resources, or no
+    planning's. Checks that the system describes this federation."""
+    check_system(cfg, spec, cfg.system.file or cfg.plan)
     from fedlodrop.planning import system_model  # scipy and cvxpy: only a run with a system pays for them
 
     model = system_model(spec)

@@ -39,6 +39,7 @@ from fedlodrop.planning import InfeasibleError, load_plan, load_system, optimize
 from fedlodrop.planning.plan import as_is_plan
 from fedlodrop.round.records import Summary
 from fedlodrop.run.folder import RunFolder, run_folders
+from fedlodrop.run.meter import check_system
 from fedlodrop.run.settings import with_overrides
 from fedlodrop.studies.sweep import Point, check_jobs, run_points
 
@@ -93,12 +94,7 @@ def check(cfg: RunConfig, spec, system: Path, methods: list[str], seeds: int) ->
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     if cfg.plan is not None:
         raise UserError("compare makes each method's plan itself: drop plan from the config")
-    if len(spec.devices) != cfg.federation.devices:
-        raise UserError(f"system {system} describes {len(spec.devices)} devices but federation.devices is "
-                        f"{cfg.federation.devices}")
-    if spec.round.local_epochs != cfg.federation.local_epochs:
-        raise UserError(f"system {system} prices {spec.round.local_epochs:g} local epochs a round but "
-                        f"federation.local_epochs is {cfg.federation.local_epochs:g}")
+    check_system(cfg, spec, system)
     bits = {"float32": 32, "float16": 16, "bfloat16": 16}[cfg.federation.comm_dtype]
     if spec.payload.bits_per_value != bits:
         raise UserError(f"system {system} plans {spec.payload.bits_per_value:g} bits a value but "

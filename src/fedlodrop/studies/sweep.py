@@ -416,7 +416,7 @@ def run_points(
         raise
 
 
-def _run_one(point: Point, path: Path, resume: bool, console=None, show_progress: bool = True) -> dict:
+def _run_one(point: Point, path: Path, resume: bool, console=None, show_progress: bool = True) -> Summary:
     """The one place that calls the training engine: run `point` into the empty (or absent) folder
     `path`, or continue the interrupted run there from its last complete round. Returns its summary."""
 
