@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from fedlodrop.config import load_config  # noqa: E402
+from fedlodrop.run.settings import load_config  # noqa: E402
 from fedlodrop.studies.report import Group, run_row  # noqa: E402
 from fedlodrop.studies.sweep import Outcome, Point, run_points  # noqa: E402
 

@@ -192,8 +192,8 @@ def main() -> None:
                         for s in range(cfg.seed, cfg.seed + args.seeds)]
                 g_vals.append(float(bound.value(rates)))
                 gap_terms.append(float(bound.gap(rates)))
-                errors.append(statistics.fmean(1 - r["final"][main_metric] for r in runs))
-                gaps.append(statistics.fmean(r["generalization_gap"][main_metric] for r in runs))
+                errors.append(statistics.fmean(1 - r.final[main_metric] for r in runs))
+                gaps.append(statistics.fmean(r.generalization_gap[main_metric] for r in runs))
             corr.append((task, limit, e0, c_emp, spearman(g_vals, errors), spearman(gap_terms, gaps),
                          list(zip(METHODS, g_vals, errors, gap_terms, gaps))))
     minutes = (time.perf_counter() - t0) / 60
