@@ -477,7 +477,7 @@ def _worker_init(filters: list) -> None:
     warnings.filters[:] = filters
 
 
-def _worker(point: Point, path: Path, resume: bool) -> tuple[dict, float]:
+def _worker(point: Point, path: Path, resume: bool) -> tuple[Summary, float]:
     """One run in a worker process: its rounds are not printed (parallel runs would interleave)."""
     from rich.console import Console
 
