@@ -242,6 +242,27 @@ def learning_cfg(model: str, glue_dir: Path, **over):
     return validate(tree)
 
 
+def run_system(path, cfg, *, samples=None, latency_s=None, energy_j=None, seed=1):
+    """A random cell (`seed`) around the run `cfg` describes, as `fedlodrop system random --config` writes
+    it (its devices, local epochs and the payload it really sends), with the given latency limit,
+    energy budget and per-device sample counts (they must add up to the run's training samples)."""
+    from fedlodrop.planning import save_system
+    from fedlodrop.run.experiment import describe_run
+    from fedlodrop.run.settings import with_overrides
+
+    bare = with_overrides(cfg, {"system.file": None, "plan": None, "federation.time_budget_s": None,
+                                "federation.energy_budget_j": None})
+    spec = describe_run(bare, seed, latency_s=latency_s)
+    if samples is not None:
+        assert len(samples) == len(spec.devices) and sum(samples) == sum(d.samples for d in spec.devices)
+        for dev, n in zip(spec.devices, samples):
+            dev.samples = int(n)
+    for dev in spec.devices if energy_j is not None else ():
+        dev.energy_budget_j = energy_j
+    save_system(spec, path)
+    return path
+
+
 def load_global(run_dir):
     """A finished run's experiment (with its validation data) and global adapter."""
     from fedlodrop.run.experiment import load_run

@@ -5,26 +5,29 @@ from __future__ import annotations
 import csv
 
 import pytest
+from conftest import learning_cfg, run_system
 from typer.testing import CliRunner
 
 from fedlodrop.cli import app
-from fedlodrop.planning import load_plan, random_system, save_system
+from fedlodrop.planning import load_plan, load_system, save_system
 from fedlodrop.run.folder import RunFolder
 
 
-def _system(path, tiny_bert, devices=3):
+def _system(path, tiny_bert, glue, devices=3):
     """A cell at the latency limit `system random` picks (between what gamma_max and the bound's
-    free optimum need), for the tiny BERT's real payload: rank 4 on query/value, 32-bit values."""
-    spec = random_system(devices, seed=1, model=tiny_bert, samples_total=192, local_epochs=2.0)
-    spec.payload.bits_per_value = 32
+    free optimum need), around the run `_args` trains: the tiny BERT's real payload (rank 4 on
+    query/value, 32-bit values), 2 local epochs, 192 samples. Latency is the limit that binds."""
+    cfg = learning_cfg(tiny_bert, glue, **{"federation.devices": devices})
+    run_system(path, cfg)
+    spec = load_system(path)
     for dev in spec.devices:
-        dev.energy_budget_j *= 10  # latency is the limit that binds here
+        dev.energy_budget_j *= 10
     save_system(spec, path)
     return path
 
 
 def _args(tiny_bert, glue, out, system, *extra):
-    sets = ["task=sst2", f"model={tiny_bert}", "data.source=glue_dir", f"data.glue_dir={glue}", "lora.r=4",
+    sets = ["task=sst2", f"model={tiny_bert}", "data.source=glue_dir", f"data.glue_dir={glue}", "lora.r=4", "lora.alpha=8",
             "federation.rounds=2", "federation.local_epochs=2", "train.max_length=32", "data.train_eval_samples=16",
             "train.threads=1"]
     return ["compare", str(system), "--seeds", "1", "--out", str(out), "--quiet",
@@ -33,7 +36,7 @@ def _args(tiny_bert, glue, out, system, *extra):
 
 @pytest.mark.slow  # plans and trains 6 runs
 def test_every_method_is_planned_trained_and_tabulated(tiny_bert, polarity_dir, tmp_path):
-    system = _system(tmp_path / "system.yaml", tiny_bert)
+    system = _system(tmp_path / "system.yaml", tiny_bert, polarity_dir)
     out = tmp_path / "cmp"
     result = CliRunner().invoke(app, _args(tiny_bert, polarity_dir, out, system))
     assert result.exit_code == 0, result.output
@@ -62,11 +65,12 @@ def test_every_method_is_planned_trained_and_tabulated(tiny_bert, polarity_dir, 
 
 
 def test_compare_refuses_what_cannot_be_compared(tiny_bert, polarity_dir, tmp_path):
-    system = _system(tmp_path / "system.yaml", tiny_bert)
-    two = _system(tmp_path / "two.yaml", tiny_bert, devices=2)
-    cases = [(two, [], "describes 2 devices but federation.devices is 3"),
+    system = _system(tmp_path / "system.yaml", tiny_bert, polarity_dir)
+    two = _system(tmp_path / "two.yaml", tiny_bert, polarity_dir, devices=2)
+    cases = [(two, ["--set", "federation.devices=3"], "describes 2 devices but federation.devices is 3"),
              (system, ["--methods", "bnb,magic"], "--methods: unknown magic"),
-             (system, ["--set", "federation.comm_dtype=float16"], "plans 32 bits a value"),
+             (system, ["--set", "federation.comm_dtype=float16"], "prices bits a value 32 but the run sends 16"),
+             (system, ["--set", "data.max_train_samples=100"], "plans 192 training samples"),
              (system, ["--set", f"plan={tmp_path / 'p.json'}"], "drop plan from the config")]
     for i, (sys_file, extra, needle) in enumerate(cases):
         out = tmp_path / f"out{i}"
@@ -74,3 +78,29 @@ def test_compare_refuses_what_cannot_be_compared(tiny_bert, polarity_dir, tmp_pa
         errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
         assert result.exit_code == 2 and len(errors) == 1 and needle in errors[0], result.output
         assert not out.exists()
+
+
+def test_a_newcomers_random_system_compares_with_a_time_budget(tiny_bert, polarity_dir, tmp_path):
+    """Issue 29, item 0: `fedlodrop system random --devices 6 --out sys.yaml`, then `fedlodrop compare
+    sys.yaml --set federation.time_budget_s=...` as docs/planning.md documents it: the same run keys on
+    both commands, no dtype, device count or sample count said twice, nothing refused."""
+    sets = [x for s in ("task=sst2", f"model={tiny_bert}", "data.source=glue_dir", f"data.glue_dir={polarity_dir}",
+                        "train.max_length=32", "train.threads=1") for x in ("--set", s)]
+    system = tmp_path / "sys.yaml"
+    r = CliRunner().invoke(app, ["system", "random", "--devices", "6", "--out", str(system), *sets])
+    assert r.exit_code == 0, r.output
+    spec = load_system(system)
+    assert len(spec.devices) == 6 and sum(d.samples for d in spec.devices) == 192
+    assert len({d.samples for d in spec.devices}) > 1  # a spread in data sizes, not an equal split
+    budget = 2.5 * spec.round.latency_s
+    out = tmp_path / "cmp"
+    r = CliRunner().invoke(app, ["compare", str(system), "--methods", "bnb,unplanned", "--seeds", "1", "--quiet",
+                                 "--out", str(out), *sets, "--set", f"federation.time_budget_s={budget}",
+                                 "--set", "federation.rounds=50"])
+    assert r.exit_code == 0, r.output
+    for method in ("bnb", "unplanned"):
+        run = RunFolder(out / "runs" / f"{method}__seed=0")
+        summary = run.summary()
+        assert summary.system.stopped_by == "time_budget_s" and 2 <= summary.rounds < 50
+        assert summary.system.simulated_time_s <= budget
+        assert [d.samples for d in run.records()[0].devices] == [d.samples for d in spec.devices]

@@ -28,6 +28,8 @@ LAZY = {
                             "in about a second without it",
     "fedlodrop.run.experiment": "the planner (scipy, cvxpy): only a run with a system or a plan needs it",
     "fedlodrop.run.meter": "the planner (scipy, cvxpy): only a run with a system needs it",
+    "fedlodrop.run.settings": "the planner (scipy, cvxpy): only a config that names a system reads it",
+    "fedlodrop.run.systems": "the planner (scipy, cvxpy): only a run with a system needs it",
     "fedlodrop.model.pooling": "transformers: the mean-pooled model class is imported when a model is built",
     "fedlodrop.planning.methods": "cvxpy: only the solver asked for is imported",
 }

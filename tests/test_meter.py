@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import learning_cfg
+from conftest import learning_cfg, run_system
 from flower_helpers import FakeGrid
 from typer.testing import CliRunner
 
@@ -15,22 +15,17 @@ from fedlodrop.run import engine
 from fedlodrop.cli import app
 from fedlodrop.run.experiment import build
 from fedlodrop.flower import app as flower_app
-from fedlodrop.planning import random_system, save_system
 from fedlodrop.run.folder import RunFolder, compare
 from fedlodrop.round.server import Server, ServerState
 
 pytestmark = pytest.mark.usefixtures("fresh_client_cache")
 
 
-def write_system(path, model, devices=3, latency_s=1e3, energy_j=1e3, samples=(20, 60, 112), local_epochs=2.0):
-    """A random cell (seed 1) for `model`, with the given limits and per-device sample counts;
-    2 local epochs, as `learning_cfg` trains."""
-    spec = random_system(devices, seed=1, model=model, samples_total=sum(samples), latency_s=latency_s,
-                         local_epochs=local_epochs)
-    for dev, n in zip(spec.devices, samples):
-        dev.samples, dev.energy_budget_j = n, energy_j
-    save_system(spec, path)
-    return path
+def write_system(path, model, glue, devices=3, latency_s=1e3, energy_j=1e3, samples=(20, 60, 112), local_epochs=2.0):
+    """A random cell (seed 1) around `learning_cfg`'s run of `model` (its payload; 2 local epochs), with
+    the given limits and per-device sample counts (192 examples in all)."""
+    cfg = learning_cfg(model, glue, **{"federation.devices": devices, "federation.local_epochs": local_epochs})
+    return run_system(path, cfg, samples=samples, latency_s=latency_s, energy_j=energy_j)
 
 
 def _cfg(model, glue, system, **over):
@@ -47,7 +42,7 @@ def device_latencies(cfg) -> list[float]:
 
 
 def test_every_round_is_priced_from_what_travelled_on_both_engines(tiny_bert, polarity_dir, tmp_path):
-    system = write_system(tmp_path / "system.yaml", tiny_bert)
+    system = write_system(tmp_path / "system.yaml", tiny_bert, polarity_dir)
     cfg = _cfg(tiny_bert, polarity_dir, system, **{"flower.discovery_timeout_s": 1.0,
                                                    "flower.round_timeout_s": 1.0, "flower.poll_interval_s": 0.01})
     engine.run(cfg, tmp_path / "inproc", show_progress=False)
@@ -81,11 +76,11 @@ def test_every_round_is_priced_from_what_travelled_on_both_engines(tiny_bert, po
 
 @pytest.mark.slow  # trains the 2-layer MiniLM
 def test_a_device_over_the_latency_limit_is_dropped_and_the_run_still_learns(mini2, polarity_dir, tmp_path):
-    loose = write_system(tmp_path / "loose.yaml", mini2)
+    loose = write_system(tmp_path / "loose.yaml", mini2, polarity_dir)
     late = device_latencies(_cfg(mini2, polarity_dir, loose))
     slow = max(range(3), key=late.__getitem__)
     limit = (max(late) + sorted(late)[-2]) / 2  # between the slowest device and the next
-    tight = write_system(tmp_path / "tight.yaml", mini2, latency_s=limit)
+    tight = write_system(tmp_path / "tight.yaml", mini2, polarity_dir, latency_s=limit)
     summary = engine.run(_cfg(mini2, polarity_dir, tight, **{"federation.rounds": 5}), tmp_path / "drop",
                          show_progress=False)
     rows = RunFolder(tmp_path / "drop").records()
@@ -106,7 +101,7 @@ def test_a_device_over_the_latency_limit_is_dropped_and_the_run_still_learns(min
 
 
 def test_a_time_budget_ends_the_run_before_the_round_that_would_exceed_it(tiny_bert, polarity_dir, tmp_path):
-    system = write_system(tmp_path / "system.yaml", tiny_bert)
+    system = write_system(tmp_path / "system.yaml", tiny_bert, polarity_dir)
     # no dropout and no fold: every round moves the same bytes, so it costs the same
     over = {"federation.rounds": 5, "dropout.rate": 0.0, "federation.aggregation": "masked"}
     per_round = max(device_latencies(_cfg(tiny_bert, polarity_dir, system, **over)))
@@ -117,7 +112,7 @@ def test_a_time_budget_ends_the_run_before_the_round_that_would_exceed_it(tiny_b
     result = CliRunner().invoke(app, ["run", "--quiet", "--out", str(tmp_path / "none"), "--set", "task=sst2",
                                       "--set", f"model={tiny_bert}", "--set", "data.source=glue_dir",
                                       "--set", f"data.glue_dir={polarity_dir}", "--set", f"system={system}",
-                                      "--set", "federation.local_epochs=2",
+                                      "--set", "federation.local_epochs=2", "--set", "lora.r=4", "--set", "lora.alpha=8",
                                       "--set", f"federation.energy_budget_j={1e-12}"])
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert result.exit_code == 2 and len(lines) == 1 and "energy_budget_j" in lines[0] and "no round fits" in lines[0]
@@ -125,21 +120,30 @@ def test_a_time_budget_ends_the_run_before_the_round_that_would_exceed_it(tiny_b
 
 
 def test_a_system_or_plan_that_does_not_fit_the_federation_is_refused(tiny_bert, polarity_dir, tmp_path):
-    two = write_system(tmp_path / "two.yaml", tiny_bert, devices=2, samples=(40, 50))
-    other = write_system(tmp_path / "other.yaml", tiny_bert, latency_s=5e2)
-    epochs = write_system(tmp_path / "epochs.yaml", tiny_bert, local_epochs=1.0)
+    two = write_system(tmp_path / "two.yaml", tiny_bert, polarity_dir, devices=2, samples=(80, 112))
+    other = write_system(tmp_path / "other.yaml", tiny_bert, polarity_dir, latency_s=5e2)
+    epochs = write_system(tmp_path / "epochs.yaml", tiny_bert, polarity_dir, local_epochs=1.0)
     plan = tmp_path / "plan.json"
     runner = CliRunner()
-    r = runner.invoke(app, ["optimize", str(write_system(tmp_path / "mine.yaml", tiny_bert)), "--method", "none",
-                            "--out", str(plan)])
+    system = write_system(tmp_path / "mine.yaml", tiny_bert, polarity_dir)
+    r = runner.invoke(app, ["optimize", str(system), "--method", "none", "--out", str(plan)])
     assert r.exit_code == 0, r.output
     base = ["run", "--quiet", "--set", "task=sst2", "--set", f"model={tiny_bert}", "--set", "data.source=glue_dir",
-            "--set", f"data.glue_dir={polarity_dir}", "--set", "federation.local_epochs=2"]
+            "--set", f"data.glue_dir={polarity_dir}", "--set", "federation.local_epochs=2", "--set", "lora.r=4",
+            "--set", "lora.alpha=8", "--set", "train.max_length=32", "--set", "federation.devices=3"]
     cases = [(["--set", f"system={two}"], "describes 2 devices but federation.devices is 3"),
              (["--set", f"system={other}", "--set", f"plan={plan}"], "was made for another system"),
              (["--set", f"system={epochs}"], "prices 1 local epochs a round but federation.local_epochs is 2"),
              (["--set", "federation.time_budget_s=10"], "need a system"),
-             (["--set", f"system={tmp_path / 'missing.yaml'}"], "missing.yaml")]
+             (["--set", f"system={tmp_path / 'missing.yaml'}"], "missing.yaml"),
+             # the plan, the clock and the run must speak of the same samples and bytes (issue 29, item 7)
+             (["--set", f"system={system}", "--set", "data.max_train_samples=100"],
+              "plans 192 training samples (20-112 a device) but the run trains on 100"),
+             (["--set", f"system={system}", "--set", "federation.partition=dirichlet"],
+              "plans 20 samples on device 0 but the dirichlet split gives it"),
+             (["--set", f"system={system}", "--set", "lora.r=8"], "prices adapter values Q"),
+             (["--set", f"system={system}", "--set", "federation.comm_dtype=bfloat16"],
+              "prices bits a value 32 but the run sends 16")]
     for i, (extra, needle) in enumerate(cases):
         out = tmp_path / f"out{i}"
         result = runner.invoke(app, [*base, "--out", str(out), *extra])
@@ -147,3 +151,89 @@ def test_a_system_or_plan_that_does_not_fit_the_federation_is_refused(tiny_bert,
         assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], (extra, result.output)
         assert "Traceback" not in result.output
         assert not out.exists()
+
+
+def test_a_system_fills_what_the_config_leaves_unsaid_and_the_config_wins(tiny_bert, polarity_dir, tmp_path):
+    """`fedlodrop compare system.yaml` and `run --set system=...` take the system's devices, local
+    epochs and training samples where the config says nothing; a value the config gives is kept
+    (and then checked against the system)."""
+    from fedlodrop.run.settings import load_config
+
+    two = write_system(tmp_path / "two.yaml", tiny_bert, polarity_dir, devices=2, samples=(80, 112),
+                       local_epochs=3.0)
+    base = ["task=sst2", f"model={tiny_bert}", "data.source=glue_dir", f"data.glue_dir={polarity_dir}"]
+    cfg = load_config(overrides=[*base, f"system={two}"])
+    assert (cfg.federation.devices, cfg.federation.local_epochs, cfg.data.max_train_samples) == (2, 3.0, 192)
+    same = load_config(overrides=base, system=two)  # compare's way: the system as an argument
+    assert same.system.file == cfg.system.file and same.federation.devices == 2
+    mine = load_config(overrides=[*base, f"system={two}", "federation.devices=5", "data.max_train_samples=50"])
+    assert (mine.federation.devices, mine.data.max_train_samples, mine.federation.local_epochs) == (5, 50, 3.0)
+    plain = load_config(overrides=base)
+    assert plain.federation.devices != 2 and plain.system.file is None
+
+
+def _hand_system(**cell):
+    """Two devices with their channel gains, cycles and payload given: every number of a round is
+    then a hand computation."""
+    from fedlodrop.planning.spec import SystemSpec
+
+    return SystemSpec.model_validate({
+        "devices": [{"samples": 100, "channel_gain": 1e-10, "p_max_w": 0.2, "f_max_hz": 1e9, "energy_budget_j": 5.0},
+                    {"samples": 300, "channel_gain": 4e-12, "p_max_w": 0.1, "f_max_hz": 2e9, "energy_budget_j": 5.0}],
+        "cell": {"bandwidth_hz": 4e6, "noise_dbm_per_hz": -174.0, **cell},
+        "round": {"latency_s": 10.0, "local_epochs": 2.0, "cycles_per_sample": 1e6, "adapter_cycles_per_sample": 2e5,
+                  "kappa": 1e-28},
+        "payload": {"model": None, "adapter_values": 10_000, "head_values": 500, "bits_per_value": 32},
+    })
+
+
+@pytest.mark.parametrize("downlink", [False, True])
+def test_every_term_of_a_devices_round_is_the_hand_computation(downlink):
+    """Issue 29, item 8: compute, uplink and downlink time, and the energy of each, from the system's
+    raw numbers (not the planner's helpers), for a device at rate 0.25 on 2 MHz at 0.15 W and 0.8 GHz."""
+    import numpy as np
+
+    from fedlodrop.planning import system_model
+    from fedlodrop.run.meter import Meter, Resources
+
+    spec = _hand_system(**({"downlink_bandwidth_hz": 6e6, "server_power_w": 10.0} if downlink else {}))
+    meter = Meter(system_model(spec), Resources(np.array([2e6, 2e6]), np.array([0.15, 0.1]), np.array([8e8, 2e9]),
+                                                "test"), local_epochs=2.0)
+    cost = meter.price(0, 0.25, 100, uplink_bytes=31_000, downlink_bytes=45_000)
+    n0 = 10 ** ((-174.0 - 30) / 10)  # W/Hz
+    cycles = 2.0 * 100 * (1e6 + 0.75 * 2e5)  # tau D (c0 + (1 - gamma) c1) = 2.3e8
+    assert cost.compute_s == pytest.approx(cycles / 8e8, rel=1e-12) and cycles / 8e8 == pytest.approx(0.2875)
+    up_rate = 2e6 * math.log2(1 + 0.15 * 1e-10 / (n0 * 2e6))
+    assert cost.upload_s == pytest.approx(8 * 31_000 / up_rate, rel=1e-12)
+    dn = 8 * 45_000 / (6e6 / 2 * math.log2(1 + 10.0 * 1e-10 / (n0 * 6e6))) if downlink else 0.0
+    assert cost.downlink_s == pytest.approx(dn, rel=1e-12)
+    assert cost.latency_s == pytest.approx(dn + cycles / 8e8 + 8 * 31_000 / up_rate, rel=1e-12)
+    # energy: kappa cycles f^2 for compute, p T_up for the upload; receiving costs the device nothing here
+    assert cost.energy_j == pytest.approx(1e-28 * cycles * 8e8**2 + 0.15 * 8 * 31_000 / up_rate, rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["bnb", "psca", "fixed"])
+def test_the_meter_prices_a_plan_as_the_planner_does(method):
+    """The planner's latency and energy of each device and the meter's on the same plan (its rates,
+    bandwidth, power and frequency, the bytes it planned) agree to 1e-9, downlink included."""
+    import numpy as np
+
+    from fedlodrop.planning import optimize, system_model
+    from fedlodrop.run.meter import Meter, Resources
+
+    spec = _hand_system(downlink_bandwidth_hz=6e6, server_power_w=10.0)
+    spec.round.latency_s = 0.6
+    spec.devices[1].energy_budget_j = 0.25  # the far device's energy binds
+    plan = optimize(spec, method, **({"gamma": "best"} if method == "fixed" else {}))
+    m = system_model(spec)
+    meter = Meter(m, Resources(np.array([d.bandwidth_hz for d in plan.devices]), np.array([d.power_w for d in plan.devices]),
+                               np.array([d.frequency_hz for d in plan.devices]), method), local_epochs=2.0)
+    assert plan.feasible and any(d.binding for d in plan.devices)
+    for k, d in enumerate(plan.devices):
+        up_bytes = float(m.uplink_bits(d.gamma, k)) / 8
+        cost = meter.price(k, d.gamma, int(m.D[k]), up_bytes, float(m.downlink_bits(d.gamma, k)) / 8)
+        assert cost.latency_s == pytest.approx(d.latency_s, rel=1e-9)
+        assert cost.energy_j == pytest.approx(d.energy_j, rel=1e-9)
+        assert (cost.compute_s, cost.upload_s, cost.downlink_s) == pytest.approx(
+            (d.compute_s, d.upload_s, d.downlink_s), rel=1e-9)
+        assert meter.violation(k, cost) is None  # a plan that fits fits on the meter too

@@ -411,7 +411,7 @@ def test_system_random_from_a_run_prices_its_own_partition_and_payload(tiny_bert
     payload = spec["payload"]
     assert (payload["adapter_values"], payload["head_values"]) == (exp.fm.layout.adapter_values, exp.fm.layout.head_values)
     assert payload["bits_per_value"] == 16 and payload["rank"] == 4 and spec["round"]["local_epochs"] == 2
-    for extra, needle in ((["--samples", "100"], "--samples comes from the run"),
+    for extra, needle in ((["--samples", "100"], "--model and --samples make a planning-only system"),
                           (["--devices", "5"], "--devices 5 but the run's federation.devices is 3")):
         bad = CliRunner().invoke(app, args + extra)
         assert bad.exit_code == 2 and needle in bad.stderr, bad.output

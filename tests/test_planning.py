@@ -95,7 +95,8 @@ def test_optimize_bad_options_exit_2(tmp_path, args):
 
 def test_system_random_writes_a_loadable_file_and_rejects_zero_devices(tmp_path):
     out = tmp_path / "s.yaml"
-    r = CliRunner().invoke(app, ["system", "random", "--devices", "4", "--seed", "3", "--out", str(out)])
+    r = CliRunner().invoke(app, ["system", "random", "--devices", "4", "--seed", "3", "--model", "roberta-large",
+                                 "--out", str(out)])
     assert r.exit_code == 0, r.output
     tree = yaml.safe_load(out.read_text())
     assert len(tree["devices"]) == 4 and tree["round"]["latency_s"] > 0

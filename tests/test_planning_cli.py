@@ -24,7 +24,7 @@ def system_file(tmp_path, K=3, seed=1, edit=None):
 
 
 def test_system_random_prints_or_writes_a_valid_file(tmp_path):
-    r = runner.invoke(app, ["system", "random", "--devices", "3", "--seed", "2"])
+    r = runner.invoke(app, ["system", "random", "--devices", "3", "--seed", "2", "--samples", "600"])
     assert r.exit_code == 0, r.output
     assert len(yaml.safe_load(r.stdout)["devices"]) == 3
     out = tmp_path / "s.yaml"
@@ -260,7 +260,8 @@ def test_plot_tradeoff_energy_half_has_points_where_g_free_never_fits(tmp_path):
     import warnings
 
     system = tmp_path / "s.yaml"
-    r = runner.invoke(app, ["system", "random", "--devices", "10", "--seed", "3", "--out", str(system)])
+    r = runner.invoke(app, ["system", "random", "--devices", "10", "--seed", "3", "--model", "roberta-large",
+                            "--out", str(system)])
     assert r.exit_code == 0, r.output
     out = tmp_path / "trade.png"
     with warnings.catch_warnings():

@@ -179,7 +179,7 @@ def compare(
     from fedlodrop.studies.comparison import write_table
 
     _offline_env()
-    cfg = load_config(config, set_ or [])
+    cfg = load_config(config, set_ or [], system=system)  # the system's devices, epochs and samples unless given
     out = out or default_run_dir(cfg, kind="compare")
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     err_console.print(f"fedlodrop compare: task {cfg.task}, system {system}, methods {', '.join(chosen)}, "

@@ -54,58 +54,58 @@ def _write_text(path: Path, text: str) -> None:
 @system_app.command("random")
 @_user_errors
 def system_random(
-    devices: Annotated[Optional[int], typer.Option("--devices", "-k", help="number of devices K (with --config: "
-                                                   "its federation.devices)")] = None,
+    devices: Annotated[Optional[int], typer.Option("--devices", "-k", help="number of devices K (the run's "
+                                                   "federation.devices)")] = None,
     seed: Annotated[int, typer.Option(help="seed of positions, samples, budgets and fading")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="YAML file (default: print it)")] = None,
-    model: Annotated[Optional[str], typer.Option(help="built-in model name or local config.json (default "
-                                                 "roberta-large; with --config: the run's model, measured)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="a planning-only system for this built-in model name or "
+                                                 "local config.json (no run behind it; default: the run's "
+                                                 "model, measured)")] = None,
     latency: Annotated[Optional[float], typer.Option(help="T_max [s] (default: halfway, see docs)")] = None,
     bandwidth_mhz: Annotated[float, typer.Option(help="B_tot [MHz]")] = 10.0,
-    samples: Annotated[Optional[int], typer.Option(help="training samples over all devices (default 6000; with "
-                                                   "--config: each device's own, from the run's data)")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="a run configuration: the system gets "
-                                                   "its devices, each device's training samples (its partition of "
-                                                   "the run's data), its local epochs and what a device really "
-                                                   "sends (Q, head, federation.comm_dtype bits)")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a key of --config")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="a planning-only system with this many training samples "
+                                                   "over all devices (default: the run's own)")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="the run the system describes (default: "
+                                                   "the offline default run): its devices, each device's training "
+                                                   "samples, its local epochs and what a device really sends (Q, "
+                                                   "head, federation.comm_dtype bits)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a key of the run")] = None,
 ) -> None:
-    """Write a realistic random system: devices in a 500 m cell, Rayleigh fading, random budgets;
-    with --config, the devices, samples and payload of that run."""
+    """Write a realistic random system: devices in a 500 m cell, Rayleigh fading, random budgets, for
+    a run (default: the offline default run; --config YOUR.yaml), so that `fedlodrop compare` and
+    `fedlodrop run --set system.file=...` train what the plans price; with --model or --samples, a
+    planning-only system."""
     from fedlodrop.planning import dump_system, random_system, system_model
-    from fedlodrop.planning.spec import PayloadSpec
 
     if bandwidth_mhz <= 0:
         raise UserError(f"--bandwidth-mhz must be positive (got {bandwidth_mhz})")
     if latency is not None and latency <= 0:
         raise UserError(f"--latency must be positive (got {latency})")
-    extra: dict = {}
-    if config is not None or set_:
-        from fedlodrop.run.experiment import run_shape
+    if devices is not None and devices < 1:
+        raise UserError(f"--devices must be at least 1 (got {devices})")
+    if model is None and samples is None:
+        from fedlodrop.run.experiment import describe_run
         from fedlodrop.run.settings import load_config
 
-        for flag, value in (("--model", model), ("--samples", samples)):
-            if value is not None:
-                raise UserError(f"{flag} comes from the run with --config: drop it")
-        cfg = load_config(config, set_ or [])
+        over = list(set_ or [])
+        if config is None and devices is not None:
+            over.insert(0, f"federation.devices={devices}")
+        cfg = load_config(config, over)
         if devices is not None and devices != cfg.federation.devices:
             raise UserError(f"--devices {devices} but the run's federation.devices is {cfg.federation.devices}")
         devices = cfg.federation.devices
-        shape = run_shape(cfg)
-        extra = {"samples": shape.samples, "local_epochs": shape.local_epochs,
-                 "payload": PayloadSpec(model=None, rank=shape.rank, num_labels=shape.num_labels,
-                                        adapter_values=shape.adapter_values, head_values=shape.head_values,
-                                        backbone_params=float(shape.backbone_params),
-                                        bits_per_value=float(shape.bits_per_value))}
-    if devices is None:
-        raise UserError("give --devices K, or --config with a run's federation.devices")
-    if devices < 1:
-        raise UserError(f"--devices must be at least 1 (got {devices})")
-    samples = 6000 if samples is None else samples
-    if samples < devices:
-        raise UserError(f"--samples ({samples}) must be at least --devices ({devices})")
-    spec = random_system(devices, seed, model=model or "roberta-large", samples_total=samples,
-                         bandwidth_hz=bandwidth_mhz * 1e6, latency_s=latency, **extra)
+        spec = describe_run(cfg, seed, bandwidth_hz=bandwidth_mhz * 1e6, latency_s=latency)
+    else:
+        if config is not None or set_:
+            raise UserError("--model and --samples make a planning-only system; --config and --set describe a run: "
+                            "give one or the other")
+        if devices is None:
+            raise UserError("give --devices K for a planning-only system (--model or --samples)")
+        samples = 6000 if samples is None else samples
+        if samples < devices:
+            raise UserError(f"--samples ({samples}) must be at least --devices ({devices})")
+        spec = random_system(devices, seed, model=model or "roberta-large", samples_total=samples,
+                             bandwidth_hz=bandwidth_mhz * 1e6, latency_s=latency)
     text = dump_system(spec)
     m = system_model(spec)
     summary = (f"{devices} devices, {int(m.N)} samples, T_max {m.T:.4g} s, B_tot {m.B_tot / 1e6:.4g} MHz, "

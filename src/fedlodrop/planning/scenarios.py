@@ -17,6 +17,19 @@ def _sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
+def split_samples(shares: np.ndarray, total: int) -> np.ndarray:
+    """`total` samples in the given shares, each device at least one, summing to exactly `total`
+    (largest remainder): rounding each share alone can plan 299 samples for a run that trains 300."""
+    k = len(shares)
+    if total < k:
+        raise UserError(f"{total} training samples cannot give each of {k} devices one")
+    exact = 1 + shares / shares.sum() * (total - k)
+    sizes = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - sizes), kind="stable")[: total - int(sizes.sum())]:
+        sizes[i] += 1
+    return sizes
+
+
 def random_system(
     devices: int,
     seed: int = 0,
@@ -53,7 +66,7 @@ def random_system(
             raise UserError(f"samples {samples} do not give each of {devices} devices at least one")
         samples = np.asarray(samples, dtype=int)
     else:
-        samples = np.maximum(1, np.round(shares * samples_total)).astype(int)
+        samples = split_samples(shares, samples_total)
     factors = rng.uniform(*energy_range, size=devices)
     devs = [
         DeviceSpec(name=f"dev{k}", samples=int(samples[k]), distance_m=_sig(dist[k]), energy_budget_j=1.0)

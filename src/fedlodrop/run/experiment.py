@@ -33,7 +33,8 @@ from fedlodrop.rng import stream_seed
 from fedlodrop.round.features import features
 from fedlodrop.round.plugin import RoundPlugin
 from fedlodrop.run.folder import RunFolder
-from fedlodrop.run.meter import Meter, meter_for, shard_sizes
+from fedlodrop.run.meter import Meter, meter_for
+from fedlodrop.run.systems import COMM_BITS, check_payload, check_sizes, planned_sizes
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -120,13 +121,18 @@ def build(cfg: RunConfig, *, train_data: bool = True, eval_data: bool = True, ta
     elif fed.partition == "local":
         shards_raw = [None] * fed.devices  # each device holds its own; this process none of them
     elif train_data:
-        # with a system, an IID split gives each device its share of the system's samples D_k (a
-        # label-skewed or natural split keeps its own sizes; the meter prices the samples trained)
-        sizes = shard_sizes(spec, len(train_raw)) if spec is not None and fed.partition == "iid" else None
+        # with a system, an IID split gives each device the system's D_k samples; any split must end
+        # with the sample counts the system planned, or the clock would price other work than trains
+        where = cfg.system.file or cfg.plan
+        sizes = planned_sizes(cfg, spec, len(train_raw), where) if spec is not None else None
         shards_raw = partition(train_raw, fed.devices, fed.partition, fed.dirichlet_alpha,
                                stream_seed(cfg.seed, "partition"), task.is_regression, sizes)
+        if spec is not None:
+            check_sizes(spec, [len(s) for s in shards_raw], fed.partition, where)
     tokenizer = load_tokenizer(cfg)
     fm = build_model(cfg, task, tokenizer, stream_seed(cfg.seed, "init"))
+    if spec is not None:
+        check_payload(cfg, spec, fm.layout.adapter_values, fm.layout.head_values, cfg.system.file or cfg.plan)
     if task.is_regression:
         # the label mean, from the devices' pooled labels in simulation; under DP from the server's own
         # validation labels, so that no statistic of private labels is in the model (devices take the
@@ -174,13 +180,32 @@ def run_shape(cfg: RunConfig) -> RunShape:
     layout, fm = exp.fm.layout, exp.fm
     trainable = {id(p) for p in fm.trainable()}
     backbone = sum(p.numel() for p in fm.net.parameters() if id(p) not in trainable)
-    bits = {"float32": 32, "float16": 16, "bfloat16": 16}[cfg.federation.comm_dtype]
+    bits = COMM_BITS[cfg.federation.comm_dtype]
     if cfg.federation.partition == "local":
         raise UserError("system random --config: with federation.partition local the devices' samples are on the "
                         "devices; give --devices and --samples")
     return RunShape([len(exp.shards.raw[k]) for k in range(len(exp.shards))], layout.adapter_values,
                     layout.head_values, int(backbone), bits, cfg.lora.r, exp.task.num_labels,
                     cfg.federation.local_epochs)
+
+
+def describe_run(cfg: RunConfig, seed: int = 0, bandwidth_hz: float = 10e6, latency_s: float | None = None):
+    """A random cell around the run of `cfg` (what `fedlodrop system random` writes): its devices,
+    local epochs and upload (Q, head, federation.comm_dtype's bits), and its training samples: under an
+    IID split the run's training set spread over the devices in Dirichlet(4) shares (the run's shards
+    then follow the system's D_k), under any other split the split's own sizes. Positions, fading,
+    budgets and the latency limit are `planning.random_system`'s."""
+    from fedlodrop.planning import random_system  # the planner: only `system random` needs it here
+    from fedlodrop.planning.spec import PayloadSpec
+
+    shape = run_shape(cfg)
+    iid = cfg.federation.partition == "iid"
+    payload = PayloadSpec(model=None, rank=shape.rank, num_labels=shape.num_labels,
+                          adapter_values=shape.adapter_values, head_values=shape.head_values,
+                          backbone_params=float(shape.backbone_params), bits_per_value=float(shape.bits_per_value))
+    return random_system(len(shape.samples), seed, samples_total=sum(shape.samples),
+                         samples=None if iid else shape.samples, bandwidth_hz=bandwidth_hz,
+                         latency_s=latency_s, local_epochs=shape.local_epochs, payload=payload)
 
 
 def _train_eval_sample(cfg: RunConfig, shards: Shards, eval_set):

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedlodrop.errors import UserError
 from fedlodrop.round.plugin import RoundPlugin
 from fedlodrop.round.records import DeviceRecord, RoundRecord, RoundSim, SimCost
+from fedlodrop.run.systems import check_system
 
 LATENCY, ENERGY = "latency", "energy"
 
@@ -120,17 +120,6 @@ class Meter(RoundPlugin):
         return None
 
 
-def check_system(cfg, spec, where) -> None:
-    """Refuse, in one line, a system (`where` it came from) that describes another federation than
-    `cfg`: another number of devices or of local epochs a round."""
-    if len(spec.devices) != cfg.federation.devices:
-        raise UserError(f"system {where} describes {len(spec.devices)} devices but federation.devices is "
-                        f"{cfg.federation.devices}")
-    if spec.round.local_epochs != cfg.federation.local_epochs:
-        raise UserError(f"system {where} prices {spec.round.local_epochs:g} local epochs a round but "
-                        f"federation.local_epochs is {cfg.federation.local_epochs:g}")
-
-
 def meter_for(cfg, plan, spec) -> Meter:
     """The run's meter on system `spec` (system.file, or the plan's): the plan's resources, or no
     planning's. Checks that the system describes this federation."""
@@ -144,18 +133,3 @@ def meter_for(cfg, plan, spec) -> Meter:
     else:
         res = Resources(np.full(model.K, model.B_tot / model.K), model.P.copy(), model.fmax.copy(), "no planning")
     return Meter(model, res, cfg.federation.local_epochs, cfg.system.enforce)
-
-
-def shard_sizes(spec, n: int) -> list[int]:
-    """The devices' sample counts D_k scaled to `n` training examples (largest remainder, each
-    at least one), so that the data each device trains on is the system's."""
-    d = np.array([dev.samples for dev in spec.devices], dtype=float)
-    exact = d / d.sum() * n
-    sizes = np.maximum(1, np.floor(exact)).astype(int)
-    for k in np.argsort(-(exact - np.floor(exact)), kind="stable"):
-        if sizes.sum() >= n:
-            break
-        sizes[k] += 1
-    while sizes.sum() > n:  # the floors of 1 took more than there is: take from the largest
-        sizes[int(np.argmax(sizes))] -= 1
-    return [int(s) for s in sizes]

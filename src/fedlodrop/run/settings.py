@@ -67,13 +67,46 @@ def validate(tree: dict) -> RunConfig:
 
 
 def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                tree: dict | None = None) -> RunConfig:
-    """Defaults <- YAML file (or its already read `tree`) <- `--set` overrides, validated once."""
+                tree: dict | None = None, system: Path | None = None) -> RunConfig:
+    """Defaults <- YAML file (or its already read `tree`) <- `--set` overrides <- what the run's system
+    (`system`, system.file or the plan's) says of the run where the tree says nothing, validated once."""
     tree = copy.deepcopy(tree) if tree is not None else read_config_tree(path) if path is not None else {}
     for item in overrides:
         key, value = parse_override(item)
         set_key(tree, ".".join(key), value)
+    if system is not None:
+        set_key(tree, "system.file", str(system))
+    _fill_from_system(tree)
     return validate(tree)
+
+
+def _given(tree: dict, key: str) -> bool:
+    node: Any = tree
+    for part in key.split("."):
+        if part == "file" and isinstance(node, (str, Path)):
+            return True  # `system: FILE`
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return node is not None
+
+
+def _fill_from_system(tree: dict) -> None:
+    """The devices, local epochs and training samples of the system the tree names (system.file, or
+    its plan's), set where the tree leaves them to the defaults: a system describes one run, and
+    `fedlodrop compare system.yaml` needs no `--set federation.devices=...` to say it again. Values
+    the tree gives win; the run then refuses a system that disagrees (fedlodrop.run.systems)."""
+    system = tree.get("system")
+    file = system if isinstance(system, (str, Path)) else system.get("file") if isinstance(system, dict) else None
+    if file is None and not tree.get("plan"):
+        return
+    from fedlodrop.planning import load_plan, load_system  # the planner: only a run with a system needs it
+    from fedlodrop.run.systems import implied_keys
+
+    spec = load_system(file) if file is not None else load_plan(tree["plan"]).system
+    for key, value in implied_keys(spec).items():
+        if not _given(tree, key):
+            set_key(tree, key, value)
 
 
 def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:

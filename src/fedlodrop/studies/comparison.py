@@ -38,8 +38,9 @@ from fedlodrop.errors import UserError
 from fedlodrop.planning import InfeasibleError, load_plan, load_system, optimize, system_model
 from fedlodrop.planning.plan import as_is_plan
 from fedlodrop.round.records import Summary
+from fedlodrop.run.experiment import build
 from fedlodrop.run.folder import RunFolder, run_folders
-from fedlodrop.run.meter import check_system
+from fedlodrop.run.systems import check_system
 from fedlodrop.run.settings import with_overrides
 from fedlodrop.studies.sweep import Point, check_jobs, run_points
 
@@ -95,11 +96,8 @@ def check(cfg: RunConfig, spec, system: Path, methods: list[str], seeds: int) ->
     if cfg.plan is not None:
         raise UserError("compare makes each method's plan itself: drop plan from the config")
     check_system(cfg, spec, system)
-    bits = {"float32": 32, "float16": 16, "bfloat16": 16}[cfg.federation.comm_dtype]
-    if spec.payload.bits_per_value != bits:
-        raise UserError(f"system {system} plans {spec.payload.bits_per_value:g} bits a value but "
-                        f"federation.comm_dtype {cfg.federation.comm_dtype} sends {bits}: the plans would not "
-                        f"fit what travels; set payload.bits_per_value or federation.comm_dtype")
+    # the run's shards and model, built once: every refusal of a run on this system comes before anything is written
+    build(with_overrides(cfg, {"system.file": str(system), "plan": None}), eval_data=False)
 
 
 def compare(cfg: RunConfig, system: Path, out: Path, methods: list[str], seeds: int, jobs: int = 1,
