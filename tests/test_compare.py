@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import csv
+import math
+from types import SimpleNamespace
 
 import pytest
 from conftest import learning_cfg, run_system
 from typer.testing import CliRunner
 
 from fedlodrop.cli import app
-from fedlodrop.planning import load_plan, load_system, save_system
+from fedlodrop.planning import load_plan, load_system, save_system, system_model
+from fedlodrop.planning.plan import as_is_plan
+from fedlodrop.studies.comparison import MethodResult, round_cost, rows
 from fedlodrop.run.folder import RunFolder
 
 
@@ -57,6 +61,9 @@ def test_every_method_is_planned_trained_and_tabulated(tiny_bert, polarity_dir, 
         assert float(rows[method]["dropped_mean"]) > 0
         records = RunFolder(out / "runs" / f"{method}__seed=0").records()
         assert all(r.failures and r.failures[0]["reason"].startswith("missed the latency limit") for r in records)
+        assert rows[method]["never_met"] == "True"  # the table says so instead of the untrained model's score
+        line = next(ln for ln in (out / "compare.md").read_text().splitlines() if ln.startswith(f"| {method} |"))
+        assert line.count("cannot meet the limit") == 6  # final, equal time, equal energy, to target (s, J), gap
     bnb = RunFolder(out / "runs" / "bnb__seed=0").records()
     assert all(not r.failures for r in bnb)  # the planned devices keep the deadline with the bytes really sent
     assert float(rows["bnb"]["simulated_s_mean"]) == sum(r.system.latency_s for r in bnb)
@@ -98,9 +105,40 @@ def test_a_newcomers_random_system_compares_with_a_time_budget(tiny_bert, polari
                                  "--out", str(out), *sets, "--set", f"federation.time_budget_s={budget}",
                                  "--set", "federation.rounds=50"])
     assert r.exit_code == 0, r.output
+    m = system_model(spec)
     for method in ("bnb", "unplanned"):
         run = RunFolder(out / "runs" / f"{method}__seed=0")
         summary = run.summary()
-        assert summary.system.stopped_by == "time_budget_s" and 2 <= summary.rounds < 50
-        assert summary.system.simulated_time_s <= budget
+        # rounds uncapped: the budget decides (federation.rounds=50 is not what stopped it), and no
+        # further round of the plan's cost would have fitted
+        plan = load_plan(out / "plans" / "bnb.json") if method == "bnb" else as_is_plan(spec, [0.0] * 6, method, "", m)
+        seconds, _ = round_cost(plan, m, "drop")
+        assert summary.rounds == math.floor(budget / seconds) < 50 and run.config().federation.rounds == summary.rounds
+        assert summary.system.simulated_time_s <= budget < summary.system.simulated_time_s + seconds
         assert [d.samples for d in run.records()[0].devices] == [d.samples for d in spec.devices]
+
+
+def _fake(curve, dropped=0):
+    """A run's summary as the table reads it, for a metric curve of (s, J, accuracy)."""
+    system = SimpleNamespace(simulated_time_s=curve[-1][0], energy_j=curve[-1][1], devices_dropped_for_limits=dropped)
+    return SimpleNamespace(final={"accuracy": curve[-1][2]}, generalization_gap={"accuracy": 0.01}, rounds=len(curve),
+                           system=system, uplink_bytes_total=1e6, downlink_bytes_total=1e6)
+
+
+def test_equal_time_equal_energy_and_time_to_target_are_read_off_the_curves():
+    """Hand-made curves: equal time is the least time a method that trained spent (3 s), equal energy
+    the least energy (10 J); a method whose every device missed the limit says so and sets neither."""
+    a = [(1.0, 10.0, 0.60), (2.0, 20.0, 0.70), (3.0, 30.0, 0.80)]
+    b = [(2.0, 5.0, 0.65), (4.0, 10.0, 0.75)]
+    stuck = [(0.5, 1.0, 0.50)]  # every device missed: it never moved (and spent little)
+    results = [MethodResult("a", True, 0.1, 0.3, [_fake(a)], [a], [6]),
+               MethodResult("b", True, 0.2, 0.5, [_fake(b)], [b], [4]),
+               MethodResult("none", False, 0.9, 0.0, [_fake(stuck, dropped=2)], [stuck], [2])]
+    table = {r["method"]: r for r in rows(results, "accuracy", target=0.7)}
+    assert table["a"]["at_time"][0] == 0.80 and table["b"]["at_time"][0] == 0.65
+    assert table["a"]["at_energy"][0] == 0.60 and table["b"]["at_energy"][0] == 0.75
+    assert (table["a"]["to_target_s"][0], table["a"]["to_target_j"][0]) == (2.0, 20.0)
+    assert (table["b"]["to_target_s"][0], table["b"]["to_target_j"][0]) == (4.0, 10.0)
+    assert table["none"]["never_met"] and not table["a"]["never_met"]
+    assert math.isnan(table["none"]["to_target_s"][0])
+    assert rows(results, "accuracy")[0]["target"] == pytest.approx(0.95 * 0.80)  # the default: 0.95 x the best

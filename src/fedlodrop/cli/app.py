@@ -170,9 +170,13 @@ def compare(
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="runs in parallel processes")] = 1,
     threads: Annotated[Optional[int], typer.Option(help="torch threads per run (default: CPUs / jobs)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    target: Annotated[Optional[float], typer.Option(help="the metric that time and energy to target are measured "
+                                                    "at (default: 0.95 x the best method's mean final metric)")] = None,
 ) -> None:
     """Plan the system with every method, train each plan over seeds on the simulated clock, and
-    tabulate accuracy, gap, rounds, simulated time and energy, bytes and dropped devices."""
+    tabulate the metric (final, at equal time, at equal energy), time and energy to a target, gap,
+    rounds, simulated time and energy, bytes and dropped devices. With federation.time_budget_s or
+    energy_budget_j each method trains the rounds its plan fits in the budget."""
     from fedlodrop.run.folder import default_run_dir
     from fedlodrop.run.settings import load_config
     from fedlodrop.studies.comparison import compare as run_compare
@@ -185,8 +189,9 @@ def compare(
     err_console.print(f"fedlodrop compare: task {cfg.task}, system {system}, methods {', '.join(chosen)}, "
                       f"{seeds} seed(s) -> {out}", highlight=False)
     results = run_compare(cfg, system, out, chosen, seeds, jobs, threads, console=err_console,
-                          show_progress=not quiet)
-    out_console.print(write_table(results, out / "compare.md", out / "compare.csv", cfg, system), highlight=False)
+                          show_progress=not quiet, target=target)
+    out_console.print(write_table(results, out / "compare.md", out / "compare.csv", cfg, system, target),
+                      highlight=False)
     err_console.print(f"wrote {out / 'compare.md'}, compare.csv and compare.png", highlight=False)
 
 

@@ -19,9 +19,16 @@ Bernoulli masks would send more than the expected bytes about half the time and 
 A method whose rates cannot meet the limits is trained as it would really behave (its rates, an
 equal share of the band, full power and frequency; devices that still miss a limit are dropped
 each round, and a round in which every device missed leaves the model as it was:
-`federation.min_devices: 0`), never skipped. The result is one table (markdown and CSV) and one plot: the task's
-metric, the generalization gap, rounds completed, simulated time and energy, bytes, and the
-devices dropped for missing a limit, mean and spread over seeds.
+`federation.min_devices: 0`), never skipped; a method whose every device misses every round shows
+"cannot meet the limit" instead of the untrained model's score.
+
+With a budget (`federation.time_budget_s` and/or `energy_budget_j`) rounds are not a setting: each
+method trains as many rounds as its plan's round cost fits in the budget (the learning-rate
+schedule spans them), so a plan that spends less per round trains longer. The result is one table
+(markdown and CSV) and one plot: the task's metric at the end, at equal simulated time and at equal
+energy (the last evaluation within the least time / energy any method spent on that seed), the
+time and energy to a target metric, the generalization gap, rounds, simulated time and energy,
+bytes, and the devices dropped for missing a limit, mean and spread over seeds.
 """
 
 from __future__ import annotations
@@ -59,7 +66,14 @@ class MethodResult:
     bound: float  # the plan's G(gamma) (unplanned: G at rate 0)
     mean_rate: float
     runs: list[Summary] = field(default_factory=list)  # one summary per seed
-    curves: list[list[tuple[float, float]]] = field(default_factory=list)  # per seed: (simulated s, metric)
+    curves: list[list[tuple[float, float, float]]] = field(default_factory=list)  # per seed: (s, J, metric)
+    device_rounds: list[int] = field(default_factory=list)  # per seed: devices asked to train, over rounds
+
+    @property
+    def never_met(self) -> bool:
+        """Every device missed a limit in every round of every seed: the model never moved."""
+        return bool(self.runs) and all(s.system.devices_dropped_for_limits >= n > 0
+                                       for s, n in zip(self.runs, self.device_rounds))
 
 
 def make_plans(spec, methods: list[str], folder: Path, report=print) -> dict[str, Path | None]:
@@ -86,6 +100,35 @@ def make_plans(spec, methods: list[str], folder: Path, report=print) -> dict[str
     return paths
 
 
+MAX_BUDGET_ROUNDS = 10_000
+
+
+def round_cost(plan, m, enforce: str) -> tuple[float, float]:
+    """A round's simulated seconds and joules under `plan`: the slowest device, or T_max when a device
+    misses it and is dropped (the server waits until the deadline); every device's energy."""
+    lat = [d.latency_s for d in plan.devices]
+    late = enforce == "drop" and max(lat) > m.T * (1 + 1e-12)
+    return (m.T if late else max(lat)), sum(d.energy_j for d in plan.devices)
+
+
+def budget_rounds(cfg: RunConfig, plan_path: Path | None, spec, method: str) -> int | None:
+    """The rounds `method`'s plan fits in the run budget (None without a budget): rounds uncapped,
+    the budget decides. The run's own budget check still ends it exactly, should a round cost more."""
+    fed = cfg.federation
+    if fed.time_budget_s is None and fed.energy_budget_j is None:
+        return None
+    m = system_model(spec)
+    plan = load_plan(plan_path) if plan_path is not None else as_is_plan(spec, [0.0] * m.K, method, "no planning", m)
+    seconds, joules = round_cost(plan, m, cfg.system.enforce)
+    fits = [math.floor(budget / cost * (1 + 1e-12)) for budget, cost in
+            ((fed.time_budget_s, seconds), (fed.energy_budget_j, joules)) if budget is not None]
+    n = min(fits)
+    if n < 1:
+        raise UserError(f"{method}: no round fits the budget (a round takes {seconds:.4g} s and {joules:.4g} J; "
+                        f"time_budget_s {fed.time_budget_s}, energy_budget_j {fed.energy_budget_j})")
+    return min(n, MAX_BUDGET_ROUNDS)
+
+
 def check(cfg: RunConfig, spec, system: Path, methods: list[str], seeds: int) -> None:
     """Everything `compare` can refuse, before anything is written."""
     bad = [m for m in methods if m not in METHODS]
@@ -101,8 +144,10 @@ def check(cfg: RunConfig, spec, system: Path, methods: list[str], seeds: int) ->
 
 
 def compare(cfg: RunConfig, system: Path, out: Path, methods: list[str], seeds: int, jobs: int = 1,
-            threads: int | None = None, console=None, show_progress: bool = True) -> list[MethodResult]:
-    """Plan with every method, train each plan for `seeds` seeds, then tabulate and plot in `out`."""
+            threads: int | None = None, console=None, show_progress: bool = True,
+            target: float | None = None) -> list[MethodResult]:
+    """Plan with every method, train each plan for `seeds` seeds, then tabulate and plot in `out`
+    (`target`: the metric that time / energy to target is measured at; default 0.95 x the best)."""
 
     system = Path(system).expanduser().resolve()
     spec = load_system(system)
@@ -112,18 +157,23 @@ def compare(cfg: RunConfig, system: Path, out: Path, methods: list[str], seeds: 
         raise UserError(f"--out {out} exists and is not a folder")
     report = (lambda line: console.print(line, highlight=False)) if console else print
     plans = make_plans(spec, methods, out / "plans", report)
+    rounds = {method: budget_rounds(cfg, plans[method], spec, method) for method in methods}
+    if any(n is not None for n in rounds.values()):
+        report("rounds from the budget: " + ", ".join(f"{m} {n}" for m, n in rounds.items()))
     points = []
     for seed in range(cfg.seed, cfg.seed + seeds):
         for method in methods:
             over = {"system.file": str(system), "plan": str(plans[method].resolve()) if plans[method] else None,
                     "seed": seed, "dropout.sampler": "budget", "federation.min_devices": 0}
+            if rounds[method] is not None:
+                over["federation.rounds"] = rounds[method]
             if method == UNPLANNED:
                 over["dropout.rate"] = 0.0
             point_cfg = with_overrides(cfg, over)
             points.append(Point(f"{method}__seed={seed}", {"method": method}, seed, point_cfg))
     run_points(points, out / "runs", jobs, threads, console, show_progress)
     results = collect(out, methods, plans, cfg, spec)
-    write_table(results, out / "compare.md", out / "compare.csv", cfg, system)
+    write_table(results, out / "compare.md", out / "compare.csv", cfg, system, target)
     plot(results, out / "compare.png", cfg)
     return results
 
@@ -145,11 +195,13 @@ def collect(out: Path, methods: list[str], plans: dict, cfg: RunConfig, spec) ->
         for folder in sorted((out / "runs").glob(f"{method}__seed=*")):
             run = RunFolder(folder)
             res.runs.append(run.summary())
-            clock, curve = 0.0, []
-            for r in run.records():
-                clock += r.system.latency_s
-                curve.append((clock, r.eval.get(main, math.nan)))
+            clock, joules, curve = 0.0, 0.0, []
+            records = run.records()
+            for r in records:
+                clock, joules = clock + r.system.latency_s, joules + r.system.energy_j
+                curve.append((clock, joules, r.eval.get(main, math.nan)))
             res.curves.append(curve)
+            res.device_rounds.append(sum(len(r.participants) for r in records))
         results.append(res)
     return results
 
@@ -161,18 +213,49 @@ def _stat(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-COLUMNS = ("final", "gap", "rounds", "simulated_s", "energy_j", "mb", "dropped")
+COLUMNS = ("final", "at_time", "at_energy", "to_target_s", "to_target_j", "gap", "rounds", "simulated_s",
+           "energy_j", "mb", "dropped")
 
 
-def rows(results: list[MethodResult], main: str) -> list[dict]:
-    """The comparison table's numbers: mean and standard deviation over seeds per method."""
+def _within(curve: list[tuple[float, float, float]], budget: float, axis: int) -> float:
+    """The metric of the last evaluation within `budget` on `axis` (0: seconds, 1: joules)."""
+    inside = [point[2] for point in curve if point[axis] <= budget * (1 + 1e-9)]
+    return inside[-1] if inside else math.nan
+
+
+def _first(curve: list[tuple[float, float, float]], target: float, axis: int) -> float:
+    """Seconds (axis 0) or joules (axis 1) until the metric first reaches `target`; nan if never."""
+    return next((point[axis] for point in curve if point[2] >= target), math.nan)
+
+
+def default_target(results: list[MethodResult], main: str) -> float:
+    """0.95 x the best method's mean final metric: a level most methods can reach, late or early."""
+    finals = [statistics.fmean(v) for r in results if not r.never_met
+              for v in [[s.final.get(main) for s in r.runs if s.final.get(main) is not None]] if v]
+    return 0.95 * max(finals) if finals else math.nan
+
+
+def rows(results: list[MethodResult], main: str, target: float | None = None) -> list[dict]:
+    """The comparison table's numbers: mean and standard deviation over seeds per method. Equal time and
+    energy: per seed, the least total any method that trained spent."""
+    target = default_target(results, main) if target is None else target
+    seeds = max((len(r.curves) for r in results), default=0)
+    spent = [[r.curves[i][-1] for r in results if i < len(r.curves) and r.curves[i] and not r.never_met]
+             for i in range(seeds)]
+    t_eq = [min((c[0] for c in pts), default=math.nan) for pts in spent]
+    e_eq = [min((c[1] for c in pts), default=math.nan) for pts in spent]
     out = []
     for res in results:
         s = res.runs
         out.append({
             "method": res.method, "feasible": res.feasible, "bound": res.bound, "mean_rate": res.mean_rate,
-            "runs": len(s),
+            "runs": len(s), "never_met": res.never_met, "target": target,
             "final": _stat([x.final.get(main) for x in s]),
+            "at_time": _stat([_within(c, t_eq[i], 0) for i, c in enumerate(res.curves)]),
+            "at_energy": _stat([_within(c, e_eq[i], 1) for i, c in enumerate(res.curves)]),
+            "to_target_s": _stat([_first(c, target, 0) for c in res.curves]),
+            "to_target_j": _stat([_first(c, target, 1) for c in res.curves]),
+            "reached": sum(1 for c in res.curves if not math.isnan(_first(c, target, 0))),
             "gap": _stat([x.generalization_gap.get(main) for x in s]),
             "rounds": _stat([x.rounds for x in s]),
             "simulated_s": _stat([x.system.simulated_time_s for x in s]),
@@ -201,35 +284,55 @@ def _results_metric(results: list[MethodResult], cfg: RunConfig) -> str:
     return task.main_metric if task is not None else "accuracy"
 
 
-def write_table(results: list[MethodResult], md: Path, csv_path: Path, cfg: RunConfig, system: Path) -> str:
+NEVER_MET = "cannot meet the limit"
+_METRIC_COLUMNS = ("final", "at_time", "at_energy", "to_target_s", "to_target_j", "gap")
+
+
+def write_table(results: list[MethodResult], md: Path, csv_path: Path, cfg: RunConfig, system: Path,
+                target: float | None = None) -> str:
     """The comparison's Markdown table and CSV; the table's text."""
     main = _results_metric(results, cfg)
-    table = rows(results, main)
-    head = (f"| method | plan fits | bound G | mean rate | {main} | gap | rounds | simulated s | energy J | "
-            "MB sent | devices dropped | runs |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    table = rows(results, main, target)
+    target = table[0]["target"] if table else math.nan
+    head = (f"| method | plan fits | bound G | mean rate | {main} | at equal time | at equal energy | "
+            f"s to {target:.4f} | J to {target:.4f} | gap | rounds | simulated s | energy J | MB sent | "
+            "devices dropped | runs |\n" + "|---" * 16 + "|")
     lines = [head]
     for r in table:
-        cell = {k: (f"{r[k][0]:.4f} +- {r[k][1]:.4f}" if k in ("final", "gap") else f"{r[k][0]:.4g} +- {r[k][1]:.2g}")
-                for k in COLUMNS}
+        def cell(k):
+            if r["never_met"] and k in _METRIC_COLUMNS:
+                return NEVER_MET
+            mean, std = r[k]
+            if math.isnan(mean):
+                return "n/a"
+            if k in ("to_target_s", "to_target_j"):
+                return f"{mean:.4g} +- {std:.2g} ({r['reached']}/{r['runs']})"
+            return f"{mean:.4f} +- {std:.4f}" if k in ("final", "at_time", "at_energy", "gap") else f"{mean:.4g} +- {std:.2g}"
         lines.append(f"| {r['method']} | {'yes' if r['feasible'] else 'no'} | {r['bound']:.4f} | {r['mean_rate']:.3f} | "
-                     f"{cell['final']} | {cell['gap']} | {cell['rounds']} | {cell['simulated_s']} | {cell['energy_j']} | "
-                     f"{cell['mb']} | {cell['dropped']} | {r['runs']} |")
+                     + " | ".join(cell(k) for k in COLUMNS) + f" | {r['runs']} |")
     text = "\n".join(lines)
-    md.write_text(f"# fedlodrop compare {system}\n\ntask {cfg.task}, model {cfg.model}, {cfg.federation.devices} "
-                  f"devices, {cfg.federation.rounds} rounds; mean +- standard deviation over seeds.\n\n{text}\n")
+    fed = cfg.federation
+    budget = ", ".join(f"{k} {v:g}" for k, v in (("time budget s", fed.time_budget_s),
+                                                 ("energy budget J", fed.energy_budget_j)) if v is not None)
+    rounds = f"rounds from the budget ({budget})" if budget else f"{fed.rounds} rounds"
+    md.write_text(f"# fedlodrop compare {system}\n\ntask {cfg.task}, model {cfg.model}, {fed.devices} devices, "
+                  f"{rounds}; mean +- standard deviation over seeds. At equal time / energy: the last evaluation "
+                  f"within the least simulated time / energy any method that trained spent on the seed. To "
+                  f"{target:.4f}: until the {main} first reached it (seeds that did / runs). "
+                  f"\"{NEVER_MET}\": every device missed a limit every round, the model never moved.\n\n{text}\n")
     with open(csv_path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["method", "feasible", "bound", "mean_rate", "runs"]
+        writer.writerow(["method", "feasible", "never_met", "bound", "mean_rate", "runs", "target", "reached"]
                         + [f"{k}_{s}" for k in COLUMNS for s in ("mean", "std")])
         for r in table:
-            writer.writerow([r["method"], r["feasible"], r["bound"], r["mean_rate"], r["runs"]]
-                            + [v for k in COLUMNS for v in r[k]])
+            writer.writerow([r["method"], r["feasible"], r["never_met"], r["bound"], r["mean_rate"], r["runs"],
+                             r["target"], r["reached"]] + [v for k in COLUMNS for v in r[k]])
     return text
 
 
 def plot(results: list[MethodResult], path: Path, cfg: RunConfig) -> None:
-    """Left: the task's metric per method (mean, spread over seeds); right: the metric against the
-    simulated clock, each seed's run as a line."""
+    """Left: the task's final metric per method (mean, spread over seeds); then the metric against the
+    simulated clock and against the simulated energy, each seed's run as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,23 +340,31 @@ def plot(results: list[MethodResult], path: Path, cfg: RunConfig) -> None:
 
     main = _results_metric(results, cfg)
     table = rows(results, main)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.2))
     xs = range(len(table))
-    ax1.bar(xs, [r["final"][0] for r in table], yerr=[r["final"][1] for r in table], capsize=4,
+    ax1.bar(xs, [math.nan if r["never_met"] else r["final"][0] for r in table],
+            yerr=[0.0 if r["never_met"] else r["final"][1] for r in table], capsize=4,
             color=["tab:blue" if r["feasible"] else "tab:gray" for r in table])
+    for x, r in zip(xs, table):
+        if r["never_met"]:
+            ax1.text(x, 0.5, NEVER_MET, rotation=90, ha="center", va="center", fontsize=8, transform=ax1.get_xaxis_transform())
     ax1.set_xticks(list(xs), [r["method"] for r in table], rotation=20)
-    finite = [r["final"][0] - r["final"][1] for r in table if not math.isnan(r["final"][0])]
+    finite = [r["final"][0] - r["final"][1] for r in table if not math.isnan(r["final"][0]) and not r["never_met"]]
     if finite:
         ax1.set_ylim(max(0.0, min(finite) - 0.05), None)
     ax1.set_ylabel(f"final {main} (grey: plan does not fit)")
     for res, color in zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2):
         for i, curve in enumerate(res.curves):
-            if curve:
-                ax2.plot(*zip(*curve), marker=".", color=color, alpha=0.8, label=res.method if i == 0 else None)
+            if curve and not res.never_met:
+                label = res.method if i == 0 else None
+                ax2.plot([c[0] for c in curve], [c[2] for c in curve], marker=".", color=color, alpha=0.8, label=label)
+                ax3.plot([c[1] for c in curve], [c[2] for c in curve], marker=".", color=color, alpha=0.8, label=label)
     ax2.set_xlabel("simulated time [s]")
-    ax2.set_ylabel(f"validation {main}")
-    ax2.legend(fontsize=8)
-    for ax in (ax1, ax2):
+    ax3.set_xlabel("simulated energy, all devices [J]")
+    for ax in (ax2, ax3):
+        ax.set_ylabel(f"validation {main}")
+        ax.legend(fontsize=8)
+    for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
