@@ -38,14 +38,15 @@ def _args(tiny_bert, glue, out, system, *extra):
             *[x for s in sets for x in ("--set", s)], *extra]
 
 
-@pytest.mark.slow  # plans and trains 6 runs
+@pytest.mark.slow  # plans and trains 9 runs
 def test_every_method_is_planned_trained_and_tabulated(tiny_bert, polarity_dir, tmp_path):
     system = _system(tmp_path / "system.yaml", tiny_bert, polarity_dir)
     out = tmp_path / "cmp"
     result = CliRunner().invoke(app, _args(tiny_bert, polarity_dir, out, system))
     assert result.exit_code == 0, result.output
     rows = {r["method"]: r for r in csv.DictReader(open(out / "compare.csv"))}
-    assert list(rows) == ["bnb", "psca", "fixed", "equal-bandwidth", "none", "unplanned"]
+    assert list(rows) == ["bnb", "psca", "fixed", "equal-bandwidth", "none", "fit-only", "longer-rounds", "bf16",
+                          "unplanned"]
     assert (out / "compare.png").stat().st_size > 0 and "| bnb |" in (out / "compare.md").read_text()
     # each run trained with its method's rates and was priced with its resources
     for method in ("bnb", "fixed", "none"):
@@ -142,3 +143,29 @@ def test_equal_time_equal_energy_and_time_to_target_are_read_off_the_curves():
     assert table["none"]["never_met"] and not table["a"]["never_met"]
     assert math.isnan(table["none"]["to_target_s"][0])
     assert rows(results, "accuracy")[0]["target"] == pytest.approx(0.95 * 0.80)  # the default: 0.95 x the best
+
+
+def test_the_baselines_that_meet_the_limit_without_dropout(tiny_bert, polarity_dir, tmp_path):
+    """Issue 29, item 2, at a limit rate 0 cannot meet with every device: fit-only asks only the devices
+    the latency model says fit (the others never train, spend nothing, get no band); longer-rounds
+    meets a longer round limit of its own with every device; bf16 sends half the bytes of float32."""
+    system = _system(tmp_path / "system.yaml", tiny_bert, polarity_dir)
+    out = tmp_path / "cmp"
+    r = CliRunner().invoke(app, _args(tiny_bert, polarity_dir, out, system, "--methods", "none,fit-only,longer-rounds,bf16"))
+    assert r.exit_code == 0, r.output
+    spec = load_system(system)
+    fit = load_plan(out / "plans" / "fit-only.json")
+    members = fit.members
+    assert members is not None and 0 < len(members) < 3  # some, not all, devices fit at rate 0
+    assert sum(d.bandwidth_hz for d in fit.devices) == pytest.approx(spec.cell.bandwidth_hz)  # theirs alone
+    for rec in RunFolder(out / "runs" / "fit-only__seed=0").records():
+        assert rec.participants == members and not rec.failures
+        assert all(d.system.latency_s <= spec.round.latency_s * (1 + 1e-9) for d in rec.devices)
+    longer = load_plan(out / "plans" / "longer-rounds.json")
+    assert longer.feasible and longer.system.round.latency_s > spec.round.latency_s and longer.members is None
+    for rec in RunFolder(out / "runs" / "longer-rounds__seed=0").records():
+        assert len(rec.participants) == 3 and not rec.failures and {d.rate for d in rec.devices} == {0.0}
+    none = RunFolder(out / "runs" / "none__seed=0").records()[0]
+    half = RunFolder(out / "runs" / "bf16__seed=0").records()[0]
+    assert RunFolder(out / "runs" / "bf16__seed=0").config().federation.comm_dtype == "bfloat16"
+    assert [2 * d.uplink_bytes for d in half.devices] == pytest.approx([d.uplink_bytes for d in none.devices], rel=0.01)

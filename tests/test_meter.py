@@ -237,3 +237,34 @@ def test_the_meter_prices_a_plan_as_the_planner_does(method):
         assert (cost.compute_s, cost.upload_s, cost.downlink_s) == pytest.approx(
             (d.compute_s, d.upload_s, d.downlink_s), rel=1e-9)
         assert meter.violation(k, cost) is None  # a plan that fits fits on the meter too
+
+
+@pytest.mark.slow  # trains the 2-layer MiniLM
+def test_a_plan_that_asks_only_the_devices_that_fit_still_learns(mini2, polarity_dir, tmp_path):
+    """compare's fit-only baseline on the engine: a limit below what the 112-sample device needs to
+    compute alone, so the plan leaves it out; the other two train every round, and the model learns."""
+    from fedlodrop.planning import load_system, system_model
+    from fedlodrop.studies.comparison import REGISTRY
+
+    from fedlodrop.planning.feasibility import min_latency_limit
+
+    from fedlodrop.planning import save_system
+
+    spec = load_system(write_system(tmp_path / "tight.yaml", mini2, polarity_dir, samples=(90, 90, 12)))
+    spec.devices[2].f_max_hz = spec.devices[2].f_max_hz / 100  # an old phone: its compute alone takes long
+    pair = min_latency_limit(system_model(spec.model_copy(update={"devices": spec.devices[:2]})), 0.0)
+    alone = float(system_model(spec).cycles(0.0, 2) / spec.devices[2].f_max_hz)
+    assert pair < alone  # devices 0 and 1 sharing the band fit where device 2 alone cannot
+    spec.round.latency_s = (pair + alone) / 2
+    tight = save_system(spec, tmp_path / "tight.yaml") or tmp_path / "tight.yaml"
+    spec = load_system(tight)
+    plan = REGISTRY["fit-only"].plan(spec, system_model(spec), print)
+    assert plan.members == [0, 1]  # the 112-sample device cannot compute its round in time
+    plan.save(tmp_path / "plan.json")
+    cfg = _cfg(mini2, polarity_dir, tight, **{"plan": str(tmp_path / "plan.json"), "dropout.rate": 0.0,
+                                              "federation.rounds": 5})
+    summary = engine.run(cfg, tmp_path / "run", show_progress=False)
+    rows = RunFolder(tmp_path / "run").records()
+    assert all(r.participants == [0, 1] and not r.failures for r in rows)
+    assert summary.system.devices_dropped_for_limits == 0
+    assert rows[-1].train_loss < 0.75 * rows[0].train_loss and summary.final["accuracy"] >= 0.8

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedlodrop.planning.bound import Bound
 from fedlodrop.planning.feasibility import allocate, min_bandwidth
@@ -24,13 +24,15 @@ _BIND_TOL = 1e-6  # a constraint counts as binding within this relative distance
 
 
 class PlanDevice(BaseModel):
-    """One device's plan: its rate, bandwidth, power and frequency, and the latency and energy they cost."""
+    """One device's plan: its rate, bandwidth, power and frequency, and the latency and energy they cost;
+    `takes_part: false` for a device the plan leaves out of every round (a baseline that only asks the
+    devices that fit: no band, no energy)."""
     model_config = ConfigDict(extra="ignore")
 
     index: int
     name: str
     gamma: float = Field(ge=0, lt=1)
-    bandwidth_hz: float = Field(gt=0)
+    bandwidth_hz: float = Field(ge=0)
     power_w: float = Field(ge=0)
     frequency_hz: float = Field(gt=0)
     latency_s: float
@@ -41,6 +43,13 @@ class PlanDevice(BaseModel):
     uplink_bits: float = 0.0
     min_bandwidth_hz: float = 0.0
     binding: list[str] = Field(default_factory=list)
+    takes_part: bool = True
+
+    @model_validator(mode="after")
+    def _band_if_taking_part(self) -> PlanDevice:
+        if self.takes_part and self.bandwidth_hz <= 0:
+            raise ValueError(f"device {self.index} takes part with bandwidth_hz {self.bandwidth_hz:g}: give it a band")
+        return self
 
 
 class SolverStats(BaseModel):
@@ -76,6 +85,12 @@ class Plan(BaseModel):
     def gammas(self) -> list[float]:
         """Each device's dropout rate."""
         return [d.gamma for d in self.devices]
+
+    @property
+    def members(self) -> list[int] | None:
+        """The devices that take part, or None when all do."""
+        inside = [d.index for d in self.devices if d.takes_part]
+        return None if len(inside) == len(self.devices) else inside
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", exclude_none=False), indent=2)
@@ -235,3 +250,22 @@ def as_is_plan(spec: SystemSpec, gamma: Sequence[float], method: str, reason: st
         gap=float(bound.gap(g)), sparsity=float(bound.sparsity(g)), devices=devices,
         solver=SolverStats(status=f"infeasible: {reason}"), totals=totals, system=spec,
     )
+
+
+def subset_plan(spec: SystemSpec, sub_plan: Plan, members: Sequence[int], method: str) -> Plan:
+    """A plan of the whole system from `sub_plan`, made for the devices `members` alone (the band is
+    theirs): the others do not take part (no band, no energy, rate 0)."""
+    m = system_model(spec)
+    planned = dict(zip(members, sub_plan.devices))
+    devices = []
+    for k in range(m.K):
+        if k in planned:
+            devices.append(planned[k].model_copy(update={"index": k, "name": m.names[k]}))
+        else:
+            devices.append(PlanDevice(index=k, name=m.names[k], gamma=0.0, bandwidth_hz=0.0, power_w=0.0,
+                                      frequency_hz=float(m.fmax[k]), latency_s=0.0, energy_j=0.0, takes_part=False))
+    left = [m.names[k] for k in range(m.K) if k not in planned]
+    stats = sub_plan.solver.model_copy(update={"status": f"{sub_plan.solver.status}; left out: {', '.join(left) or 'none'}"})
+    return sub_plan.model_copy(update={"method": method, "devices": devices, "solver": stats, "system": spec,
+                                       "totals": {**sub_plan.totals, "devices_left_out": [k for k in range(m.K)
+                                                                                          if k not in planned]}})

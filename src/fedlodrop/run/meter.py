@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedlodrop.errors import UserError
 from fedlodrop.round.plugin import RoundPlugin
 from fedlodrop.round.records import DeviceRecord, RoundRecord, RoundSim, SimCost
 from fedlodrop.run.systems import check_system
@@ -62,11 +63,17 @@ class Meter(RoundPlugin):
     (`round.plugin`): it prices each device that replied (`admit`, which under `enforce: drop`
     leaves a late or over-budget device out) and the round (`on_record`)."""
 
-    def __init__(self, model, resources: Resources, local_epochs: float, enforce: str = "drop"):
+    def __init__(self, model, resources: Resources, local_epochs: float, enforce: str = "drop",
+                 members: list[int] | None = None):
+        self.members = members  # a plan that asks only these devices (None: all)
         self.m = model
         self.res = resources
         self.local_epochs = float(local_epochs)
         self.enforce = enforce
+
+    def participants(self, round_: int) -> list[int] | None:
+        """The plan's devices when it leaves some out (they are never asked: no band, no energy)."""
+        return None if self.members is None else list(self.members)
 
     @property
     def latency_limit_s(self) -> float:
@@ -132,4 +139,10 @@ def meter_for(cfg, plan, spec) -> Meter:
                         np.array([d.frequency_hz for d in plan.devices]), f"plan {plan.method}")
     else:
         res = Resources(np.full(model.K, model.B_tot / model.K), model.P.copy(), model.fmax.copy(), "no planning")
-    return Meter(model, res, cfg.federation.local_epochs, cfg.system.enforce)
+    members = plan.members if plan is not None else None
+    if members is not None and (cfg.federation.devices_per_round is not None or cfg.privacy.dp):
+        raise UserError(f"plan {cfg.plan} leaves devices out of every round: it decides who takes part, so "
+                        "federation.devices_per_round and privacy.dp (which sample participants) cannot be used with it")
+    if members is not None and not members:
+        raise UserError(f"plan {cfg.plan} leaves every device out")
+    return Meter(model, res, cfg.federation.local_epochs, cfg.system.enforce, members)

@@ -10,6 +10,9 @@ federation trains with its plan, over several seeds, on the simulated clock and 
     fixed              one shared rate (the best feasible one for the bound) with optimised resources
     equal-bandwidth    B_k = B_tot / K, rates and power/frequency optimised
     none               no dropout, resources optimised
+    fit-only           no dropout, only the devices that can meet the limits at rate 0 take part
+    longer-rounds      no dropout, the smallest round limit rate 0 meets (fewer rounds in a time budget)
+    bf16               no dropout, every value sent in bfloat16 (half of float32's bytes)
     unplanned          no planning at all: rate 0, equal bandwidth, full power and frequency
 
 Every run draws its masks with `dropout.sampler: budget` (ceil(rate n) rows and columns dropped),
@@ -43,7 +46,8 @@ from fedlodrop.config import RunConfig
 from fedlodrop.data.tasks import task_from_config
 from fedlodrop.errors import UserError
 from fedlodrop.planning import InfeasibleError, load_plan, load_system, optimize, system_model
-from fedlodrop.planning.plan import as_is_plan
+from fedlodrop.planning.feasibility import min_latency_limit
+from fedlodrop.planning.plan import as_is_plan, subset_plan
 from fedlodrop.round.records import Summary
 from fedlodrop.run.experiment import build
 from fedlodrop.run.folder import RunFolder, run_folders
@@ -51,10 +55,100 @@ from fedlodrop.run.systems import check_system
 from fedlodrop.run.settings import with_overrides
 from fedlodrop.studies.sweep import Point, check_jobs, run_points
 
-UNPLANNED = "unplanned"
-METHODS = ("bnb", "psca", "fixed", "equal-bandwidth", "none", UNPLANNED)
-# the rates a method falls back to when nothing it can choose meets the limits
-_FALLBACK = {"none": 0.0}
+class Method:
+    """A row of the comparison: how it plans the system (`plan`; None: no plan) and the run keys it
+    sets. `own_system`: its plan carries another system than the file (a relaxed limit, a smaller
+    payload), and its run is priced on that."""
+    name = ""
+    keys: dict = {}
+    own_system = False
+
+    def plan(self, spec, m, report):
+        """The method's plan for system `spec` (`m`: its model), or None."""
+        raise NotImplementedError
+
+
+class Planner(Method):
+    """A planner method (`fedlodrop optimize --method NAME`). When nothing it can choose meets the
+    limits it is trained as it would behave: its rates (none: 0, the others gamma_max), an equal share
+    of the band, full power and frequency; devices over a limit are dropped each round."""
+
+    def __init__(self, name: str, fallback: float | None = None, **options):
+        self.name, self.fallback, self.options = name, fallback, options
+
+    def plan(self, spec, m, report):
+        """The solver's plan, or how the method behaves when it has none that fits."""
+        try:
+            return optimize(spec, self.name, **self.options)
+        except InfeasibleError as err:
+            rate = m.gamma_max if self.fallback is None else self.fallback
+            report(f"{self.name}: infeasible ({err}); trained as it would behave: rate {rate:g}, equal bandwidth, "
+                   f"full power and frequency, devices over a limit dropped")
+            return as_is_plan(spec, [rate] * m.K, self.name, str(err), m)
+
+
+class Unplanned(Method):
+    """No planning at all: rate 0, B_tot / K, full power and frequency."""
+    name, keys = "unplanned", {"dropout.rate": 0.0}
+
+    def plan(self, spec, m, report):
+        """No plan: the run uses rate 0 and no planning's resources."""
+        return None
+
+
+class FitOnly(Method):
+    """Rate 0 with only the devices that can meet the limits at rate 0, chosen by the latency and
+    energy model: the device the planner names as infeasible is left out until the rest fit, and the
+    band is shared among those that take part (the others are never asked)."""
+    name = "fit-only"
+
+    def plan(self, spec, m, report):
+        """The plan of the largest set the planner's removals leave that fits at rate 0."""
+        members = list(range(m.K))
+        while members:
+            sub = spec.model_copy(update={"devices": [spec.devices[k] for k in members]})
+            try:
+                plan = subset_plan(spec, optimize(sub, "none"), members, self.name)
+                report(f"{self.name}: {len(members)} of {m.K} devices fit at rate 0")
+                return plan
+            except InfeasibleError as err:
+                members.pop(err.device)
+        report(f"{self.name}: no device meets the limits at rate 0; trained as unplanned would behave")
+        return as_is_plan(spec, [0.0] * m.K, self.name, "no device fits at rate 0", m)
+
+
+class LongerRounds(Method):
+    """Rate 0 with the smallest per-round latency limit it meets (energy budgets kept): longer rounds,
+    so fewer of them in a time budget. Its plan carries the relaxed system."""
+    name, own_system = "longer-rounds", True
+
+    def plan(self, spec, m, report):
+        """The rate-0 plan on the system with the relaxed round limit."""
+        limit = min_latency_limit(m, 0.0) * (1 + 1e-4)
+        relaxed = spec.model_copy(update={"round": spec.round.model_copy(update={"latency_s": limit})}, deep=True)
+        report(f"{self.name}: rate 0 meets a round limit of {limit:.4g} s (T_max {m.T:.4g} s)")
+        return optimize(relaxed, "none")
+
+
+class Compressed(Method):
+    """Rate 0 with every value sent in bfloat16 (16 bits instead of federation.comm_dtype's 32): the
+    update compression a cast gives, as PyTorch's DDP `bf16_compress_hook` does for gradients. Its plan
+    carries the system with the smaller payload."""
+    name, own_system, keys = "bf16", True, {"federation.comm_dtype": "bfloat16"}
+
+    def plan(self, spec, m, report):
+        """The rate-0 plan on the system with 16-bit values."""
+        small = spec.model_copy(update={"payload": spec.payload.model_copy(update={"bits_per_value": 16.0})},
+                                deep=True)
+        plan = Planner("none", fallback=0.0).plan(small, system_model(small), report)
+        return plan.model_copy(update={"method": self.name})
+
+
+REGISTRY = {method.name: method for method in (
+    Planner("bnb"), Planner("psca"), Planner("fixed", gamma="best"), Planner("equal-bandwidth"),
+    Planner("none", fallback=0.0), FitOnly(), LongerRounds(), Compressed(), Unplanned())}
+METHODS = tuple(REGISTRY)
+UNPLANNED = Unplanned.name
 
 
 @dataclass
@@ -78,25 +172,18 @@ class MethodResult:
 
 def make_plans(spec, methods: list[str], folder: Path, report=print) -> dict[str, Path | None]:
     """plan.json of every method (unplanned: None), written to `folder`."""
-
     folder.mkdir(parents=True, exist_ok=True)
     m = system_model(spec)
     paths: dict[str, Path | None] = {}
-    for method in methods:
-        if method == UNPLANNED:
-            paths[method] = None
+    for name in methods:
+        plan = REGISTRY[name].plan(spec, m, report)
+        if plan is None:
+            paths[name] = None
             continue
-        try:
-            plan = optimize(spec, method, **({"gamma": "best"} if method == "fixed" else {}))
-        except InfeasibleError as err:
-            rate = _FALLBACK.get(method, m.gamma_max)
-            plan = as_is_plan(spec, [rate] * m.K, method, str(err), m)
-            report(f"{method}: infeasible ({err}); trained as it would behave: rate {rate:g}, equal bandwidth, "
-                   f"full power and frequency, devices over a limit dropped")
-        paths[method] = folder / f"{method}.json"
-        plan.save(paths[method])
-        rates = [d.gamma for d in plan.devices]
-        report(f"{method}: bound {plan.objective:.4f}, rates {min(rates):.3f}..{max(rates):.3f}")
+        paths[name] = folder / f"{name}.json"
+        plan.save(paths[name])
+        rates = [d.gamma for d in plan.devices if d.takes_part] or [0.0]
+        report(f"{name}: bound {plan.objective:.4f}, rates {min(rates):.3f}..{max(rates):.3f}")
     return paths
 
 
@@ -106,7 +193,7 @@ MAX_BUDGET_ROUNDS = 10_000
 def round_cost(plan, m, enforce: str) -> tuple[float, float]:
     """A round's simulated seconds and joules under `plan`: the slowest device, or T_max when a device
     misses it and is dropped (the server waits until the deadline); every device's energy."""
-    lat = [d.latency_s for d in plan.devices]
+    lat = [d.latency_s for d in plan.devices if d.takes_part]
     late = enforce == "drop" and max(lat) > m.T * (1 + 1e-12)
     return (m.T if late else max(lat)), sum(d.energy_j for d in plan.devices)
 
@@ -117,8 +204,9 @@ def budget_rounds(cfg: RunConfig, plan_path: Path | None, spec, method: str) -> 
     fed = cfg.federation
     if fed.time_budget_s is None and fed.energy_budget_j is None:
         return None
-    m = system_model(spec)
-    plan = load_plan(plan_path) if plan_path is not None else as_is_plan(spec, [0.0] * m.K, method, "no planning", m)
+    plan = load_plan(plan_path) if plan_path is not None else None
+    m = system_model(plan.system if plan is not None else spec)  # a relaxed limit is the plan's own
+    plan = plan or as_is_plan(spec, [0.0] * m.K, method, "no planning", m)
     seconds, joules = round_cost(plan, m, cfg.system.enforce)
     fits = [math.floor(budget / cost * (1 + 1e-12)) for budget, cost in
             ((fed.time_budget_s, seconds), (fed.energy_budget_j, joules)) if budget is not None]
@@ -163,12 +251,12 @@ def compare(cfg: RunConfig, system: Path, out: Path, methods: list[str], seeds: 
     points = []
     for seed in range(cfg.seed, cfg.seed + seeds):
         for method in methods:
-            over = {"system.file": str(system), "plan": str(plans[method].resolve()) if plans[method] else None,
-                    "seed": seed, "dropout.sampler": "budget", "federation.min_devices": 0}
+            way = REGISTRY[method]
+            over = {"system.file": None if way.own_system else str(system),
+                    "plan": str(plans[method].resolve()) if plans[method] else None,
+                    "seed": seed, "dropout.sampler": "budget", "federation.min_devices": 0, **way.keys}
             if rounds[method] is not None:
                 over["federation.rounds"] = rounds[method]
-            if method == UNPLANNED:
-                over["dropout.rate"] = 0.0
             point_cfg = with_overrides(cfg, over)
             points.append(Point(f"{method}__seed={seed}", {"method": method}, seed, point_cfg))
     run_points(points, out / "runs", jobs, threads, console, show_progress)
@@ -190,7 +278,8 @@ def collect(out: Path, methods: list[str], plans: dict, cfg: RunConfig, spec) ->
             feasible, bound, rate = not as_is.totals["devices_over_limits"], as_is.objective, 0.0
         else:
             plan = load_plan(plans[method])
-            feasible, bound, rate = plan.feasible, plan.objective, statistics.fmean(plan.gammas)
+            rates = [d.gamma for d in plan.devices if d.takes_part] or [0.0]
+            feasible, bound, rate = plan.feasible, plan.objective, statistics.fmean(rates)
         res = MethodResult(method, feasible, bound, rate)
         for folder in sorted((out / "runs").glob(f"{method}__seed=*")):
             run = RunFolder(folder)
