@@ -169,3 +169,25 @@ def test_the_baselines_that_meet_the_limit_without_dropout(tiny_bert, polarity_d
     half = RunFolder(out / "runs" / "bf16__seed=0").records()[0]
     assert RunFolder(out / "runs" / "bf16__seed=0").config().federation.comm_dtype == "bfloat16"
     assert [2 * d.uplink_bytes for d in half.devices] == pytest.approx([d.uplink_bytes for d in none.devices], rel=0.01)
+
+
+def test_fit_only_prices_each_device_on_its_own_channel(tiny_bert, polarity_dir, tmp_path):
+    """The devices left in keep the full cell's channel gains: each member's planned latency and energy
+    are what the meter charges it on the whole system (a sub-cell redraws fading by position in the list)."""
+    import numpy as np
+
+    from fedlodrop.run.meter import Meter, Resources
+    from fedlodrop.studies.comparison import REGISTRY
+
+    spec = load_system(_system(tmp_path / "system.yaml", tiny_bert, polarity_dir))
+    spec.round.latency_s *= 3
+    spec.devices[0].f_max_hz /= 1000  # the first device cannot compute in time: the others shift places
+    m = system_model(spec)
+    plan = REGISTRY["fit-only"].plan(spec, m, lambda line: None)
+    assert plan.members == [1, 2]
+    meter = Meter(m, Resources(np.array([d.bandwidth_hz for d in plan.devices]), np.array([d.power_w for d in plan.devices]),
+                               np.array([d.frequency_hz for d in plan.devices]), "fit-only"), spec.round.local_epochs)
+    for k in plan.members:
+        d = plan.devices[k]
+        cost = meter.price(k, 0.0, int(m.D[k]), float(m.uplink_bits(0.0, k)) / 8, 0)
+        assert (cost.latency_s, cost.energy_j) == pytest.approx((d.latency_s, d.energy_j), rel=1e-9)

@@ -43,8 +43,10 @@ def random_system(
     latency_position: float = 0.5,
     payload: PayloadSpec | None = None,
     samples: list[int] | None = None,
+    concentration: float = 4.0,
 ) -> SystemSpec:
-    """K devices uniform in the cell, Rayleigh fading, samples split by a Dirichlet(4) draw.
+    """K devices uniform in the cell, Rayleigh fading, samples split by a Dirichlet(`concentration`) draw
+    (4 by default; smaller spreads the data sizes further).
 
     Energy budgets are a random factor in `energy_range` times what the device spends computing
     at f_max and uploading at P_max over an equal share of the band, so budgets below 1 force a
@@ -60,7 +62,7 @@ def random_system(
     rng = np.random.default_rng(seed)
     radius = CellSpec().radius_m
     dist = np.maximum(radius * np.sqrt(rng.uniform(size=devices)), 20.0)
-    shares = rng.dirichlet(np.full(devices, 4.0))  # drawn either way: the same positions and budgets draws
+    shares = rng.dirichlet(np.full(devices, concentration))  # drawn either way: the same positions and budgets draws
     if samples is not None:
         if len(samples) != devices or min(samples) < 1:
             raise UserError(f"samples {samples} do not give each of {devices} devices at least one")

@@ -73,13 +73,13 @@ class Planner(Method):
     limits it is trained as it would behave: its rates (none: 0, the others gamma_max), an equal share
     of the band, full power and frequency; devices over a limit are dropped each round."""
 
-    def __init__(self, name: str, fallback: float | None = None, **options):
-        self.name, self.fallback, self.options = name, fallback, options
+    def __init__(self, name: str, fallback: float | None = None, solver: str | None = None, **options):
+        self.name, self.fallback, self.solver, self.options = name, fallback, solver or name, options
 
     def plan(self, spec, m, report):
         """The solver's plan, or how the method behaves when it has none that fits."""
         try:
-            return optimize(spec, self.name, **self.options)
+            return optimize(spec, self.solver, **self.options).model_copy(update={"method": self.name})
         except InfeasibleError as err:
             rate = m.gamma_max if self.fallback is None else self.fallback
             report(f"{self.name}: infeasible ({err}); trained as it would behave: rate {rate:g}, equal bandwidth, "
@@ -105,8 +105,10 @@ class FitOnly(Method):
     def plan(self, spec, m, report):
         """The plan of the largest set the planner's removals leave that fits at rate 0."""
         members = list(range(m.K))
+        # each device keeps its channel: a smaller cell would draw other fading for the same device
+        own = [dev.model_copy(update={"channel_gain": float(m.h[k])}) for k, dev in enumerate(spec.devices)]
         while members:
-            sub = spec.model_copy(update={"devices": [spec.devices[k] for k in members]})
+            sub = spec.model_copy(update={"devices": [own[k] for k in members]})
             try:
                 plan = subset_plan(spec, optimize(sub, "none"), members, self.name)
                 report(f"{self.name}: {len(members)} of {m.K} devices fit at rate 0")
@@ -140,8 +142,7 @@ class Compressed(Method):
         """The rate-0 plan on the system with 16-bit values."""
         small = spec.model_copy(update={"payload": spec.payload.model_copy(update={"bits_per_value": 16.0})},
                                 deep=True)
-        plan = Planner("none", fallback=0.0).plan(small, system_model(small), report)
-        return plan.model_copy(update={"method": self.name})
+        return Planner(self.name, fallback=0.0, solver="none").plan(small, system_model(small), report)
 
 
 REGISTRY = {method.name: method for method in (
@@ -199,8 +200,9 @@ def round_cost(plan, m, enforce: str) -> tuple[float, float]:
 
 
 def budget_rounds(cfg: RunConfig, plan_path: Path | None, spec, method: str) -> int | None:
-    """The rounds `method`'s plan fits in the run budget (None without a budget): rounds uncapped,
-    the budget decides. The run's own budget check still ends it exactly, should a round cost more."""
+    """The rounds `method`'s plan fits in the run budget (None without a budget; 0 when not one does):
+    rounds uncapped, the budget decides. The run's own budget check still ends it exactly, should a
+    round cost more."""
     fed = cfg.federation
     if fed.time_budget_s is None and fed.energy_budget_j is None:
         return None
@@ -210,11 +212,7 @@ def budget_rounds(cfg: RunConfig, plan_path: Path | None, spec, method: str) -> 
     seconds, joules = round_cost(plan, m, cfg.system.enforce)
     fits = [math.floor(budget / cost * (1 + 1e-12)) for budget, cost in
             ((fed.time_budget_s, seconds), (fed.energy_budget_j, joules)) if budget is not None]
-    n = min(fits)
-    if n < 1:
-        raise UserError(f"{method}: no round fits the budget (a round takes {seconds:.4g} s and {joules:.4g} J; "
-                        f"time_budget_s {fed.time_budget_s}, energy_budget_j {fed.energy_budget_j})")
-    return min(n, MAX_BUDGET_ROUNDS)
+    return min(min(fits), MAX_BUDGET_ROUNDS)  # 0: not one round fits; the method is not trained
 
 
 def check(cfg: RunConfig, spec, system: Path, methods: list[str], seeds: int) -> None:
@@ -255,6 +253,8 @@ def compare(cfg: RunConfig, system: Path, out: Path, methods: list[str], seeds: 
             over = {"system.file": None if way.own_system else str(system),
                     "plan": str(plans[method].resolve()) if plans[method] else None,
                     "seed": seed, "dropout.sampler": "budget", "federation.min_devices": 0, **way.keys}
+            if rounds[method] == 0:
+                continue  # its table row says that no round fits the budget
             if rounds[method] is not None:
                 over["federation.rounds"] = rounds[method]
             point_cfg = with_overrides(cfg, over)
@@ -374,6 +374,7 @@ def _results_metric(results: list[MethodResult], cfg: RunConfig) -> str:
 
 
 NEVER_MET = "cannot meet the limit"
+NO_ROUND = "no round fits the budget"
 _METRIC_COLUMNS = ("final", "at_time", "at_energy", "to_target_s", "to_target_j", "gap")
 
 
@@ -389,6 +390,8 @@ def write_table(results: list[MethodResult], md: Path, csv_path: Path, cfg: RunC
     lines = [head]
     for r in table:
         def cell(k):
+            if r["runs"] == 0:
+                return NO_ROUND if k in _METRIC_COLUMNS else "n/a"
             if r["never_met"] and k in _METRIC_COLUMNS:
                 return NEVER_MET
             mean, std = r[k]

@@ -1,0 +1,284 @@
+"""The paper's claim in a comparison that could come out either way (issue 29).
+
+    python benchmarks/bench_plan_vs_baselines.py --jobs 2 --threads 1 [--systems 6] [--seeds 3] [--screen 60]
+
+1. Screening, with the planner alone (no training): random cells around the benchmark's run (its
+   payload, local epochs and samples, Dirichlet(1) data sizes: a wide spread), energy budgets 0.3-1.0 x a
+   full-speed round so that they bind, the latency limit halfway between what gamma_max and the
+   bound's free optimum need. A system is kept when B&B's rates differ from the best shared rate's
+   or equal bandwidth's by at least `--min-disagreement` (0.1) in sample-weighted L1 distance,
+   sum_k w_k |gamma_k - gamma'_k|; the page says how many were screened to find `--systems`.
+2. On each kept system `fedlodrop compare` trains, for every training seed, B&B and the baselines
+   under one simulated time budget (`--budget-rounds` x T_max): each method trains the rounds its
+   plan fits in the budget. Baselines: the best shared rate (`fixed`), equal bandwidth, and three
+   that meet the limit without dropout: `fit-only` (rate 0 with the devices that fit), `longer-rounds`
+   (rate 0 at the round limit it meets, fewer rounds) and `bf16` (rate 0, half the bytes).
+3. Paired differences per (system, seed), B&B minus each baseline, of the metric at equal time
+   (the budget) and at equal energy (the last evaluation within the energy B&B spent on that system
+   and seed; a method that spent less is read at its end),
+   with 95 % t intervals; the number of pairs an interval of +-0.5 points would need.
+
+Runs are reused: a rerun trains only what is missing (bench_out/plan-vs-baselines). Output:
+docs/benchmarks/plan-vs-baselines.md, .csv and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from _tables import grid_args
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAN = "bnb"
+BASELINES = ["fixed", "equal-bandwidth", "fit-only", "longer-rounds", "bf16"]
+METHODS = [PLAN, *BASELINES]
+# the short regime: 6 devices share 360 training examples, 1 local epoch a round
+RUN = ["federation.devices=6", "data.max_train_samples=360", "data.max_eval_samples=400",
+       "data.train_eval_samples=300", "train.max_length=48", "train.batch_size=8"]
+
+
+def base_config(threads: int, extra: list[str]):
+    from fedlodrop.run.settings import load_config
+
+    return load_config(None, [*RUN, *extra, f"train.threads={threads}"])
+
+
+def screen(cfg, count: int, wanted: int, min_disagreement: float, out: Path, report) -> tuple[list[Path], int]:
+    """Random cells around the run, kept where B&B and a baseline planner disagree; (kept files, screened)."""
+    import numpy as np
+
+    from fedlodrop.planning import InfeasibleError, optimize, random_system, save_system, system_model
+    from fedlodrop.planning.spec import PayloadSpec
+    from fedlodrop.run.experiment import run_shape
+
+    shape = run_shape(cfg)
+    payload = PayloadSpec(model=None, rank=shape.rank, num_labels=shape.num_labels,
+                          adapter_values=shape.adapter_values, head_values=shape.head_values,
+                          backbone_params=float(shape.backbone_params), bits_per_value=float(shape.bits_per_value))
+    kept, screened = [], 0
+    for seed in range(count):
+        if len(kept) == wanted:
+            break
+        screened += 1
+        spec = random_system(len(shape.samples), seed, samples_total=sum(shape.samples), payload=payload,
+                             local_epochs=shape.local_epochs, energy_range=(0.3, 1.0), concentration=1.0)
+        m = system_model(spec)
+        try:
+            plans = {name: optimize(spec, name, **({"gamma": "best"} if name == "fixed" else {}))
+                     for name in ("bnb", "fixed", "equal-bandwidth")}
+        except InfeasibleError:
+            continue
+        g = {name: np.array(p.gammas) for name, p in plans.items()}
+        apart = max(float(m.w @ np.abs(g["bnb"] - g[other])) for other in ("fixed", "equal-bandwidth"))
+        if apart >= min_disagreement:
+            path = out / f"system{seed}" / "system.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_system(spec, path)
+            kept.append(path)
+            report(f"system seed {seed}: kept (B&B vs baselines {apart:.3f})")
+    return kept, screened
+
+
+def t_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean and 95 % t interval of paired differences."""
+    from scipy.stats import t
+
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return mean, math.nan, math.nan
+    half = t.ppf(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def pairs_for(diffs: list[float], half_width: float = 0.005) -> int:
+    """Pairs a 95 % interval of +-`half_width` would take at this spread (normal approximation)."""
+    if len(diffs) < 2:
+        return 0
+    return math.ceil((1.96 * statistics.stdev(diffs) / half_width) ** 2)
+
+
+def read(where: Path, seed: int, main: str) -> dict[str, dict]:
+    """Each method's curve and summary on one system and seed."""
+    from fedlodrop.run.folder import RunFolder
+
+    runs = {}
+    for method in METHODS:
+        if not (where / "runs" / f"{method}__seed={seed}").is_dir():
+            continue  # no round of its plan fits the budget: not trained
+        folder = RunFolder(where / "runs" / f"{method}__seed={seed}")
+        clock, joules, curve = 0.0, 0.0, []
+        for r in folder.records():
+            clock, joules = clock + r.system.latency_s, joules + r.system.energy_j
+            curve.append((clock, joules, r.eval.get(main, math.nan)))
+        s = folder.summary()
+        runs[method] = {"curve": curve, "final": s.final.get(main, math.nan), "rounds": s.rounds,
+                        "seconds": s.system.simulated_time_s, "joules": s.system.energy_j,
+                        "dropped": s.system.devices_dropped_for_limits,
+                        "gap": s.generalization_gap.get(main, math.nan)}
+    return runs
+
+
+def within(curve, budget: float, axis: int) -> float:
+    inside = [p[2] for p in curve if p[axis] <= budget * (1 + 1e-9)]
+    return inside[-1] if inside else math.nan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    grid_args(parser)
+    parser.add_argument("--systems", type=int, default=6, help="systems to train on (kept by the screening)")
+    parser.add_argument("--screen", type=int, default=200, help="most random systems to screen")
+    parser.add_argument("--min-disagreement", type=float, default=0.1)
+    parser.add_argument("--budget-rounds", type=float, default=8.0, help="time budget in units of T_max")
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="a run key (the regime)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "plan-vs-baselines")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks" / "plan-vs-baselines.md")
+    args = parser.parse_args()
+
+    import torch
+    from rich.console import Console
+
+    from fedlodrop.planning import load_system
+    from fedlodrop.run.settings import with_overrides
+    from fedlodrop.studies.comparison import compare
+
+    console = Console(stderr=True)
+    report = lambda line: console.print(line, highlight=False)  # noqa: E731
+    t0 = time.perf_counter()
+    cfg = base_config(args.threads, args.extra)
+    systems, screened = screen(cfg, args.screen, args.systems, args.min_disagreement, args.out, report)
+    report(f"screened {screened} random systems, kept {len(systems)}")
+    pairs: list[dict] = []
+    for system in systems:
+        spec = load_system(system)
+        run_cfg = with_overrides(cfg, {"federation.time_budget_s": args.budget_rounds * spec.round.latency_s,
+                                       "system.file": str(system)})
+        report(f"[{(time.perf_counter() - t0) / 60:.0f} min] {system.parent.name}")
+        compare(run_cfg, system, system.parent, METHODS, args.seeds, args.jobs, args.threads, console=console,
+                show_progress=False)
+        for seed in range(cfg.seed, cfg.seed + args.seeds):
+            runs = read(system.parent, seed, "accuracy")
+            e_ref = runs[PLAN]["joules"]  # equal energy: within what B&B spent (a frugal method: its final)
+            for r in runs.values():
+                r["at_time"] = r["final"]  # every method spends at most the budget
+                r["at_energy"] = within(r["curve"], e_ref, 1)
+            pairs.append({"system": system.parent.name, "seed": seed, "runs": runs})
+    minutes = (time.perf_counter() - t0) / 60
+    write(args, pairs, screened, minutes, torch.get_num_threads())
+    print(args.doc.read_text())
+
+
+def write(args, pairs: list[dict], screened: int, minutes: float, threads: int) -> None:
+    lines = ["# The plan against baselines that can meet the limit (issue 29)", "",
+             f"`python benchmarks/bench_plan_vs_baselines.py --jobs {args.jobs} --threads {args.threads} "
+             f"--systems {args.systems} --seeds {args.seeds} --budget-rounds {args.budget_rounds:g}"
+             + "".join(f" --set {x}" for x in args.extra) + f"`; {minutes:.0f} min on {platform.processor() or platform.machine()}, "
+             f"{args.jobs} processes x {args.threads} torch thread(s).", "",
+             f"Run: Rotten Tomatoes, the offline default model and LoRA, {' '.join(RUN + args.extra)}. "
+             f"Screened {screened} random systems with the planner alone to find {len({p['system'] for p in pairs})} "
+             f"where B&B's rates differ from the best shared rate's or equal bandwidth's by at least "
+             f"{args.min_disagreement} (sample-weighted L1). Time budget: {args.budget_rounds:g} x T_max per "
+             f"system; each method trains the rounds its plan fits. {len(pairs)} (system, seed) pairs.", "",
+             "| method | accuracy at equal time | at equal energy | rounds | simulated s | energy J | devices dropped |",
+             "|---|---|---|---|---|---|---|"]
+
+    def ms(values, digits=4):
+        v = [x for x in values if not math.isnan(x)]
+        return "n/a" if not v else f"{statistics.fmean(v):.{digits}f} +- {statistics.stdev(v) if len(v) > 1 else 0:.{digits}f}"
+
+    for method in METHODS:
+        rs = [p["runs"][method] for p in pairs if method in p["runs"]]
+        if not rs:
+            lines.append(f"| {method} | no round fits the budget | | | | | |")
+            continue
+        lines.append(f"| {method} | {ms([r['at_time'] for r in rs])} | {ms([r['at_energy'] for r in rs])} | "
+                     f"{ms([r['rounds'] for r in rs], 1)} | {ms([r['seconds'] for r in rs], 3)} | "
+                     f"{ms([r['joules'] for r in rs], 3)} | {ms([r['dropped'] for r in rs], 1)} |")
+    lines += ["", "Paired differences, B&B minus the baseline, per (system, seed), in accuracy points; 95 % t "
+              "interval; pairs an interval of +-0.5 points would take at this spread:", "",
+              "| baseline | at equal time | 95 % CI | at equal energy | 95 % CI | pairs for +-0.5 (time) |",
+              "|---|---|---|---|---|---|"]
+    rows = []
+    for base in BASELINES:
+        both = [p for p in pairs if base in p["runs"]]
+        if len(both) < len(pairs):
+            lines.append(f"| {base} | no round fits the budget in {len(pairs) - len(both)} of {len(pairs)} pairs "
+                         "(left out below) | | | | |")
+        if len(both) < 2:
+            continue
+        dt = [100 * (p["runs"][PLAN]["at_time"] - p["runs"][base]["at_time"]) for p in both]
+        de = [100 * (p["runs"][PLAN]["at_energy"] - p["runs"][base]["at_energy"]) for p in both]
+        de = [d for d in de if not math.isnan(d)]
+        mt, lt, ht = t_interval(dt)
+        me, le, he = t_interval(de) if de else (math.nan,) * 3
+        rows.append((base, mt, lt, ht, me, le, he, pairs_for([d / 100 for d in dt])))
+        lines.append(f"| {base} | {mt:+.2f} | [{lt:+.2f}, {ht:+.2f}] | {me:+.2f} | [{le:+.2f}, {he:+.2f}] | "
+                     f"{pairs_for([d / 100 for d in dt])} |")
+    if not rows:
+        lines += ["", "Too few pairs for an interval.", ""]
+        args.doc.parent.mkdir(parents=True, exist_ok=True)
+        args.doc.write_text("\n".join(lines) + "\n")
+        return
+    best = max((r[0] for r in rows),
+               key=lambda b: statistics.fmean(p["runs"][b]["at_time"] for p in pairs if b in p["runs"]))
+    row = next(r for r in rows if r[0] == best)
+    verdict = ("beats" if row[2] > 0 else "loses to" if row[3] < 0 else "is not distinguishable from")
+    lines += ["", f"The best baseline at equal time is **{best}**; B&B **{verdict}** it: "
+              f"{row[1]:+.2f} points, 95 % CI [{row[2]:+.2f}, {row[3]:+.2f}].", ""]
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    args.doc.write_text("\n".join(lines) + "\n")
+    with open(args.doc.with_suffix(".csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["system", "seed", "method", "at_time", "at_energy", "rounds", "seconds", "joules", "dropped"])
+        for p in pairs:
+            for method, r in p["runs"].items():
+                w.writerow([p["system"], p["seed"], method, r["at_time"], r["at_energy"], r["rounds"], r["seconds"],
+                            r["joules"], r["dropped"]])
+    plot(pairs, args.doc.with_suffix(".png"))
+
+
+def plot(pairs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for i, base in enumerate(BASELINES):
+        dt = [100 * (p["runs"][PLAN]["at_time"] - p["runs"][base]["at_time"]) for p in pairs if base in p["runs"]]
+        if len(dt) < 2:
+            continue
+        ax1.scatter([i] * len(dt), dt, alpha=0.6)
+        ax1.errorbar([i + 0.15], [statistics.fmean(dt)], yerr=[[statistics.fmean(dt) - t_interval(dt)[1]],
+                                                                [t_interval(dt)[2] - statistics.fmean(dt)]],
+                     fmt="o", color="black", capsize=4)
+    ax1.axhline(0, color="gray", lw=0.8)
+    ax1.set_xticks(range(len(BASELINES)), BASELINES, rotation=15)
+    ax1.set_ylabel("B&B - baseline, accuracy points at equal time")
+    first = pairs[0]
+    for method, r in first["runs"].items():
+        ax2.plot([c[0] for c in r["curve"]], [c[2] for c in r["curve"]], marker=".", label=method)
+    ax2.set_xlabel(f"simulated time [s] ({first['system']}, seed {first['seed']})")
+    ax2.set_ylabel("validation accuracy")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
