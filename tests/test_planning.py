@@ -127,12 +127,12 @@ def test_calibrate_recovers_constants_from_a_sweep(tmp_path):
     assert fitted["e0"] == pytest.approx(e0, abs=1e-9) and fitted["c_emp"] == pytest.approx(c, abs=1e-9)
 
 
-def test_calibrate_needs_two_rates(tmp_path):
+def test_calibrate_needs_four_rates(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"dropout": {"rate": 0.3}}))
     (run / "metrics.jsonl").write_text(final_round(0.4))
     r = CliRunner().invoke(app, ["calibrate", str(tmp_path)])
-    assert r.exit_code == 2 and "two or more" in r.stderr
+    assert r.exit_code == 2 and "needs 4 or more" in r.stderr
 
 

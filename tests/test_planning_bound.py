@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from fedlodrop.planning.bound import Bound, fit_empirical
+from fedlodrop.planning.bound import Bound, Curve, emp_feature, fit_curve, fit_empirical, sparsity_feature
 from fedlodrop.planning.spec import BoundSpec
 
 
@@ -67,17 +67,32 @@ def test_box_lower_bound_is_below_every_point(c_emp):
         assert b.value(rng.uniform(a, c)) >= low - 1e-15
 
 
-def test_fit_recovers_known_constants_with_per_device_rates():
+def test_fit_recovers_known_constants_with_per_device_rates_weighted_as_the_bound():
+    """The feature is sum_k w_k gamma_k/(1-gamma_k) with w_k = D_k / N (the bound's weights), not the
+    plain mean: a device with 3 times the samples counts 3 times."""
     e0, c = 0.31, 0.07
     rates = [0.0, 0.2, [0.3, 0.5], 0.6]
-    x = [np.mean(np.atleast_1d(r) / (1 - np.atleast_1d(r))) for r in rates]
-    losses = [e0 + c * xi for xi in x]
-    fe0, fc, rmse = fit_empirical(rates, losses)
+    weights = [[1.0], [1.0], [1.0, 3.0], [1.0]]
+    assert emp_feature([0.3, 0.5], [1.0, 3.0]) == pytest.approx(0.25 * 0.3 / 0.7 + 0.75 * 1.0)
+    x = [emp_feature(r, w) for r, w in zip(rates, weights)]
+    fe0, fc, rmse = fit_empirical(x, [e0 + c * xi for xi in x])
     assert fe0 == pytest.approx(e0, abs=1e-12) and fc == pytest.approx(c, abs=1e-12) and rmse < 1e-12
 
 
-def test_fit_keeps_constants_non_negative_and_needs_two_rates():
-    e0, c, rmse = fit_empirical([0.0, 0.5], [0.5, 0.3])  # loss falls with dropout: c_emp clipped at 0
-    assert c == 0.0 and e0 == pytest.approx(0.4)
-    with pytest.raises(ValueError, match="two or more"):
-        fit_empirical([0.3, 0.3], [0.1, 0.2])
+def test_fit_keeps_the_sign_the_data_gives():
+    e0, c, rmse = fit_empirical([0.0, 1.0], [0.5, 0.3])  # error falls with dropout: a negative slope, said
+    assert c == pytest.approx(-0.2) and e0 == pytest.approx(0.5)
+
+
+def test_the_convex_curve_is_recovered_and_is_the_bound_it_maps_to():
+    """fit_curve recovers e0 + c x + sqrt(a + b/(1 + kappa s)) from noiseless points, and as_bound
+    gives a BoundSpec whose Emp + Gap is that curve on a system of N samples (for the planners)."""
+    truth = Curve(0.12, 0.05, 0.001, 0.04, 3.0)
+    rates = [0.0, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8]
+    x, sp = [emp_feature(g) for g in rates], [sparsity_feature(g) for g in rates]
+    curve, rmse = fit_curve(x, sp, truth(np.array(x), np.array(sp)))
+    assert rmse < 1e-6
+    assert curve(np.array(x), np.array(sp)) == pytest.approx(truth(np.array(x), np.array(sp)), abs=1e-5)
+    bound = Bound(truth.as_bound(N=360.0), np.array([0.5, 0.5]), 360.0)
+    for g in rates:
+        assert float(bound.value([g, g])) == pytest.approx(float(truth(emp_feature(g), sparsity_feature(g))), rel=1e-9)

@@ -165,36 +165,51 @@ def test_psca_solver_failure_is_an_error_not_a_gamma_max_plan(tmp_path, monkeypa
     assert json.loads(out.read_text())["method"] == "bnb"
 
 
-def round_record(rnd, loss, accuracy, eval_accuracy=0.8):
-    """One metrics.jsonl line: one device whose local training loss is `loss` (the round's train_loss)."""
-    dev = DeviceRecord(device=0, rate=0.0, downlink_bytes=0, kept_values=1, samples=1, steps=1, train_loss=loss,
-                       uplink_bytes=0, train_s=0.0)
-    return RoundRecord(round=rnd, participants=[0], devices=[dev], train={"accuracy": accuracy},
+def round_record(rnd, loss, accuracy, eval_accuracy=0.8, samples=(1,), limit=None):
+    """One metrics.jsonl line: devices holding `samples` whose local training loss is `loss` (the
+    round's train_loss); `limit`: device 0 was left out for missing one."""
+    devs = [DeviceRecord(device=k, rate=0.0, downlink_bytes=0, kept_values=1, samples=n, steps=1, train_loss=loss,
+                         uplink_bytes=0, train_s=0.0) for k, n in enumerate(samples)]
+    if limit:
+        devs[0].limit, devs[0].status = limit, "left out"
+    return RoundRecord(round=rnd, participants=list(range(len(samples))), devices=devs, train={"accuracy": accuracy},
                        eval={"accuracy": eval_accuracy}).to_json()
 
 
-def run_config(seed, rate):
+def run_config(seed, rate, **data):
     tree = {"seed": seed, "dropout": {"rate": rate}}
     if isinstance(rate, list):
         tree["federation"] = {"devices": len(rate)}
+    if data:
+        tree["data"] = data
     return yaml.safe_dump(tree)
 
 
-def make_sweep(root, e0, c, rates, seeds=(0, 1), noise=0.0):
+def make_sweep(root, e0, c, rates, seeds=(0, 1), noise=0.0, weights=None, val=None, limit=None, **data):
+    """Run folders whose final training error is e0 + c sum_k w_k g_k/(1-g_k) (w_k from `weights`, the
+    devices' samples); validation error val(rate) if given (else accuracy 0.8)."""
     rng = np.random.default_rng(0)
     for rate in rates:
         for seed in seeds:
             run = root / f"rate{json.dumps(rate)}-s{seed}"
             run.mkdir(parents=True)
-            (run / "config.yaml").write_text(run_config(seed, rate))
+            (run / "config.yaml").write_text(run_config(seed, rate, **data))
             r = np.atleast_1d(rate)
-            loss = e0 + c * float(np.mean(r / (1 - r))) + noise * rng.standard_normal()
-            lines = [round_record(i, 9.0, 0.0) for i in (1, 2)] + [round_record(3, loss, 1 - loss)]
+            n = np.asarray(weights if weights is not None and len(r) > 1 else [1] * len(r), float)
+            loss = e0 + c * float((n / n.sum()) @ (r / (1 - r))) + noise * rng.standard_normal()
+            ev = 0.8 if val is None else 1 - val(rate)
+            samples = tuple(int(x) for x in n)
+            lines = [round_record(i, 9.0, 0.0, samples=samples) for i in (1, 2)]
+            lines.append(round_record(3, loss, 1 - loss, ev, samples=samples, limit=limit))
             (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
 
 
-def test_calibrate_recovers_constants_averaging_seeds(tmp_path):
-    make_sweep(tmp_path / "sweep", 0.25, 0.08, [0.0, 0.2, [0.3, 0.5], 0.6], noise=0.0)
+RATES4 = [0.0, 0.2, 0.4, 0.6]
+
+
+def test_calibrate_recovers_constants_averaging_seeds_weighted_as_the_bound(tmp_path):
+    """Per-device rates enter as sum_k w_k g_k/(1-g_k) with w_k = D_k / N: the plain mean would miss."""
+    make_sweep(tmp_path / "sweep", 0.25, 0.08, [0.0, 0.2, [0.3, 0.5], 0.6], noise=0.0, weights=[100, 300])
     out = tmp_path / "bound.yaml"
     r = runner.invoke(app, ["calibrate", str(tmp_path / "sweep"), "--out", str(out)])
     assert r.exit_code == 0, r.output
@@ -205,7 +220,7 @@ def test_calibrate_recovers_constants_averaging_seeds(tmp_path):
 
 
 def test_calibrate_updates_a_system_file(tmp_path):
-    make_sweep(tmp_path / "sweep", 0.1, 0.3, [0.0, 0.5])
+    make_sweep(tmp_path / "sweep", 0.1, 0.3, RATES4)
     system = system_file(tmp_path)
     out = tmp_path / "new.yaml"
     r = runner.invoke(app, ["calibrate", str(tmp_path / "sweep"), "--system", str(system), "--out", str(out)])
@@ -216,14 +231,14 @@ def test_calibrate_updates_a_system_file(tmp_path):
 
 
 @pytest.mark.parametrize("setup, needle", [
-    (lambda p: make_sweep(p, 0.1, 0.1, [0.3]), "two or more"),
+    (lambda p: make_sweep(p, 0.1, 0.1, [0.0, 0.3, 0.5]), "needs 4 or more"),
     (lambda p: p.mkdir(), "no run folders"),
     (lambda p: make_sweep(p, 0.1, 0.1, [0.0, 1.5]), "dropout.rate"),
-    (lambda p: _break(make_sweep(p, 0.1, 0.1, [0.0, 0.5]) or p, "metrics.jsonl", "{not json\n"), "not JSON"),
-    (lambda p: _break(make_sweep(p, 0.1, 0.1, [0.0, 0.5]) or p, "metrics.jsonl", '{"round": 1}\n'),
+    (lambda p: _break(make_sweep(p, 0.1, 0.1, RATES4) or p, "metrics.jsonl", "{not json\n"), "not JSON"),
+    (lambda p: _break(make_sweep(p, 0.1, 0.1, RATES4) or p, "metrics.jsonl", '{"round": 1}\n'),
      "not a round record"),
-    (lambda p: _break(make_sweep(p, 0.1, 0.1, [0.0, 0.5]) or p, "config.yaml", "dropout: [\n"), "not valid YAML"),
-    (lambda p: _break(make_sweep(p, 0.1, 0.1, [0.0, 0.5]) or p, "config.yaml", "dropout: {rat: 0.1}\n"),
+    (lambda p: _break(make_sweep(p, 0.1, 0.1, RATES4) or p, "config.yaml", "dropout: [\n"), "not valid YAML"),
+    (lambda p: _break(make_sweep(p, 0.1, 0.1, RATES4) or p, "config.yaml", "dropout: {rat: 0.1}\n"),
      "config.yaml: unknown config key"),
 ])
 def test_calibrate_bad_sweeps_exit_2(tmp_path, setup, needle):
@@ -313,7 +328,7 @@ def test_plot_tradeoff_empty_panels_say_why(tmp_path, monkeypatch, error):
 
 
 def test_calibrate_skips_interrupted_runs(tmp_path):
-    make_sweep(tmp_path / "sweep", 0.2, 0.1, [0.0, 0.4])
+    make_sweep(tmp_path / "sweep", 0.2, 0.1, RATES4)
     short = tmp_path / "sweep" / "broken"
     short.mkdir()
     (short / "config.yaml").write_text(run_config(0, 0.8))
@@ -323,3 +338,84 @@ def test_calibrate_skips_interrupted_runs(tmp_path):
     assert r.exit_code == 0, r.output
     assert "skipping 1 run" in r.stderr
     assert yaml.safe_load(out.read_text())["bound"]["c_emp"] == pytest.approx(0.1, abs=1e-9)
+
+
+def test_calibrate_skips_runs_with_dropped_devices_and_refuses_a_small_train_sample(tmp_path):
+    """Issue 29, item 5: a run whose device missed a limit did not train what its rate says (skipped,
+    named); a train metric on fewer than 300 examples is +-6 points of noise (refused)."""
+    make_sweep(tmp_path / "sweep", 0.2, 0.1, RATES4)
+    make_sweep(tmp_path / "sweep" / "late", 0.9, 0.0, [[0.8, 0.8]], weights=[1, 1],
+               limit="missed the latency limit: 2 s > 1 s")
+    out = tmp_path / "bound.yaml"
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "sweep"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "skipping 2 run(s) with devices dropped" in r.stderr
+    assert yaml.safe_load(out.read_text())["bound"]["c_emp"] == pytest.approx(0.1, abs=1e-9)
+    make_sweep(tmp_path / "few", 0.2, 0.1, RATES4, train_eval_samples=60)
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "few"), "--metric", "accuracy", "--out", str(out.with_name("x"))])
+    assert r.exit_code == 2 and "data.train_eval_samples = 60" in r.stderr and not out.with_name("x").exists()
+
+
+def test_calibrate_keeps_the_datas_sign_and_does_not_write_a_bound_that_cannot_hold_it(tmp_path):
+    make_sweep(tmp_path / "sweep", 0.4, -0.1, RATES4)  # training error falls as the rate rises
+    out = tmp_path / "bound.yaml"
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "sweep"), "--out", str(out)])
+    assert "c_emp = -0.1" in r.stdout and "training error falls with the rate" in r.stdout
+    assert r.exit_code == 2 and "c_emp = -0.1 < 0" in r.stderr and not out.exists()
+
+
+def test_calibrate_fits_every_constant_and_says_where_the_bound_is_vacuous(tmp_path):
+    """With a metric, the Gap term's constants come from the measured gaps (validation minus training
+    error): the written bound's Gap at each rate is the fitted one; the default constants' bound at
+    N = 4 samples is far above 1, and calibrate says so."""
+    from fedlodrop.planning import system_model
+    from fedlodrop.planning.bound import Bound, sparsity_feature
+
+    gap = lambda g: 0.02 + 0.1 / (1 + 2 * sparsity_feature(g))  # noqa: E731
+    make_sweep(tmp_path / "sweep", 0.1, 0.05, RATES4, seeds=(0,),
+               val=lambda g: 0.1 + 0.05 * g / (1 - g) + gap(g))
+    system = system_file(tmp_path)
+    out = tmp_path / "fit.yaml"
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "sweep"), "--metric", "accuracy", "--system", str(system),
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "vacuous (G >= 1)" in r.stdout
+    spec = load_system(out)
+    bound = Bound.of(system_model(spec))  # mapped onto the system's N
+    for g in RATES4:
+        assert float(bound.gap([g] * len(spec.devices))) == pytest.approx(gap(g), abs=2e-3)
+    assert spec.bound.c_emp == pytest.approx(0.05, abs=1e-9) and spec.bound.objective == "bound"
+
+
+def test_a_surrogate_of_the_validation_error_is_what_the_planners_minimise(tmp_path):
+    """--surrogate fits the validation error against the rates (here it falls, then rises: dropout
+    regularises up to a point) and writes it as the bound's constants with objective: measured; B&B
+    and P-SCA then plan the rate that minimises that curve wherever the limits allow."""
+    from fedlodrop.planning import optimize
+    from fedlodrop.planning.bound import Curve, emp_feature, sparsity_feature
+
+    truth = Curve(0.15, 0.04, 0.0004, 0.03, 4.0)
+    val = lambda g: float(truth(emp_feature(g), sparsity_feature(g)))  # noqa: E731
+    rates = [0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75]
+    make_sweep(tmp_path / "sweep", 0.1, 0.05, rates, seeds=(0,), val=val)
+    system = tmp_path / "loose.yaml"
+    spec = random_system(3, seed=1, samples_total=3)  # N = 3, as the sweep's runs: the curve maps exactly
+    spec.round.latency_s *= 100
+    for dev in spec.devices:
+        dev.energy_budget_j *= 100
+    save_system(spec, system)
+    out = tmp_path / "measured.yaml"
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "sweep"), "--metric", "accuracy", "--surrogate",
+                            "--system", str(system), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "leave-one-rate-out rmse" in r.stdout
+    fitted = load_system(out)
+    assert fitted.bound.objective == "measured"
+    grid = np.linspace(0.0, 0.85, 1701)
+    best = float(grid[np.argmin([val(g) for g in grid])])
+    assert 0.1 < best < 0.6  # an interior optimum: the planner has something to find
+    for method in ("bnb", "psca"):
+        plan = optimize(fitted, method)
+        assert plan.gammas == pytest.approx([best] * 3, abs=0.02)
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "sweep"), "--surrogate"])
+    assert r.exit_code == 2 and "give --metric" in r.stderr

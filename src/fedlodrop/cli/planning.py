@@ -183,11 +183,17 @@ def optimize(
 @_user_errors
 def calibrate(
     sweep_dir: Annotated[Path, typer.Argument(help="folder holding run folders (config.yaml + metrics.jsonl)")],
-    metric: Annotated[Optional[str], typer.Option(help="fit 1 - this train metric instead of train_loss")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="fit 1 - this train metric instead of train_loss, and the "
+                                                  "Gap term to the measured gaps")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="YAML to write (snippet or system)")] = None,
     system: Annotated[Optional[Path], typer.Option(help="write this system file updated with the fit to --out")] = None,
+    surrogate: Annotated[bool, typer.Option("--surrogate", help="fit the validation error against the rates in the "
+                                            "bound's convex shape and write it as the objective the planners "
+                                            "minimise (objective: measured); needs --metric")] = False,
 ) -> None:
-    """Fit Emp(gamma) = e0 + c_emp gamma/(1-gamma) to the final training error of a dropout sweep."""
+    """Fit the bound's constants to a dropout sweep (4 or more rates, no dropped devices): Emp(gamma) = e0 +
+    c_emp sum w gamma/(1-gamma) to the final training error, with --metric the Gap term to the measured
+    gaps; with --surrogate the validation error, as the planners' objective."""
     import yaml
 
     from fedlodrop.planning import dump_system, load_system
@@ -196,23 +202,44 @@ def calibrate(
     if system is not None and out is None:
         raise UserError("--system needs --out for the updated system file")
     spec = load_system(system) if system is not None else None
-    fit = fit_sweep(sweep_dir, metric, report=lambda line: err_console.print(line, highlight=False))
-    table = Table(title=f"calibration of Emp on round-{fit.last_round} {fit.what} ({fit.runs} runs)")
-    for col in ("dropout.rate", "gamma/(1-gamma)", "runs", "mean", "fit"):
+    fit = fit_sweep(sweep_dir, metric, report=lambda line: err_console.print(line, highlight=False),
+                    surrogate=surrogate, compared=spec.bound if spec is not None else None)
+    table = Table(title=f"calibration on round-{fit.last_round} {fit.what} ({fit.runs} runs, N = {fit.N:g})")
+    for col in ("dropout.rate", "x = sum w g/(1-g)", "s", "runs", "train error", "fit", "val error", "gap"):
         table.add_column(col, justify="right")
     for row in fit.rows:
-        table.add_row(row.rate, f"{row.feature:.4f}", str(row.runs), f"{row.mean:.5f}", f"{row.fit:.5f}")
+        table.add_row(row.rate, f"{row.feature:.4f}", f"{row.sparsity:.4f}", str(row.runs), f"{row.mean:.5f}",
+                      f"{row.fit:.5f}", f"{row.eval_error:.4f}", f"{row.gap:+.4f}")
     out_console.print(table)
-    out_console.print(f"e0 = {fit.e0:.6g}, c_emp = {fit.c_emp:.6g} (rmse {fit.rmse:.3g})", highlight=False)
+    sign = "rises" if fit.c_emp > 0 else "falls" if fit.c_emp < 0 else "is flat"
+    out_console.print(f"e0 = {fit.e0:.6g}, c_emp = {fit.c_emp:.6g} (rmse {fit.rmse:.3g}): training error {sign} "
+                      "with the rate", highlight=False)
+    if fit.gap_curve is not None:
+        g = fit.gap_curve
+        out_console.print(f"Gap term fitted to the measured gaps: sqrt({g.a:.4g} + {g.b:.4g} / (1 + {g.kappa:.4g} s)) "
+                          f"(rmse {fit.gap_rmse:.3g})", highlight=False)
+    if fit.surrogate is not None:
+        c = fit.surrogate
+        out_console.print(f"surrogate of the validation error: {c.e0:.4g} + {c.c:.4g} x + sqrt({c.a:.4g} + {c.b:.4g} / "
+                          f"(1 + {c.kappa:.4g} s)); rmse {fit.surrogate_rmse:.3g}, leave-one-rate-out rmse "
+                          f"{fit.loo_rmse:.3g}", highlight=False)
+    where = "the system's constants" if spec is not None else "SPEC 4's default constants"
+    if fit.vacuous:
+        out_console.print(f"the bound with {where} is vacuous (G >= 1) at N = {fit.N:g} for rate(s) "
+                          + ", ".join(f"{r} (G = {v:.3g})" for r, v in fit.vacuous), highlight=False)
+    else:
+        out_console.print(f"the bound with {where} is below 1 at every rate of the sweep", highlight=False)
     if out is None:
         return
+    N = float(sum(d.samples for d in spec.devices)) if spec is not None else None
+    bound = fit.measured(N) if surrogate else fit.bound(N)
     if spec is not None:
-        spec.bound.e0, spec.bound.c_emp = fit.e0, fit.c_emp
+        spec.bound = bound
         _write_text(out, dump_system(spec))
     else:
-        snippet = {"bound": {"e0": fit.e0, "c_emp": fit.c_emp}}
-        _write_text(out, f"# fitted on {sweep_dir} ({fit.what}); merge into the system file\n"
-                    + yaml.safe_dump(snippet, sort_keys=False))
+        snippet = {"bound": bound.model_dump(mode="json")}
+        _write_text(out, f"# fitted on {sweep_dir} ({'validation error' if surrogate else fit.what}, N = {fit.N:g}); "
+                    "merge into the system file\n" + yaml.safe_dump(snippet, sort_keys=False))
     err_console.print(f"wrote {out}", highlight=False)
 
 

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import nnls
 
 from fedlodrop.planning.spec import BoundSpec
 
@@ -159,24 +158,80 @@ class Bound:
         return 0.5 * (a + b)
 
 
-def emp_feature(rate: float | list[float]) -> float:
-    """x = gamma / (1 - gamma) (mean over devices when a run used per-device rates)."""
+def emp_feature(rate: float | list[float], weights: list[float] | None = None) -> float:
+    """x = sum_k w_k gamma_k / (1 - gamma_k), weighted as the bound weights devices (w_k = D_k / N;
+    without weights, equal ones)."""
     rates = np.atleast_1d(np.asarray(rate, dtype=float))
-    return float(np.mean(rates / (1.0 - rates)))
+    w = np.full(len(rates), 1.0 / len(rates)) if weights is None else np.asarray(weights, float) / np.sum(weights)
+    return float(w @ (rates / (1.0 - rates)))
 
 
-def fit_empirical(rates, losses) -> tuple[float, float, float]:
-    """Least squares of loss = e0 + c_emp gamma/(1-gamma) with e0, c_emp >= 0.
+def sparsity_feature(rate: float | list[float], weights: list[float] | None = None) -> float:
+    """s = sum_k w_k (2 gamma_k - gamma_k^2), the expected sparsity the Gap term is a function of."""
+    rates = np.atleast_1d(np.asarray(rate, dtype=float))
+    w = np.full(len(rates), 1.0 / len(rates)) if weights is None else np.asarray(weights, float) / np.sum(weights)
+    return float(w @ (2.0 * rates - rates * rates))
 
-    `rates` are numbers or per-device lists; returns (e0, c_emp, rmse). Needs two distinct rates.
-    """
-    x = np.array([emp_feature(r) for r in rates], dtype=float)
+
+def fit_empirical(x, losses) -> tuple[float, float, float]:
+    """Ordinary least squares of loss = e0 + c_emp x (x: `emp_feature`), with the sign the data gives:
+    a negative c_emp says the error falls as the rate rises, which the bound (c_emp >= 0) cannot
+    express; the caller decides. Returns (e0, c_emp, rmse)."""
+    x = np.asarray(x, dtype=float)
     y = np.asarray(losses, dtype=float)
     if len(x) != len(y):
         raise ValueError("rates and losses differ in length")
-    if len(np.unique(np.round(x, 12))) < 2:
-        raise ValueError("need runs at two or more distinct dropout rates to fit e0 and c_emp")
     A = np.stack([np.ones_like(x), x], axis=1)
-    coef, _ = nnls(A, y)
+    coef = np.linalg.lstsq(A, y, rcond=None)[0]
     rmse = float(math.sqrt(np.mean((A @ coef - y) ** 2)))
     return float(coef[0]), float(coef[1]), rmse
+
+
+@dataclass(frozen=True)
+class Curve:
+    """f(x, s) = e0 + c x + sqrt(a + b / (1 + kappa s)): the bound's shape (Emp + Gap) with free
+    constants, x = sum w gamma/(1-gamma), s the expected sparsity. With c, a, b, kappa >= 0 it is
+    convex in the rates, so B&B and P-SCA minimise it as they minimise the bound (`as_bound`)."""
+    e0: float
+    c: float
+    a: float
+    b: float
+    kappa: float
+
+    def __call__(self, x, s):
+        """The curve's value at emp feature x and sparsity s."""
+        return self.e0 + self.c * np.asarray(x) + np.sqrt(self.a + self.b / (1.0 + self.kappa * np.asarray(s)))
+
+    def as_bound(self, N: float, objective: str = "bound") -> BoundSpec:
+        """The BoundSpec whose Emp + Gap equal this curve for a system of N samples: lambda_min = 1,
+        lam = kappa / 2, delta = 1/2, M^2 / N = a, 24 M rho^2 / N = b."""
+        a, b = max(self.a, 1e-12), max(self.b, 1e-12)
+        M = math.sqrt(a * N)
+        return BoundSpec(M=M, rho=math.sqrt(b * N / (24.0 * M)), lambda_min=1.0, lam=self.kappa / 2.0, delta=0.5,
+                         e0=max(self.e0, 0.0), c_emp=self.c, objective=objective)
+
+
+def fit_curve(x, s, y, gap_only: bool = False) -> tuple[Curve, float]:
+    """Least squares of y = e0 + c x + sqrt(a + b / (1 + kappa s)) with c, a, b, kappa >= 0 (the
+    convex family); `gap_only`: e0 = c = 0 (the Gap term alone, fitted to measured gaps). Returns
+    the curve and its rmse."""
+    from scipy.optimize import least_squares
+
+    x, s, y = (np.asarray(v, dtype=float) for v in (x, s, y))
+    top = max(float(np.max(np.abs(y))), 1e-6)
+
+    def unpack(p):
+        return Curve(0.0, 0.0, *p) if gap_only else Curve(*p)
+
+    def residual(p):
+        return unpack(p)(x, s) - y
+
+    best = None
+    for kappa in (0.1, 1.0, 10.0):
+        p0 = [top**2 / 4, top**2 / 4, kappa] if gap_only else [float(np.min(y)) / 2, 0.0, 1e-4, top**2 / 4, kappa]
+        lo = [0.0, 0.0, 0.0] if gap_only else [-np.inf, 0.0, 0.0, 0.0, 0.0]
+        fit = least_squares(residual, p0, bounds=(lo, np.inf))
+        if best is None or fit.cost < best.cost:
+            best = fit
+    curve = unpack(best.x)
+    return curve, float(math.sqrt(np.mean(residual(best.x) ** 2)))

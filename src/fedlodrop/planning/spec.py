@@ -110,6 +110,10 @@ class BoundSpec(_Section):
     delta: float = Field(0.05, gt=0, lt=1)
     e0: float = Field(0.0, ge=0)
     c_emp: float = Field(0.1, ge=0)
+    objective: Literal["bound", "measured"] = Field(
+        "bound", description="bound: SPEC 4's constants (the default ones, or fitted by `fedlodrop calibrate`); "
+        "measured: a surrogate of the validation error against the rates, in the bound's shape, fitted by "
+        "`fedlodrop calibrate --surrogate` (B&B and P-SCA minimise either the same way)")
 
 
 class SystemSpec(_Section):
