@@ -44,8 +44,8 @@ PLAN = "bnb"
 BASELINES = ["fixed", "equal-bandwidth", "fit-only", "longer-rounds", "bf16"]
 METHODS = [PLAN, *BASELINES]
 # the short regime: 6 devices share 360 training examples, 1 local epoch a round
-RUN = ["federation.devices=6", "data.max_train_samples=360", "data.max_eval_samples=400",
-       "data.train_eval_samples=300", "train.max_length=48", "train.batch_size=8"]
+RUN = ["federation.devices=6", "data.max_train_samples=360", "data.max_eval_samples=300",
+       "data.train_eval_samples=0", "train.max_length=48", "train.batch_size=8"]
 
 
 def base_config(threads: int, extra: list[str]):

@@ -170,6 +170,10 @@ def test_a_system_fills_what_the_config_leaves_unsaid_and_the_config_wins(tiny_b
     assert (mine.federation.devices, mine.data.max_train_samples, mine.federation.local_epochs) == (5, 50, 3.0)
     plain = load_config(overrides=base)
     assert plain.federation.devices != 2 and plain.system.file is None
+    # a whole config (a run folder's) does not read its system: a moved system file leaves it readable
+    whole = cfg.model_dump(mode="json")
+    two.unlink()
+    assert load_config(tree=whole) == cfg
 
 
 def _hand_system(**cell):

@@ -100,13 +100,18 @@ def _fill_from_system(tree: dict) -> None:
     file = system if isinstance(system, (str, Path)) else system.get("file") if isinstance(system, dict) else None
     if file is None and not tree.get("plan"):
         return
+    from fedlodrop.run.systems import IMPLIED
+
+    missing = [key for key in IMPLIED if not _given(tree, key)]
+    if not missing:  # a whole config (a run folder's): the system file is not even read
+        return
     from fedlodrop.planning import load_plan, load_system  # the planner: only a run with a system needs it
     from fedlodrop.run.systems import implied_keys
 
     spec = load_system(file) if file is not None else load_plan(tree["plan"]).system
-    for key, value in implied_keys(spec).items():
-        if not _given(tree, key):
-            set_key(tree, key, value)
+    keys = implied_keys(spec)
+    for key in missing:
+        set_key(tree, key, keys[key])
 
 
 def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:

@@ -11,8 +11,6 @@ clock and the trained run speak of the same samples and bytes.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fedlodrop.config import RunConfig
 from fedlodrop.errors import UserError
 
@@ -71,14 +69,14 @@ def check_payload(cfg: RunConfig, spec, adapter_values: int, head_values: int, w
                             f"{_remake(where)}")
 
 
-def implied_keys(spec, path: Path | str | None = None) -> dict:
-    """What a system says of the run it describes: devices, local epochs, training samples, and the
-    system file itself (`path`). A config's own values win; the checks then refuse a mismatch."""
-    keys = {
+IMPLIED = ("federation.devices", "federation.local_epochs", "data.max_train_samples")  # what a system says of a run
+
+
+def implied_keys(spec) -> dict:
+    """What a system says of the run it describes (the keys of IMPLIED): devices, local epochs and
+    training samples. A config's own values win; the checks then refuse a mismatch."""
+    return {
         "federation.devices": len(spec.devices),
         "federation.local_epochs": float(spec.round.local_epochs),
         "data.max_train_samples": int(sum(d.samples for d in spec.devices)),
     }
-    if path is not None:
-        keys["system.file"] = str(path)
-    return keys
