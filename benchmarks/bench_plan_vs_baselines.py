@@ -131,11 +131,6 @@ def read(where: Path, seed: int, main: str) -> dict[str, dict]:
     return runs
 
 
-def within(curve, budget: float, axis: int) -> float:
-    inside = [p[2] for p in curve if p[axis] <= budget * (1 + 1e-9)]
-    return inside[-1] if inside else math.nan
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     grid_args(parser)
@@ -153,7 +148,7 @@ def main() -> None:
 
     from fedlodrop.planning import load_system
     from fedlodrop.run.settings import with_overrides
-    from fedlodrop.studies.comparison import compare
+    from fedlodrop.studies.comparison import compare, within
 
     console = Console(stderr=True)
     report = lambda line: console.print(line, highlight=False)  # noqa: E731

@@ -260,7 +260,8 @@ def test_a_plan_that_asks_only_the_devices_that_fit_still_learns(mini2, polarity
     alone = float(system_model(spec).cycles(0.0, 2) / spec.devices[2].f_max_hz)
     assert pair < alone  # devices 0 and 1 sharing the band fit where device 2 alone cannot
     spec.round.latency_s = (pair + alone) / 2
-    tight = save_system(spec, tmp_path / "tight.yaml") or tmp_path / "tight.yaml"
+    tight = tmp_path / "tight.yaml"
+    save_system(spec, tight)
     spec = load_system(tight)
     plan = REGISTRY["fit-only"].plan(spec, system_model(spec), print)
     assert plan.members == [0, 1]  # the 112-sample device cannot compute its round in time

@@ -149,7 +149,6 @@ REGISTRY = {method.name: method for method in (
     Planner("bnb"), Planner("psca"), Planner("fixed", gamma="best"), Planner("equal-bandwidth"),
     Planner("none", fallback=0.0), FitOnly(), LongerRounds(), Compressed(), Unplanned())}
 METHODS = tuple(REGISTRY)
-UNPLANNED = Unplanned.name
 
 
 @dataclass
@@ -306,7 +305,7 @@ COLUMNS = ("final", "at_time", "at_energy", "to_target_s", "to_target_j", "gap",
            "energy_j", "mb", "dropped")
 
 
-def _within(curve: list[tuple[float, float, float]], budget: float, axis: int) -> float:
+def within(curve: list[tuple[float, float, float]], budget: float, axis: int) -> float:
     """The metric of the last evaluation within `budget` on `axis` (0: seconds, 1: joules)."""
     inside = [point[2] for point in curve if point[axis] <= budget * (1 + 1e-9)]
     return inside[-1] if inside else math.nan
@@ -340,8 +339,8 @@ def rows(results: list[MethodResult], main: str, target: float | None = None) ->
             "method": res.method, "feasible": res.feasible, "bound": res.bound, "mean_rate": res.mean_rate,
             "runs": len(s), "never_met": res.never_met, "target": target,
             "final": _stat([x.final.get(main) for x in s]),
-            "at_time": _stat([_within(c, t_eq[i], 0) for i, c in enumerate(res.curves)]),
-            "at_energy": _stat([_within(c, e_eq[i], 1) for i, c in enumerate(res.curves)]),
+            "at_time": _stat([within(c, t_eq[i], 0) for i, c in enumerate(res.curves)]),
+            "at_energy": _stat([within(c, e_eq[i], 1) for i, c in enumerate(res.curves)]),
             "to_target_s": _stat([_first(c, target, 0) for c in res.curves]),
             "to_target_j": _stat([_first(c, target, 1) for c in res.curves]),
             "reached": sum(1 for c in res.curves if not math.isnan(_first(c, target, 0))),
