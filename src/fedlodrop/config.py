@@ -89,6 +89,25 @@ class FederationConfig(_Section):
     )
 
 
+class ServerConfig(_Section):
+    """The server optimiser applied to each round's aggregate (FedOpt): none (FedAvg), avgm, adam or yogi,
+    with its hyper-parameters (docs/optimisers.md)."""
+    optimizer: str = Field(
+        "none", description="none | avgm | adam | yogi, one registered in fedlodrop.round.optimizers."
+        "SERVER_OPTIMIZERS: what the server does with the aggregate minus the current model, as Flower's "
+        "FedAvgM / FedAdam / FedYogi do"
+    )
+    lr: float | None = Field(
+        None, gt=0, le=10, description="the server learning rate eta; null: the optimiser's default "
+        "(avgm 1.0, adam and yogi 0.05)"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="avgm: the momentum mu in v = mu v + delta")
+    beta1: float = Field(0.9, ge=0, lt=1, description="adam, yogi: the first moment's decay")
+    beta2: float = Field(0.99, ge=0, lt=1, description="adam, yogi: the second moment's decay")
+    tau: float = Field(1e-3, gt=0, description="adam, yogi: added to sqrt(v); bounds the step of a value "
+                       "that rarely moves at lr / tau")
+
+
 class DropoutConfig(_Section):
     """FedLoDrop's dropout of whole columns of A and rows of B: the rate (one, or one per device), how indices
     are drawn, the variant, and test-time ensembling."""
@@ -132,6 +151,11 @@ class TrainConfig(_Section):
     grad_accum: int = Field(1, ge=1)
     group_by_length: bool = Field(True, description="batches of similar lengths: less padding, same data")
     weight_decay: float = Field(0.0, ge=0)
+    prox_mu: float = Field(
+        0.0, ge=0, le=100, description="FedProx: adds prox_mu / 2 |w - w_start|^2 over the adapter and head a "
+        "device trains (w_start: what it was sent), which keeps local training near the global model on skewed "
+        "data; 0: off"
+    )
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="local training: auto is bf16 autocast on a GPU that supports bf16 and on a CPU "
@@ -377,6 +401,7 @@ class RunConfig(_Section):
     system: SystemConfig = SystemConfig()
     lora: LoraConfig = LoraConfig()
     federation: FederationConfig = FederationConfig()
+    server: ServerConfig = ServerConfig()
     dropout: DropoutConfig = DropoutConfig()
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()

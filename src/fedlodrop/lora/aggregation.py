@@ -128,6 +128,18 @@ class Residual:
         return rank * (n_out + self.v.shape[1]) < n_out * self.v.shape[1]
 
 
+class DenseResidual(Residual):
+    """A fold that is not low-rank (a server optimiser's step on FedEx's effective weight): U is the
+    matrix, V the identity; it travels dense."""
+
+    def __init__(self, matrix: torch.Tensor):
+        super().__init__(matrix, torch.eye(matrix.shape[1], dtype=matrix.dtype))
+
+    def dense(self) -> torch.Tensor:
+        """The matrix itself (no product with the identity)."""
+        return self.u
+
+
 def device_weights(updates: list[DeviceUpdate], weighting: Literal["samples", "uniform"]) -> torch.Tensor:
     """Each device's weight in the round, summing to 1: by its sample count, or equal."""
     raw = [float(u.num_samples) if weighting == "samples" else 1.0 for u in updates]

@@ -170,6 +170,7 @@ def train_local(
         [{"params": lora}, {"params": head}], lr=lr_at(0.0), weight_decay=train.weight_decay
     )
     grad_masks = _grad_masks(fm, trained) if trained is not None else []
+    anchors = [p.detach().clone() for p in params] if train.prox_mu > 0 else []  # FedProx's w_start
     steps = local_steps(len(loader), local_epochs, train.grad_accum)
     fm.net.train()
     losses: list[torch.Tensor] = []
@@ -182,7 +183,8 @@ def train_local(
             batch = _to_device(next(batches), fm.device)
             with fm.train_autocast():
                 loss = fm.net(**batch).loss
-            (loss / train.grad_accum).backward()
+            objective = loss + _proximal(params, anchors, train.prox_mu) if anchors else loss
+            (objective / train.grad_accum).backward()
             losses.append(loss.detach())
         for grad_owner, mask in grad_masks:
             if grad_owner.grad is not None:
@@ -194,6 +196,11 @@ def train_local(
     fm.set_a_trainable(True)
     mean_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
     return LocalResult(fm.get_state(), mean_loss, steps, time.perf_counter() - t0, rates[0], rates[-1])
+
+
+def _proximal(params: list[torch.nn.Parameter], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's term mu / 2 sum |w - w_start|^2 (a slice whose gradient is masked never leaves its start)."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
 
 
 def _grad_masks(fm: FedModel, masks: Masks) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:

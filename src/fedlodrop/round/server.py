@@ -18,7 +18,7 @@ import torch
 from fedlodrop.config import RunConfig
 from fedlodrop.errors import RoundFailed
 from fedlodrop.lora.adapter import AdapterLayout, State, clone_state
-from fedlodrop.lora.aggregation import DeviceUpdate, device_weights, make_rule
+from fedlodrop.lora.aggregation import DenseResidual, DeviceUpdate, Residual, device_weights, make_rule
 from fedlodrop.lora.masks import Masks, device_masks, full_masks, kept_values, payload_bytes
 from fedlodrop.lora.messages import (
     COMM_DTYPES,
@@ -33,6 +33,7 @@ from fedlodrop.lora.messages import (
 )
 from fedlodrop.lora.variants import make_variant
 from fedlodrop.round import secagg
+from fedlodrop.round.optimizers import make_server_optimizer
 from fedlodrop.round.plugin import RoundPlugin
 from fedlodrop.round.privacy import sent_masks
 from fedlodrop.round.records import LEFT_OUT, DeviceRecord, RoundRecord
@@ -49,6 +50,7 @@ class ServerState:
     fold_log: list[FoldUpdate] = field(default_factory=list)  # the latest rounds' folds, for catch-ups
     synced: list[int] = field(default_factory=list)  # per device: rounds of folds its base holds
     participations: list[int] = field(default_factory=list)  # per device: rounds it was drawn for (DP's accountant)
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)  # the server optimiser's moments and step count
 
 
 @dataclass
@@ -76,6 +78,7 @@ class Server:
         self.known = known
         self.rule = make_rule(cfg.federation.aggregation, cfg.federation.factor_rule)
         self.variant = make_variant(cfg.dropout.variant)
+        self.optimizer = make_server_optimizer(cfg.server)
         self.dtype = COMM_DTYPES[cfg.federation.comm_dtype]
         if not state.synced:
             state.synced = [0] * cfg.federation.devices
@@ -226,6 +229,8 @@ class Server:
         else:
             weights = device_weights(updates, fed.weighting)
             new_state, residuals = self.rule.aggregate(self.layout, self.state.global_state, updates, weights)
+        if self.cfg.server.optimizer != "none":
+            new_state, residuals = self._optimise(new_state, residuals)
         self.state.global_state = clone_state(new_state)
         self.state.rounds_done += 1
         if not self.rule.folds:
@@ -243,6 +248,29 @@ class Server:
         self.state.fold_log.append(update)
         self._prune_log()
         return update, stats
+
+    def _optimise(self, new_state: State, residuals: dict[str, Residual]) -> tuple[State, dict[str, Residual]]:
+        """The server optimiser's step on the aggregate's pseudo-gradient (round/optimizers.py).
+
+        Factor-averaging rules: x is every A, B and head tensor. A folding rule: x is each module's
+        effective weight, whose aggregate change is s (B'A' - BA) + R; the factors keep the rule's
+        B', A' (devices start from them) and the fold carries the rest of the optimiser's step."""
+        prev = self.state.global_state
+        if not self.rule.folds:
+            delta = {k: new_state[k] - prev[k] for k in new_state}
+            step = self.optimizer.step(delta, self.state.optimizer)
+            return {k: prev[k] + step[k] for k in new_state}, residuals
+        factors = {}
+        delta = {k: new_state[k] - prev[k] for k in self.layout.head_keys}
+        for m in self.layout.modules:
+            factors[m.name] = m.scaling * (new_state[m.key_b] @ new_state[m.key_a] - prev[m.key_b] @ prev[m.key_a])
+            delta[m.name] = factors[m.name] + residuals[m.name].dense()
+        step = self.optimizer.step(delta, self.state.optimizer)
+        out = dict(new_state)
+        for key in self.layout.head_keys:
+            out[key] = prev[key] + step[key]
+        folds = {m.name: DenseResidual(step[m.name] - factors[m.name]) for m in self.layout.modules}
+        return out, folds
 
     def _prune_log(self) -> None:
         """Keep the newest folds whose sum is at most F's dense size: a device further behind gets F."""

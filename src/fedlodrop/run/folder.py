@@ -155,6 +155,7 @@ class RunFolder:
         folder.mkdir(parents=True)
         tensors = {f"global/{k}": v for k, v in state.global_state.items()}
         tensors |= {f"fold/{k}": v for k, v in state.fold.items()}
+        tensors |= {f"optimizer/{k}": v for k, v in state.optimizer.items()}
         for update in state.fold_log:
             tensors |= {f"log/{update.round}/{k}": v for k, v in update.tensors.items()}
         _save_tensors(tensors, folder / "state.safetensors")
@@ -191,6 +192,7 @@ class RunFolder:
             fold_log=[FoldUpdate(r, log[r]) for r in meta["log_rounds"]],
             synced=list(meta["synced"]),
             participations=list(meta.get("participations", [])),
+            optimizer={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("optimizer/")},
         )
 
     # ---------------------------------------------------------------- the finished run

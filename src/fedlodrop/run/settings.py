@@ -26,8 +26,9 @@ from fedlodrop.errors import UserError
 from fedlodrop.lora.aggregation import FACTOR_RULES, RULES
 from fedlodrop.lora.variants import VARIANTS
 from fedlodrop.round import privacy, secagg
+from fedlodrop.round.optimizers import SERVER_OPTIMIZERS
 
-REGISTRIES = {r.key: r for r in (RULES, FACTOR_RULES, VARIANTS)}  # config key -> the names it accepts
+REGISTRIES = {r.key: r for r in (RULES, FACTOR_RULES, VARIANTS, SERVER_OPTIMIZERS)}  # config key -> the names it accepts
 
 
 def check(cfg: RunConfig) -> None:
@@ -37,6 +38,9 @@ def check(cfg: RunConfig) -> None:
         problem = registry.unknown(getattr(getattr(cfg, section), name))
         if problem:
             raise ValueError(problem)
+    if cfg.server.optimizer == "none" and cfg.server.lr is not None:
+        raise ValueError(f"server.lr {cfg.server.lr:g} has no effect: server.optimizer is none (choose one of "
+                         f"{', '.join(n for n in SERVER_OPTIMIZERS if n != 'none')})")
     own = cfg.data.own
     if own and cfg.task in TASKS:
         key = "train" if cfg.data.train else "hub_path" if cfg.data.hub_path else "eval"
