@@ -21,8 +21,8 @@ from fedlodrop.lora.aggregation import RULES
 from fedlodrop.lora.variants import VARIANTS, make_variant
 
 
-def _setup(path, variant, rate=0.3, aggregation="fedex", comm="float32", devices=3, r=4):
-    cfg = validate({"model": path, "task": "sst2", "lora": {"r": r, "dropout": 0.0},
+def _setup(path, variant, rate=0.3, aggregation="fedex", comm="float32", devices=3, r=4, ranks=None):
+    cfg = validate({"model": path, "task": "sst2", "lora": {"r": r, "dropout": 0.0, "ranks": ranks},
                     "federation": {"aggregation": aggregation, "devices": devices, "rounds": 3, "comm_dtype": comm},
                     "dropout": {"rate": rate, "variant": variant}})
     fm = build_model(cfg, TASKS["sst2"], load_tokenizer(cfg), init_seed=0)
@@ -57,10 +57,9 @@ def _device_round(cfg, fm, server, task, g):
     fm.set_state(start)
     held = _effective(fm)
     end = {k: t.clone() for k, t in start.items()}
-    for m in fm.layout.modules:
-        cols, rows = trained[m.name].a_cols, trained[m.name].b_rows
-        end[m.key_a][:, cols] += 0.1 * torch.randn(m.r, int(cols.sum()), generator=g)
-        end[m.key_b][rows, :] += 0.1 * torch.randn(int(rows.sum()), m.r, generator=g)
+    for m in fm.layout.modules:  # only what it trains: its rows, columns and rank components
+        end[m.key_a] += 0.1 * torch.randn(end[m.key_a].shape, generator=g) * trained[m.name].a
+        end[m.key_b] += 0.1 * torch.randn(end[m.key_b].shape, generator=g) * trained[m.name].b
     for key in fm.layout.head_keys:
         end[key] = end[key] + 0.1 * torch.randn(end[key].shape, generator=g)
     fm.set_state(end)
@@ -77,15 +76,21 @@ def _global(fm, server):
 
 
 @pytest.mark.parametrize("variant", VARIANTS.names())
-@pytest.mark.parametrize("model_fixture", ["tiny_bert", "tiny_gpt2"])
-def test_fedex_with_masks_is_exact_and_consistent(request, model_fixture, variant):
-    cfg, fm, server, g = _setup(request.getfixturevalue(model_fixture), variant)
+@pytest.mark.parametrize("model_fixture,aggregation,ranks", [
+    ("tiny_bert", "fedex", None), ("tiny_gpt2", "fedex", None),
+    # devices of ranks 1, 2 and 4 on one backbone: FedEx and FLoRA's stacking stay exact
+    ("tiny_bert", "fedex", [1, 2, 4]), ("tiny_bert", "flora", [1, 2, 4]), ("tiny_gpt2", "flora", None),
+])
+def test_fedex_with_masks_is_exact_and_consistent(request, model_fixture, variant, aggregation, ranks):
+    cfg, fm, server, g = _setup(request.getfixturevalue(model_fixture), variant, aggregation=aggregation, ranks=ranks)
     w0 = {m.shape.name: v for m, v in zip(fm.modules, _pristine(fm))}
     for round_ in range(3):
         before = _global(fm, server)
         tasks = server.configure(round_)
         rounds = [_device_round(cfg, fm, server, t, g) for t in tasks]
-        if round_ > 0:  # consistency: each device held the global model seen through its mask
+        # consistency: each device held the global model seen through its mask (a device of a lower
+        # rank holds only its first r_k components: not the global model, by design)
+        if round_ > 0 and ranks is None:
             for (masks, held, _, _), task in zip(rounds, tasks):
                 for name, h in held.items():
                     if make_variant(variant).view(masks, fm.layout) is not None:

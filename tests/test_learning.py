@@ -190,3 +190,16 @@ def test_fedprox_learns_with_dropout_on_skewed_devices(mini2, polarity_dir, tmp_
                                                 "federation.dirichlet_alpha": 1.0})
     _, rows = check_learns(cfg, tmp_path / "r")
     assert len({d.samples for d in rows[0].devices}) == 3  # skewed: unequal shards
+
+
+@pytest.mark.parametrize("aggregation", ["hetlora", "flora", "flexlora", "fedex"])
+def test_mixed_ranks_learn_with_dropout(mini2, polarity_dir, tmp_path, aggregation):
+    """Devices of ranks 2, 4 and 8 on one rank-8 backbone, dropout 0.3, under each mixed-rank rule
+    (and fedex, which takes mixed ranks as slices a device does not train)."""
+    cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.3, "federation.aggregation": aggregation,
+                                                "lora.r": 8, "lora.ranks": [2, 4, 8], "lora.alpha": 16})
+    _, rows = check_learns(cfg, tmp_path / "r")
+    ups = [d.uplink_bytes for d in rows[0].devices]
+    assert ups[0] < ups[1] < ups[2]  # each sends its own rank
+    if aggregation == "flexlora":
+        assert all(0 <= r.truncation[2] and r.truncation[8] <= r.truncation[2] for r in rows)

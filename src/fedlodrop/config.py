@@ -27,7 +27,14 @@ class _Section(BaseModel):
 
 class LoraConfig(_Section):
     """PEFT LoRA: rank, alpha, PEFT's input dropout, rsLoRA, and which modules are adapted or trained in full."""
-    r: int = Field(8, ge=1, le=4096)
+    r: int = Field(8, ge=1, le=4096, description="the model's LoRA rank: the server's adapter, and every device's "
+                   "unless lora.ranks says otherwise")
+    ranks: int | list[int] | None = Field(
+        None, description="each device's rank r_k <= lora.r: one for all, or one per device (devices of "
+        "different memory and links); a device holds and trains the first r_k rank components of the "
+        "adapter, on the one shared backbone. Rules for mixed ranks: hetlora, flora, flexlora (or any other "
+        "rule); null: every device lora.r"
+    )
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1, description="PEFT's input dropout, not FedLoDrop's")
     rslora: bool = False
@@ -413,6 +420,13 @@ class RunConfig(_Section):
     def _cross_checks(self) -> RunConfig:
         """Keys of the schema that must agree with each other (the rest: fedlodrop.run.settings)."""
         own = self.data.own
+        ranks = self.lora.ranks
+        if isinstance(ranks, list) and len(ranks) != self.federation.devices:
+            raise ValueError(f"lora.ranks lists {len(ranks)} ranks for {self.federation.devices} devices")
+        for rank in ranks if isinstance(ranks, list) else [] if ranks is None else [ranks]:
+            if not 1 <= rank <= self.lora.r:
+                raise ValueError(f"lora.ranks: rank {rank} is outside 1..lora.r ({self.lora.r}); raise lora.r to "
+                                 "the largest device rank")
         if isinstance(self.dropout.rate, list) and len(self.dropout.rate) != self.federation.devices:
             raise ValueError(
                 f"dropout.rate lists {len(self.dropout.rate)} rates for "

@@ -11,6 +11,19 @@ a slice a device did not train counts as "no change", not as a zero weight.
              where W_k^start is the model device k held (the global one seen through its view)
              and W_k^end what it trained. Without dropout this is FedEx-LoRA's mean of models.
 * `ffa`    - A stays at its shared seeded initialisation and never travels; B as factor_rule.
+
+For devices of different ranks (`lora.ranks`; every rule above takes them, a rank component
+counting as a slice the device did not train):
+
+* `hetlora`  - HetLoRA: each factor is the weighted mean of the devices' factors zero-padded to
+               the model's rank (a component a device lacks counts as zero, not as no change).
+* `flora`    - FLoRA: the devices' products are stacked into the fold, exactly
+                   W' = W + sum_k w_k (W_k^end - W_k^start),
+               and every device restarts from the initial adapter (A_0, B = 0) each round; only
+               the head and the fold travel down.
+* `flexlora` - FlexLoRA: the weighted mean of the devices' products s B_k A_k, truncated by SVD
+               to the model's rank; a device of rank r_k holds its first r_k components, the
+               best rank-r_k approximation. Its truncation error is logged per round and rank.
 The head moves by the weighted mean of the head changes under every rule.
 """
 
@@ -121,6 +134,23 @@ class Residual:
         v = root[:, None] * (qh[:rank] @ qv.T)
         return Residual(u.float(), v.float()), float(sing[rank:].norm()), norm
 
+    def svd(self, rank: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """U @ V's first `rank` singular directions as (n_out x rank, rank x n_in) factors, each
+        carrying the square root of the singular values (zero-padded past U @ V's rank), and
+        every singular value. From the factors: QR of U and V^T, then the SVD of the small core."""
+        qu, ru = torch.linalg.qr(self.u.double())
+        qv, rv = torch.linalg.qr(self.v.double().T)
+        p, sing, qh = torch.linalg.svd(ru @ rv.T)
+        k = min(rank, len(sing))
+        root = sing[:k].sqrt()
+        u = torch.zeros(self.u.shape[0], rank, dtype=torch.float64)
+        v = torch.zeros(rank, self.v.shape[1], dtype=torch.float64)
+        u[:, :k] = (qu @ p[:, :k]) * root
+        v[:k] = root[:, None] * (qh[:k] @ qv.T)
+        padded = torch.zeros(max(rank, len(sing)), dtype=torch.float64)
+        padded[: len(sing)] = sing
+        return (u.float(), v.float()), padded
+
     @property
     def factored(self) -> bool:
         """Send the factors when they are fewer values than the dense matrix."""
@@ -162,13 +192,25 @@ class AggregationRule:
     from_sums: ClassVar[bool] = True
 
     default_factor_rule: ClassVar[str | None] = None  # a rule that fixes its factor rule names it here
+    # a server optimiser can step on this rule's aggregate (round/optimizers.py)
+    takes_server_optimizer: ClassVar[bool] = True
+
+    # what the last `aggregate` measured (flexlora: its truncation error per rank), for the round's record
+    stats: dict
 
     def __init__(self, factor_rule: str = "masked"):
         self.factor_rule: FactorRule = FACTOR_RULES.make(self.default_factor_rule or factor_rule)
+        self.initial: State = {}  # the seeded initial adapter (`make_rule`), for rules that restart from it
+        self.stats = {}
 
     def sends(self, key: str) -> bool:
         """Whether a state key travels (FFA's A is known to every device and never sent)."""
         return self.trains_a or not key.endswith(".lora_A")
+
+    def sends_down(self, key: str) -> bool:
+        """Whether a state key travels to the devices (a device rebuilds the rest from the seeded
+        initial adapter, B's from zeros)."""
+        return self.sends(key)
 
     def aggregate(
         self, layout: AdapterLayout, global_state: State, updates: list[DeviceUpdate], weights: torch.Tensor,
@@ -185,10 +227,10 @@ class AggregationRule:
         residuals: dict[str, Residual] = {}
         noise = noise or {}
         for m in layout.modules:
-            b = _move(m.key_b, lambda u: u.trained[m.name].b_rows[:, None], global_state, updates, weights,
+            b = _move(m.key_b, lambda u: u.trained[m.name].b, global_state, updates, weights,
                       self.factor_rule, noise.get(m.key_b))
             if self.trains_a:
-                a = _move(m.key_a, lambda u: u.trained[m.name].a_cols[None, :], global_state, updates, weights,
+                a = _move(m.key_a, lambda u: u.trained[m.name].a, global_state, updates, weights,
                           self.factor_rule, noise.get(m.key_a))
             else:
                 a = global_state[m.key_a].clone()
@@ -263,9 +305,99 @@ class FFA(AggregationRule):
     trains_a = False
 
 
-def make_rule(aggregation: str, factor_rule: str = "masked") -> AggregationRule:
-    """The one place a rule is chosen by name (`fedlodrop.run.settings` checks the names first)."""
-    return RULES.make(aggregation, factor_rule)
+@RULES.register
+class HetLoRA(AggregationRule):
+    """HetLoRA (Cho et al. 2024): factors zero-padded to the model's rank, then the weighted mean,
+    so a component only high-rank devices hold is diluted by the others' zeros. Within a device's
+    rank a slice dropout removed counts as no change, as under every rule."""
+
+    name = "hetlora"
+    default_factor_rule = "fedit"
+    from_sums = False  # kept simple: central DP and SecAgg+ use the rules built on sums
+
+    def aggregate(self, layout, global_state, updates, weights, noise=None, totals=None):
+        """fedit's mean of the changes, less each factor value times the weight of the devices
+        that lack its rank component: sum_k w_k pad(end_k)."""
+        new, residuals = super().aggregate(layout, global_state, updates, weights, noise, totals)
+        for m in layout.modules:
+            lacking = sum(w * (~u.trained[m.name].ranks).float() for w, u in zip(weights, updates))
+            new[m.key_a] = new[m.key_a] - global_state[m.key_a] * lacking[:, None]
+            new[m.key_b] = new[m.key_b] - global_state[m.key_b] * lacking[None, :]
+        return new, residuals
+
+
+@RULES.register
+class FLoRA(AggregationRule):
+    """FLoRA (Wang et al. 2024): stacking. The fold is exactly sum_k w_k (B_k^e A_k^e - B_k^s A_k^s)
+    (the stacked factors of every device, whatever its rank), and the adapter restarts from its
+    initialisation every round: the devices rebuild it, only the head and the fold travel down."""
+
+    name = "flora"
+    folds = True
+    from_sums = False  # the fold needs each device's own product
+
+    def sends_down(self, key: str) -> bool:
+        """Only the head: the adapter a device starts from is the seeded initial one."""
+        return not (key.endswith(".lora_A") or key.endswith(".lora_B"))
+
+    def aggregate(self, layout, global_state, updates, weights, noise=None, totals=None):
+        """A as it started (the initial A: a restart), B = 0, and the residual that makes the model exact."""
+        new: State = {}
+        residuals: dict[str, Residual] = {}
+        for m in layout.modules:
+            new[m.key_a], new[m.key_b] = global_state[m.key_a].clone(), torch.zeros_like(global_state[m.key_b])
+            residuals[m.name] = _residual(m, global_state, updates, weights, new[m.key_a], new[m.key_b])
+        for key in layout.head_keys:
+            new[key] = global_state[key] + sum(w * (u.end[key] - u.start[key]) for w, u in zip(weights, updates))
+        return new, residuals
+
+
+@RULES.register
+class FlexLoRA(AggregationRule):
+    """FlexLoRA (Bai et al. 2024): the weighted mean of the devices' products s B_k A_k, truncated
+    by SVD to the model's rank r and split evenly into B and A; the first r_k components are the
+    best rank-r_k approximation, which a device of rank r_k holds. A component the mean does not
+    fill restarts at the initial A with B = 0, so it can still learn. `stats`: per rank, the
+    relative truncation error |dW - dW_r| / |dW| summed over modules."""
+
+    name = "flexlora"
+    from_sums = False  # the products are not linear in the updates
+    takes_server_optimizer = False  # every round's factors are a new SVD basis: their differences mean nothing
+
+    def aggregate(self, layout, global_state, updates, weights, noise=None, totals=None):
+        """SVD of the products' weighted mean, from the stacked factors (never the dense matrix)."""
+        new: State = {}
+        ranks = sorted({int(u.trained[m.name].ranks.sum()) for u in updates for m in layout.modules} | {
+            m.r for m in layout.modules})
+        lost = {r: 0.0 for r in ranks}
+        total = 0.0
+        for m in layout.modules:
+            held = [_held(m, global_state, u) for u in updates]
+            stacked = Residual(torch.cat([m.scaling * w * b for w, (b, _) in zip(weights.tolist(), held)], 1),
+                               torch.cat([a for _, a in held], 0))
+            (u_, v_), sing = stacked.svd(m.r)
+            total += float(sing.pow(2).sum())
+            for r in ranks:
+                lost[r] += float(sing[r:].pow(2).sum())
+            root = m.scaling ** 0.5
+            b, a = u_ / root, v_ / root
+            unused = sing[: m.r] <= 1e-6 * float(sing[0])  # float32 products: below this it is rounding
+            if m.key_a in self.initial and bool(unused.any()):  # restart what the mean leaves empty
+                a[unused] = self.initial[m.key_a][unused]
+                b[:, unused] = 0.0
+            new[m.key_a], new[m.key_b] = a, b
+        for key in layout.head_keys:
+            new[key] = global_state[key] + sum(w * (u.end[key] - u.start[key]) for w, u in zip(weights, updates))
+        self.stats = {"truncation": {r: (lost[r] / total) ** 0.5 if total else 0.0 for r in ranks}}
+        return new, {}
+
+
+def make_rule(aggregation: str, factor_rule: str = "masked", initial: State | None = None) -> AggregationRule:
+    """The one place a rule is chosen by name (`fedlodrop.run.settings` checks the names first);
+    `initial`: the seeded initial adapter, for a rule that restarts components from it."""
+    rule = RULES.make(aggregation, factor_rule)
+    rule.initial = initial or {}
+    return rule
 
 
 def _move(
@@ -286,7 +418,16 @@ def _sent(u: DeviceUpdate, key: str, layout: AdapterLayout) -> torch.Tensor:
         return torch.ones(())
     name, part = key.rsplit(".", 1)
     mask = u.trained[name]
-    return mask.a_cols[None, :].float() if part == "lora_A" else mask.b_rows[:, None].float()
+    return mask.a.float() if part == "lora_A" else mask.b.float()
+
+
+def _held(m: ModuleShape, prev: State, u: DeviceUpdate) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) of device `u` as FlexLoRA averages it: the global factors with its trained slices as it
+    sent them (a slice dropout removed: no change), zero outside its rank (its product has rank r_k)."""
+    mask = u.trained[m.name]
+    b = (prev[m.key_b] + (u.end[m.key_b] - prev[m.key_b]) * mask.b) * mask.ranks[None, :]
+    a = (prev[m.key_a] + (u.end[m.key_a] - prev[m.key_a]) * mask.a) * mask.ranks[:, None]
+    return b, a
 
 
 def _residual(
@@ -310,7 +451,7 @@ def _residual(
                 break
         else:
             merged.append([tb, ta, c])
-    kept = [(tb, ta, c) for tb, ta, c in merged if abs(c) > 1e-6]
+    kept = [(tb, ta, c) for tb, ta, c in merged if abs(c) > 1e-6 and bool(tb.any())]  # a zero B adds nothing
     if not kept:
         return Residual(torch.zeros(m.n_out, 0), torch.zeros(0, m.n_in))
     u = torch.cat([m.scaling * c * tb for tb, _, c in kept], dim=1)

@@ -1,8 +1,10 @@
 """SPEC section 1: row/column dropout masks on LoRA and the sub-adapters they cut out.
 
-A mask keeps columns of A (input features) and rows of B (output features); the rank is never
-dropped and nothing is rescaled. The server draws the masks, so a device uploads only the kept
-slices (`pack`) and the server rebuilds full matrices (`unpack`) without any index travelling.
+A mask keeps columns of A (input features) and rows of B (output features), and the first r_k of
+the r rank components (rows of A, columns of B) for a device of rank r_k (`lora.ranks`); dropout
+never drops a rank component and nothing is rescaled. The server draws the masks, so a device
+uploads only the kept slices (`pack`) and the server rebuilds full matrices (`unpack`) without any
+index travelling.
 """
 
 from __future__ import annotations
@@ -28,6 +30,22 @@ class ModuleMask:
     """Which columns of A and rows of B one device keeps in one module."""
     a_cols: torch.Tensor  # bool (n_in,): kept columns of A
     b_rows: torch.Tensor  # bool (n_out,): kept rows of B
+    ranks: torch.Tensor  # bool (r,): the rank components the device holds (its first r_k)
+
+    @property
+    def a(self) -> torch.Tensor:
+        """Kept values of A (r x n_in), as a bool matrix."""
+        return self.ranks[:, None] & self.a_cols[None, :]
+
+    @property
+    def b(self) -> torch.Tensor:
+        """Kept values of B (n_out x r), as a bool matrix."""
+        return self.b_rows[:, None] & self.ranks[None, :]
+
+    @property
+    def whole(self) -> bool:
+        """Nothing dropped: every row, column and rank component kept."""
+        return bool(self.a_cols.all() and self.b_rows.all() and self.ranks.all())
 
 
 Masks = dict[str, ModuleMask]  # keyed by module name
@@ -54,32 +72,60 @@ def draw_keep(n: int, rate: float, sampler: Sampler, rng: np.random.Generator) -
 
 
 def draw_masks(
-    layout: AdapterLayout, rate: float, sampler: Sampler, seed: int, round_: int, device: int, stream: str = "mask"
+    layout: AdapterLayout, rate: float, sampler: Sampler, seed: int, round_: int, device: int, stream: str = "mask",
+    rank: int | None = None,
 ) -> Masks:
-    """Masks of one device for one round; each module's draw has its own named stream."""
+    """Masks of one device for one round; each module's draw has its own named stream. `rank`:
+    the device's rank r_k (its first r_k components kept); None: all of them."""
     masks: Masks = {}
     for index, m in enumerate(layout.modules):
+        ranks = _first(m.r, rank)
         if rate == 0.0:
-            masks[m.name] = _all_kept(m.n_in, m.n_out)
+            masks[m.name] = ModuleMask(torch.ones(m.n_in, dtype=torch.bool), torch.ones(m.n_out, dtype=torch.bool),
+                                       ranks)
             continue
         a = draw_keep(m.n_in, rate, sampler, numpy_rng(seed, f"{stream}-A", round_, device, index))
         b = draw_keep(m.n_out, rate, sampler, numpy_rng(seed, f"{stream}-B", round_, device, index))
-        masks[m.name] = ModuleMask(torch.from_numpy(a), torch.from_numpy(b))
+        masks[m.name] = ModuleMask(torch.from_numpy(a), torch.from_numpy(b), ranks)
     return masks
+
+
+def device_rank(cfg: RunConfig, device: int) -> int | None:
+    """Device `device`'s LoRA rank r_k from `lora.ranks`; None: the model's rank `lora.r`."""
+    ranks = cfg.lora.ranks
+    if ranks is None:
+        return None
+    return ranks[device] if isinstance(ranks, list) else ranks
 
 
 def device_masks(cfg: RunConfig, layout: AdapterLayout, rate: float, round_: int, device: int) -> Masks:
     """A device's masks for a round: the server and the device draw the same ones by name."""
-    return draw_masks(layout, rate, cfg.dropout.sampler, cfg.seed, round_, device)
+    return draw_masks(layout, rate, cfg.dropout.sampler, cfg.seed, round_, device, rank=device_rank(cfg, device))
 
 
 def full_masks(layout: AdapterLayout) -> Masks:
-    """Masks that keep everything (no dropout)."""
-    return {m.name: _all_kept(m.n_in, m.n_out) for m in layout.modules}
+    """Masks that keep everything (no dropout, every rank component)."""
+    return {m.name: _all_kept(m.n_in, m.n_out, m.r) for m in layout.modules}
 
 
-def _all_kept(n_in: int, n_out: int) -> ModuleMask:
-    return ModuleMask(torch.ones(n_in, dtype=torch.bool), torch.ones(n_out, dtype=torch.bool))
+def rank_masks(masks: Masks) -> Masks | None:
+    """Every row and column, only the rank components of `masks`; None when those are all of them
+    (a device of full rank holds the whole model)."""
+    if all(bool(mask.ranks.all()) for mask in masks.values()):
+        return None
+    return {name: ModuleMask(torch.ones_like(mask.a_cols), torch.ones_like(mask.b_rows), mask.ranks)
+            for name, mask in masks.items()}
+
+
+def _first(r: int, rank: int | None) -> torch.Tensor:
+    keep = torch.ones(r, dtype=torch.bool)
+    if rank is not None:
+        keep[rank:] = False
+    return keep
+
+
+def _all_kept(n_in: int, n_out: int, r: int) -> ModuleMask:
+    return ModuleMask(torch.ones(n_in, dtype=torch.bool), torch.ones(n_out, dtype=torch.bool), torch.ones(r, dtype=torch.bool))
 
 
 def apply_masks(state: State, layout: AdapterLayout, masks: Masks) -> State:
@@ -87,8 +133,8 @@ def apply_masks(state: State, layout: AdapterLayout, masks: Masks) -> State:
     out = dict(state)
     for m in layout.modules:
         mask = masks[m.name]
-        out[m.key_a] = state[m.key_a] * mask.a_cols.to(state[m.key_a].dtype)[None, :]
-        out[m.key_b] = state[m.key_b] * mask.b_rows.to(state[m.key_b].dtype)[:, None]
+        out[m.key_a] = state[m.key_a] * mask.a.to(state[m.key_a].dtype)
+        out[m.key_b] = state[m.key_b] * mask.b.to(state[m.key_b].dtype)
     return out
 
 
@@ -97,8 +143,8 @@ def pack(state: State, layout: AdapterLayout, masks: Masks, dtype: torch.dtype) 
     packed: State = {}
     for m in layout.modules:
         mask = masks[m.name]
-        packed[m.key_a] = state[m.key_a][:, mask.a_cols].to(dtype).contiguous()
-        packed[m.key_b] = state[m.key_b][mask.b_rows, :].to(dtype).contiguous()
+        packed[m.key_a] = state[m.key_a][mask.ranks][:, mask.a_cols].to(dtype).contiguous()
+        packed[m.key_b] = state[m.key_b][mask.b_rows][:, mask.ranks].to(dtype).contiguous()
     for key in layout.head_keys:
         packed[key] = state[key].to(dtype).contiguous()
     return packed
@@ -109,14 +155,17 @@ def unpack(packed: State, layout: AdapterLayout, masks: Masks) -> State:
     state: State = {}
     for m in layout.modules:
         mask = masks[m.name]
-        a = torch.zeros(m.r, m.n_in)
-        a[:, mask.a_cols] = packed[m.key_a].float()
-        b = torch.zeros(m.n_out, m.r)
-        b[mask.b_rows, :] = packed[m.key_b].float()
-        state[m.key_a], state[m.key_b] = a, b
+        state[m.key_a] = place(packed[m.key_a].float(), mask.ranks, mask.a_cols, torch.zeros(m.r, m.n_in))
+        state[m.key_b] = place(packed[m.key_b].float(), mask.b_rows, mask.ranks, torch.zeros(m.n_out, m.r))
     for key in layout.head_keys:
         state[key] = packed[key].float()
     return state
+
+
+def place(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """`into` with its kept rows x kept columns (bool masks) set to `values`, in place."""
+    into[rows.nonzero()[:, 0][:, None], cols.nonzero()[:, 0][None, :]] = values
+    return into
 
 
 def payload_bytes(packed: State) -> int:
@@ -126,4 +175,5 @@ def payload_bytes(packed: State) -> int:
 
 def kept_values(layout: AdapterLayout, masks: Masks) -> int:
     """How many of the Q adapter values a mask keeps ((1 - gamma) Q in expectation)."""
-    return sum(m.r * (int(masks[m.name].a_cols.sum()) + int(masks[m.name].b_rows.sum())) for m in layout.modules)
+    return sum(int(masks[m.name].ranks.sum()) * (int(masks[m.name].a_cols.sum()) + int(masks[m.name].b_rows.sum()))
+               for m in layout.modules)

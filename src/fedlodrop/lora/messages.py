@@ -17,7 +17,7 @@ import torch
 
 from fedlodrop.lora.adapter import AdapterLayout, State
 from fedlodrop.lora.aggregation import AggregationRule, Residual
-from fedlodrop.lora.masks import Masks, full_masks, pack, payload_bytes, unpack
+from fedlodrop.lora.masks import Masks, full_masks, pack, payload_bytes, place, unpack
 
 
 @dataclass(frozen=True)
@@ -46,19 +46,25 @@ COMM_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 # ---------------------------------------------------------------------------- the adapter
 
 
-def encode_adapter(state: State, layout: AdapterLayout, masks: Masks, rule: AggregationRule, dtype) -> State:
-    """The kept slices of `masks` and the head, in the communication dtype, as the rule sends them."""
-    return {k: v for k, v in pack(state, layout, masks, dtype).items() if rule.sends(k)}
+def encode_adapter(state: State, layout: AdapterLayout, masks: Masks, rule: AggregationRule, dtype,
+                   down: bool = False) -> State:
+    """The kept slices of `masks` and the head, in the communication dtype, as the rule sends them
+    (`down`: to a device, else from one)."""
+    sends = rule.sends_down if down else rule.sends
+    return {k: v for k, v in pack(state, layout, masks, dtype).items() if sends(k)}
 
 
 def decode_adapter(packed: State, layout: AdapterLayout, masks: Masks | None, known: State) -> State:
     """Full-size float32 state, zeros outside `masks` (None: the whole adapter, a variant's view of
-    the whole global model); keys that never travel come from `known`."""
+    the whole global model); keys that never travel come from `known` (an A) or are zeros (a B)."""
     masks = full_masks(layout) if masks is None else masks
     full = dict(packed)
     for m in layout.modules:
+        mask = masks[m.name]
         if m.key_a not in full:
-            full[m.key_a] = known[m.key_a][:, masks[m.name].a_cols]
+            full[m.key_a] = known[m.key_a][mask.ranks][:, mask.a_cols]
+        if m.key_b not in full:
+            full[m.key_b] = torch.zeros(int(mask.b_rows.sum()), int(mask.ranks.sum()))
     return unpack(full, layout, masks)
 
 
@@ -68,8 +74,8 @@ def merge_trained(start: State, uploaded: State, layout: AdapterLayout, trained:
     for m in layout.modules:
         mask = trained[m.name]
         if m.key_a in uploaded:
-            end[m.key_a][:, mask.a_cols] = uploaded[m.key_a].float()
-        end[m.key_b][mask.b_rows, :] = uploaded[m.key_b].float()
+            place(uploaded[m.key_a].float(), mask.ranks, mask.a_cols, end[m.key_a])
+        place(uploaded[m.key_b].float(), mask.b_rows, mask.ranks, end[m.key_b])
     for key in layout.head_keys:
         end[key] = uploaded[key].float()
     return end

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from fedlodrop.lora.adapter import AdapterLayout
-from fedlodrop.lora.masks import Masks, full_masks
+from fedlodrop.lora.masks import Masks, full_masks, rank_masks
 from fedlodrop.registry import Registry
 
 VARIANTS: Registry[DropoutVariant] = Registry("dropout.variant")
@@ -45,8 +45,8 @@ class Update(DropoutVariant):
     name = "update"
 
     def view(self, masks: Masks, layout: AdapterLayout) -> Masks | None:
-        """None: the device's forward pass is the whole global model."""
-        return None
+        """None: the device's forward pass is the whole global model (of its rank, `lora.ranks`)."""
+        return rank_masks(masks)
 
 
 @VARIANTS.register
@@ -63,8 +63,9 @@ class Reset(DropoutVariant):
     name = "reset"
 
     def trained(self, masks: Masks, layout: AdapterLayout) -> Masks:
-        """Everything: the device trains and sends every slice (its dropped ones restarted from zero)."""
-        return full_masks(layout)
+        """Everything of its rank: the device trains and sends every slice (its dropped ones restarted
+        from zero)."""
+        return rank_masks(masks) or full_masks(layout)
 
 
 def make_variant(name: str) -> DropoutVariant:

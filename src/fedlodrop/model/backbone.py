@@ -317,9 +317,14 @@ def build_model(cfg: RunConfig, task: Task, tokenizer, init_seed: int) -> FedMod
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         net.enable_input_require_grads()
     net.to(device)
-    return FedModel(net, tokenizer, device, pooling,
-                    resolve_precision(cfg.train.precision, device, "train.precision"),
-                    resolve_precision(cfg.train.eval_precision, device, "train.eval_precision"))
+    fm = FedModel(net, tokenizer, device, pooling,
+                  resolve_precision(cfg.train.precision, device, "train.precision"),
+                  resolve_precision(cfg.train.eval_precision, device, "train.eval_precision"))
+    narrow = min(fm.layout.modules, key=lambda m: min(m.n_in, m.n_out))
+    if cfg.lora.r > min(narrow.n_in, narrow.n_out):  # a rank past the width adds nothing a full update has not
+        raise UserError(f"invalid config: lora.r {cfg.lora.r} exceeds the width {min(narrow.n_in, narrow.n_out)} of "
+                        f"{narrow.name} ({narrow.n_out} x {narrow.n_in}); every device rank must be at most that")
+    return fm
 
 
 def model_pooling(cfg: RunConfig) -> Pooling:

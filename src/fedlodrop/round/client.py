@@ -208,10 +208,10 @@ def _grad_masks(fm: FedModel, masks: Masks) -> list[tuple[torch.nn.Parameter, to
     out = []
     for shape, a, b in fm.lora_params():
         mask = masks[shape.name]
-        if not bool(mask.a_cols.all()):
-            out.append((a, mask.a_cols.to(a.device, a.dtype)[None, :]))
-        if not bool(mask.b_rows.all()):
-            out.append((b, mask.b_rows.to(b.device, b.dtype)[:, None]))
+        if not bool(mask.a_cols.all() and mask.ranks.all()):
+            out.append((a, mask.a.to(a.device, a.dtype)))
+        if not bool(mask.b_rows.all() and mask.ranks.all()):
+            out.append((b, mask.b.to(b.device, b.dtype)))
     return out
 
 

@@ -273,9 +273,8 @@ def sent_masks(layout: AdapterLayout, trained: Masks, trains_a: bool) -> State:
     out: State = {}
     for m in layout.modules:
         mask = trained[m.name]
-        a = mask.a_cols.float()[None, :].expand(m.r, m.n_in)
-        out[m.key_a] = a if trains_a else torch.zeros(m.r, m.n_in)
-        out[m.key_b] = mask.b_rows.float()[:, None].expand(m.n_out, m.r)
+        out[m.key_a] = mask.a.float() if trains_a else torch.zeros(m.r, m.n_in)
+        out[m.key_b] = mask.b.float()
     for key, shape in layout.head:
         out[key] = torch.ones(shape)
     return out

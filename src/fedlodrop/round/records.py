@@ -236,6 +236,7 @@ class RoundRecord:
     fold_bytes: int = 0
     fold_error: float | None = None  # federation.residual_rank: |R - R_k|_F summed over modules
     fold_error_rel: float | None = None
+    truncation: dict[int, float] | None = None  # flexlora: per rank r, |dW - dW_r| / |dW| of the round's mean product
     train: dict[str, float] = field(default_factory=dict)  # metrics on a sample of the training data
     eval: dict[str, float] = field(default_factory=dict)
     eval_loss: float = math.nan
@@ -291,6 +292,8 @@ class RoundRecord:
         }
         if self.fold_error is not None:
             out |= {"fold_error": self.fold_error, "fold_error_rel": self.fold_error_rel}
+        if self.truncation is not None:
+            out["truncation"] = {str(r): e for r, e in self.truncation.items()}
         out |= {
             "devices": [d.to_json() for d in self.devices],
             "failures": self.failures,
@@ -319,6 +322,7 @@ class RoundRecord:
             fold_bytes=int(d.get("fold_bytes", 0)),
             fold_error=d.get("fold_error"),
             fold_error_rel=d.get("fold_error_rel"),
+            truncation={int(r): float(e) for r, e in d["truncation"].items()} if d.get("truncation") else None,
             train=dict(d.get("train", {})),
             eval=dict(d.get("eval", {})),
             eval_loss=float(d.get("eval_loss", math.nan)),

@@ -76,7 +76,7 @@ class Server:
         self.state = state
         self.rates = rates
         self.known = known
-        self.rule = make_rule(cfg.federation.aggregation, cfg.federation.factor_rule)
+        self.rule = make_rule(cfg.federation.aggregation, cfg.federation.factor_rule, known)
         self.variant = make_variant(cfg.dropout.variant)
         self.optimizer = make_server_optimizer(cfg.server)
         self.dtype = COMM_DTYPES[cfg.federation.comm_dtype]
@@ -105,10 +105,10 @@ class Server:
             masks = device_masks(self.cfg, self.layout, self.rates[k], round_, k)
             view = self.variant.view(masks, self.layout)
             if view is not None:
-                adapter = encode_adapter(self.state.global_state, self.layout, view, self.rule, self.dtype)
+                adapter = encode_adapter(self.state.global_state, self.layout, view, self.rule, self.dtype, down=True)
             else:  # every device gets the whole adapter: pack it once; each task its own dict, tensors shared
                 whole = whole or encode_adapter(
-                    self.state.global_state, self.layout, full_masks(self.layout), self.rule, self.dtype
+                    self.state.global_state, self.layout, full_masks(self.layout), self.rule, self.dtype, down=True
                 )
                 adapter = dict(whole)
             tasks.append(DeviceTask(k, round_, self.rates[k], adapter, self._catch_up(k)))
@@ -182,6 +182,7 @@ class Server:
                 f"federation.min_devices is {self.cfg.federation.min_devices} ({reasons})"
             )
         fold_update, (record.fold_error, record.fold_error_rel) = self._aggregate(updates)
+        record.truncation = self.rule.stats.get("truncation") if updates else None
         for plugin in self.plugins:  # DP's epsilon, the meter's round
             plugin.on_record(record, self)
         record.fold_bytes = fold_update.nbytes if fold_update else 0
@@ -191,11 +192,12 @@ class Server:
         return RoundResult(fold_update, record)
 
     def _start(self, task: DeviceTask, masks: Masks, decoded: dict) -> State:
-        """What the device started from, decoded from what it was sent; devices sent the same
-        (shared) tensors share one decoded start."""
-        key = tuple(map(id, task.adapter.values()))
+        """What the device started from, decoded from what it was sent; devices that hold the whole
+        global model (no view) were sent the same tensors and share one decoded start."""
+        view = self.variant.view(masks, self.layout)
+        key = ("whole", *map(id, task.adapter.values())) if view is None else ("device", task.device)
         if key not in decoded:
-            decoded[key] = decode_adapter(task.adapter, self.layout, self.variant.view(masks, self.layout), self.known)
+            decoded[key] = decode_adapter(task.adapter, self.layout, view, self.known)
         return decoded[key]
 
     def _update(self, task: DeviceTask, masks: Masks, reply: DeviceReply, decoded: dict) -> DeviceUpdate:

@@ -38,6 +38,11 @@ def check(cfg: RunConfig) -> None:
         problem = registry.unknown(getattr(getattr(cfg, section), name))
         if problem:
             raise ValueError(problem)
+    rule = RULES[cfg.federation.aggregation]
+    if cfg.server.optimizer != "none" and not rule.takes_server_optimizer:
+        raise ValueError(f"server.optimizer {cfg.server.optimizer} cannot follow federation.aggregation "
+                         f"{cfg.federation.aggregation}: its factors are a new SVD basis every round; choose one of "
+                         f"{', '.join(RULES.where(lambda cls: cls.takes_server_optimizer))}")
     if cfg.server.optimizer == "none" and cfg.server.lr is not None:
         raise ValueError(f"server.lr {cfg.server.lr:g} has no effect: server.optimizer is none (choose one of "
                          f"{', '.join(n for n in SERVER_OPTIMIZERS if n != 'none')})")
