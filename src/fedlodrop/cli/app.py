@@ -109,6 +109,11 @@ def sweep(
         Optional[list[str]],
         typer.Option("--vary", help="KEY=V1,V2,... for any config key; repeat it for a grid (the product)"),
     ] = None,
+    arm: Annotated[
+        Optional[list[str]],
+        typer.Option("--arm", help="NAME={key: value, ...}: settings compared as wholes, one axis 'arm' (repeat "
+                     "it, one per arm), e.g. --arm 'rank={lora.ranks: [2,4,8]}'"),
+    ] = None,
     seeds: Annotated[
         int,
         typer.Option("--seeds", min=1, help="runs per grid point: seeds base..base+N-1 (base: config seed)"),
@@ -140,9 +145,9 @@ def sweep(
     _offline_env()
     check_jobs(jobs, threads)
     cfg = load_config(config, set_ or [])
-    axes = make_axes(rates, vary or [])
+    axes = make_axes(rates, vary or [], arm or [])
     if not axes and seeds == 1:
-        raise UserError("nothing to sweep: give --rates, --vary KEY=V1,V2,... or --seeds N")
+        raise UserError("nothing to sweep: give --rates, --vary KEY=V1,V2,..., --arm NAME={...} or --seeds N")
     if out is None:
         out = default_run_dir(cfg, kind="sweep")
     n = len(expand_grid(cfg, axes, seeds))

@@ -32,7 +32,7 @@ import yaml
 from fedlodrop.errors import UserError
 from fedlodrop.round.records import Summary
 from fedlodrop.run.folder import RunFolder
-from fedlodrop.studies.sweep import MANIFEST, REUSE_IGNORED, flatten, format_value, read_manifest
+from fedlodrop.studies.sweep import ARM_KEY, MANIFEST, REUSE_IGNORED, flatten, format_value, read_manifest
 
 # Fields of a run row that are aggregated across seeds, with their table headings.
 STAT_FIELDS = (
@@ -209,13 +209,20 @@ def collect(folder: Path) -> Report:
 
     manifest = read_manifest(folder) or {}
     known: dict[str, list] = {}
+    arms: dict[str, dict] = {}
     for axis in manifest.get("vary", []):
         if isinstance(axis, dict) and isinstance(axis.get("key"), str):
             known[axis["key"]] = list(axis.get("values") or [])
+            if isinstance(axis.get("sets"), dict):
+                arms = axis["sets"]
+    for _, _, flat in runs:  # a sweep's --arm: the arm whose keys the run's config has
+        flat[ARM_KEY] = next((name for name, sets in arms.items()
+                              if all(flat.get(k) == v for k, v in sets.items())), None)
+    explained = {k for sets in arms.values() for k in sets}  # shown as the arm's name
     keys = [k for k in known if k not in _NOT_VARIED]
     all_keys = sorted(set().union(*(flat.keys() for _, _, flat in runs)))
     for k in all_keys:
-        if k in keys or k in _NOT_VARIED:
+        if k in keys or k in _NOT_VARIED or k in explained:
             continue
         seen = {json.dumps(flat.get(k), sort_keys=True, default=str) for _, _, flat in runs}
         if len(seen) > 1:

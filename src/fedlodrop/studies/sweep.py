@@ -5,6 +5,9 @@
 
 `--vary KEY=V1,V2,...` takes any config key (values parsed as YAML, like `--set`); repeated, the
 grid is the product of the axes. `--rates` is shorthand for `--vary dropout.rate=...`.
+`--arm NAME={key: value, ...}` (repeated) is one axis, `arm`, whose values set several keys at
+once: settings compared as wholes, e.g. at equal uplink bytes a dropout rate, a smaller rank or a
+compressed uplink.
 `--seeds N` repeats every grid point with seeds base..base+N-1 (base: the config's `seed`).
 
 Every grid point is validated before anything is written. Each run goes to
@@ -62,11 +65,18 @@ class Axis:
     key: str
     values: tuple[Any, ...]
     option: str = "--vary"  # how the user gave it, for messages
+    sets: dict[str, dict[str, Any]] | None = None  # --arm: each value's name -> the keys it sets
 
     def label(self, value: Any) -> str:
         """A value as it reads in a run folder's name and a table."""
         shown = show_value(value)
+        if self.sets is not None:
+            return f"--arm {value}"
         return f"--rates {shown}" if self.option == "--rates" else f"--vary {self.key}={shown}"
+
+    def overrides(self, value: Any) -> dict[str, Any]:
+        """The config keys this axis sets at `value`."""
+        return dict(self.sets[value]) if self.sets is not None else {self.key: value}
 
 
 @dataclass(frozen=True)
@@ -130,12 +140,43 @@ def parse_vary(item: str, option: str = "--vary") -> Axis:
     return Axis(key, values, option)
 
 
-def make_axes(rates: str | None, vary: list[str] | tuple[str, ...] = ()) -> list[Axis]:
-    """The sweep's axes from `--rates` and `--vary` options, in the order given (rates first)."""
+ARM_KEY = "arm"
+
+
+def parse_arms(items: list[str] | tuple[str, ...]) -> Axis | None:
+    """`NAME={key: value, ...}` options -> the `arm` axis (None without any)."""
+    sets: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, _, raw = item.partition("=")
+        name = name.strip()
+        try:
+            mapping = parse_override(f"x={raw}")[1] if raw.strip() else None
+        except UserError:
+            mapping = None
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or not isinstance(mapping, dict) or not mapping:
+            raise UserError(f"--arm {item!r}: expected NAME={{key: value, ...}} (a name, then the keys it sets)")
+        if name in sets:
+            raise UserError(f"--arm {name}: the name is given twice")
+        if "seed" in mapping:
+            raise UserError(f"--arm {item!r}: use --seeds N to repeat runs over seeds")
+        sets[name] = {str(k): v for k, v in mapping.items()}
+    return Axis(ARM_KEY, tuple(sets), "--arm", sets) if sets else None
+
+
+def make_axes(rates: str | None, vary: list[str] | tuple[str, ...] = (),
+              arms: list[str] | tuple[str, ...] = ()) -> list[Axis]:
+    """The sweep's axes from `--rates`, `--arm` and `--vary` options, in that order."""
     axes = []
     if rates is not None:
         axes.append(parse_vary(f"{RATE_KEY}={rates}", option="--rates"))
+    arm = parse_arms(arms)
+    if arm is not None:  # the arms are the x axis of the table and plot
+        axes.append(arm)
     axes.extend(parse_vary(v) for v in vary)
+    if arm is not None:
+        varied = {a.key for a in axes} & {k for keys in arm.sets.values() for k in keys}
+        if varied:
+            raise UserError(f"--arm sets {sorted(varied)[0]}, which --vary or --rates varies too")
     seen: set[str] = set()
     for axis in axes:
         if axis.key in seen:
@@ -215,8 +256,9 @@ def expand_grid(base: RunConfig, axes: list[Axis], seeds: int = 1) -> list[Point
     for axis in axes:  # each value on its own first, so the message names exactly the culprit
         seen: list = []
         for value in axis.values:
-            cfg = _validate(base, {axis.key: value}, axis.label(value))
-            valid = get_key(cfg.model_dump(mode="json"), axis.key)
+            cfg = _validate(base, axis.overrides(value), axis.label(value))
+            tree = cfg.model_dump(mode="json")
+            valid = [get_key(tree, k) for k in axis.sets[value]] if axis.sets is not None else get_key(tree, axis.key)
             if valid in seen:
                 raise UserError(f"{axis.label(value)}: the value {show_value(valid)} is given twice")
             seen.append(valid)
@@ -225,11 +267,12 @@ def expand_grid(base: RunConfig, axes: list[Axis], seeds: int = 1) -> list[Point
     names: dict[str, str] = {}
     for seed in seed_values:
         for combo in itertools.product(*(axis.values for axis in axes)):
-            overrides = {axis.key: v for axis, v in zip(axes, combo)}
-            label = "grid point " + ", ".join(f"{k}={show_value(v)}" for k, v in overrides.items())
+            chosen = {axis.key: v for axis, v in zip(axes, combo)}
+            overrides = {k: v for axis, v in zip(axes, combo) for k, v in axis.overrides(v).items()}
+            label = "grid point " + ", ".join(f"{k}={show_value(v)}" for k, v in chosen.items())
             cfg = _validate(base, {**overrides, "seed": seed}, label)
             tree = cfg.model_dump(mode="json")
-            values = {key: get_key(tree, key) for key in overrides}
+            values = {key: v if key == ARM_KEY else get_key(tree, key) for key, v in chosen.items()}
             name = point_name(values, seed)
             if name in names:
                 raise UserError(f"{label}: same run folder {name} as {names[name]}; drop the duplicate")
@@ -306,8 +349,9 @@ def write_manifest(out: Path, axes: list[Axis], points: list[Point], seeds: list
         for k, v in p.values.items():
             if v not in values[k]:
                 values[k].append(v)
+    arms = next((a.sets for a in axes if a.sets is not None), None)
     manifest = {
-        "vary": [{"key": k, "values": vs} for k, vs in values.items()],
+        "vary": [{"key": k, "values": vs} | ({"sets": arms} if k == ARM_KEY else {}) for k, vs in values.items()],
         "seeds": seeds,
         "runs": [p.name for p in points],
     }
