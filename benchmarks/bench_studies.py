@@ -4,6 +4,8 @@
                IID and Dirichlet 0.5 / 0.1 label skew, on SST-2, RTE and MRPC, 3 seeds:
                how far is federated from centralised, does FedEx's exactness pay off?
                Goal: fedex within 1.5 points of centralised on SST-2, IID.
+  optimisers   issue 30: FedProx (mu 1e-3) and FedAvgM / FedAdam / FedYogi (default server rates) against
+               FedAvg, all on fedex, on the aggregation study's grid: paired differences per seed.
   rank         LoRA r 4 / 16 / 64 / 256 with and without FedLoDrop (default variant, rate 0.3):
                bytes per round against accuracy, SST-2, 3 seeds; r 256 once more with the
                adapter's learning rate scaled by 8 / r.
@@ -15,7 +17,7 @@ otherwise (MiniLM r 8 on query/value, batch 16, BERT's [CLS] head), 300 validati
 that all three studies finish in under 3 hours with 2 processes x 1 thread on this 2-core CPU.
 Run folders under bench_out/, tables and plots in docs/benchmarks/study-<name>.{md,csv,png}.
 
-    python benchmarks/bench_studies.py aggregation|rank|decoders [--jobs 2] [--threads 1] [--seeds 3]
+    python benchmarks/bench_studies.py aggregation|optimisers|rank|decoders [--jobs 2] [--threads 1] [--seeds 3]
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+
+import statistics
 
 from _tables import grid_args, header, markdown, plot, point, run, table, write_csv
 
@@ -82,6 +86,52 @@ def aggregation(args) -> None:
     _finish("aggregation", rows, keys, "main metric", "Aggregation rules against centralised LoRA (x: 0 centralised, "
             "1 IID, 2 Dirichlet 0.5, 3 Dirichlet 0.1); 800 examples, 3 devices, 4 rounds", args, "skew", ["rule"],
             facet="task", extra=extra)
+
+
+OPTIMISERS = {  # issue 30: the federated optimisers researchers compare against, on fedex
+    "fedavg": [],
+    "fedprox": ["train.prox_mu=0.001"],  # AdamW's scale of mu (docs/optimisers.md)
+    "fedavgm": ["server.optimizer=avgm"],
+    "fedadam": ["server.optimizer=adam"],
+    "fedyogi": ["server.optimizer=yogi"],
+}
+
+
+def optimisers(args) -> None:
+    """FedProx and the server optimisers (their default hyper-parameters) on the aggregation
+    study's grid with fedex: which beats plain FedAvg of the mean of models, and where?"""
+    pts = []
+    for task in ("sst2", "rte", "mrpc"):
+        for seed in range(args.seeds):
+            base = SETTING + [f"task={task}", f"data.glue_dir={args.glue}", f"seed={seed}", "federation.devices=3",
+                              "federation.aggregation=fedex"]
+            for part, alpha in PARTITIONS:
+                label = part if alpha is None else f"dirichlet {alpha}"
+                extra = [f"federation.partition={part}"] + ([f"federation.dirichlet_alpha={alpha}"] if alpha else [])
+                for name, sets in OPTIMISERS.items():
+                    pts.append(point(f"{task}-{part}{alpha or ''}-{name}-seed{seed}",
+                                     {"task": task, "setting": label, "optimiser": name}, base + extra + sets))
+    results = run(pts, ROOT / "bench_out" / "study-optimisers", args.jobs, args.threads)
+    keys = ["task", "setting", "optimiser"]
+    rows = table(pts, results, keys)
+    by_seed: dict = {}
+    for p in pts:
+        summary = results[p.name].summary
+        by_seed[(p.values["task"], p.values["setting"], p.values["optimiser"], p.seed)] = summary.final[summary.main_metric]
+    lines = ["| optimiser minus fedavg | pairs | mean (points) | 95% CI |", "|---|---|---|---|"]
+    for name in OPTIMISERS:
+        if name == "fedavg":
+            continue
+        diffs = [100 * (v - by_seed[(t, s, "fedavg", seed)]) for (t, s, o, seed), v in by_seed.items() if o == name]
+        mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+        half = 2.056 * sd / len(diffs) ** 0.5 if len(diffs) == 27 else float("nan")  # t(0.975, 26)
+        lines.append(f"| {name} | {len(diffs)} | {mean:+.2f} | [{mean - half:+.2f}, {mean + half:+.2f}] |")
+    for r in rows:
+        r["skew"] = {"iid": 1, "dirichlet 0.5": 2, "dirichlet 0.1": 3}[r["setting"]]
+    _finish("optimisers", rows, keys, "main metric", "FedProx and server optimisers on fedex (x: 1 IID, 2 Dirichlet "
+            "0.5, 3 Dirichlet 0.1); 800 examples, 3 devices, 4 rounds", args, "skew", ["optimiser"], facet="task",
+            extra="\nPaired differences against FedAvg (same task, partition and seed), final validation metric:\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def rank(args) -> None:
@@ -230,7 +280,7 @@ def _tiny_decoder(kind: str, folder: Path, tokenizer_dir: str) -> Path:
     return folder
 
 
-COMMANDS = {"aggregation": aggregation, "rank": rank, "decoders": decoders}
+COMMANDS = {"aggregation": aggregation, "optimisers": optimisers, "rank": rank, "decoders": decoders}
 
 
 def main() -> None:

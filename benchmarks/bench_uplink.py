@@ -93,7 +93,7 @@ def main() -> None:
     out = ROOT / "bench_out" / "uplink"
     cmd = command(args, out)
     t0 = time.time()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "fedlodrop", *cmd[1:]], check=True, stdout=subprocess.DEVNULL)
     minutes = (time.time() - t0) / 60
     sys.path.insert(0, str(ROOT / "src"))
     from fedlodrop.studies.report import collect, table

@@ -67,6 +67,21 @@ def test_ffa_equals_in_process(tiny_bert, polarity_dir, tmp_path):
     assert len(tasks) == 4 and not any(k.endswith("lora_A") for t in tasks for k in t.adapter), "an A travelled"
 
 
+@pytest.mark.parametrize("aggregation,prune", [("flora", None), ("flexlora", 0.5), ("hetlora", 0.5)])
+def test_mixed_ranks_equal_in_process(tiny_bert, polarity_dir, tmp_path, aggregation, prune):
+    """Devices of ranks 1, 2 and 4, pruning themselves where asked (HetLoRA's self-pruning): the
+    rank a task carries and the rank a reply decides travel in Flower's records; FLoRA's download
+    is the head and the fold alone, FlexLoRA's the device's first r_k components."""
+    cfg = _cfg(tiny_bert, polarity_dir, **{"federation.aggregation": aggregation, "lora.ranks": [1, 2, 4],
+                                          "lora.self_prune": prune, "lora.prune_lambda": 10.0,
+                                          "federation.local_epochs": 3})
+    engine.run(cfg, tmp_path / "inproc", show_progress=False)
+    serve(cfg, tmp_path / "flower")
+    assert_same_run(tmp_path / "inproc", tmp_path / "flower")
+    ranks = [[d.rank for d in r.devices] for r in metrics(tmp_path / "flower")]
+    assert ranks[0] == [1, 2, 4] and (ranks[-1] != ranks[0]) == (prune is not None), ranks
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,aggregation", [("central", "masked"), ("local", "fedex")])
 def test_differential_privacy_equals_in_process(tiny_bert, polarity_dir, tmp_path, mode, aggregation, seeded_dp_noise):

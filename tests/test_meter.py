@@ -216,8 +216,31 @@ def test_every_term_of_a_devices_round_is_the_hand_computation(downlink):
     assert cost.energy_j == pytest.approx(1e-28 * cycles * 8e8**2 + 0.15 * 8 * 31_000 / up_rate, rel=1e-12)
 
 
+def test_a_device_of_a_lower_rank_is_priced_for_its_share():
+    """Device classes (issue 30): a rank-1 device of a rank-4 adapter sends and computes a quarter of
+    the adapter's part, by hand; the head and the backbone's cycles stay whole."""
+    import numpy as np
+
+    from fedlodrop.planning import system_model
+    from fedlodrop.run.meter import Meter, Resources
+
+    spec = _hand_system()
+    spec.devices[1].rank = 1  # payload.rank is 4
+    m = system_model(spec)
+    assert float(m.uplink_bits(0.25, 0)) == (0.75 * 10_000 + 500) * 32
+    assert float(m.uplink_bits(0.25, 1)) == (0.75 * 10_000 / 4 + 500) * 32
+    assert float(m.cycles(0.25, 1)) == pytest.approx(2.0 * 300 * (1e6 + 0.75 * 2e5 / 4), rel=1e-12)
+    meter = Meter(m, Resources(np.array([2e6, 2e6]), np.array([0.15, 0.1]), np.array([8e8, 2e9]), "hand"),
+                  local_epochs=2.0)
+    cost = meter.price(1, 0.25, 300, 1_000, 0)
+    assert cost.compute_s == pytest.approx(2.0 * 300 * (1e6 + 0.75 * 2e5 / 4) / 2e9, rel=1e-12)
+    with pytest.raises(Exception, match="exceeds payload.rank"):
+        spec.model_validate({**spec.model_dump(), "devices": [{**spec.devices[0].model_dump(), "rank": 8}]})
+
+
 @pytest.mark.parametrize("method", ["bnb", "psca", "fixed"])
-def test_the_meter_prices_a_plan_as_the_planner_does(method):
+@pytest.mark.parametrize("ranks", [None, (4, 1)])
+def test_the_meter_prices_a_plan_as_the_planner_does(method, ranks):
     """The planner's latency and energy of each device and the meter's on the same plan (its rates,
     bandwidth, power and frequency, the bytes it planned) agree to 1e-9, downlink included."""
     import numpy as np
@@ -228,6 +251,8 @@ def test_the_meter_prices_a_plan_as_the_planner_does(method):
     spec = _hand_system(downlink_bandwidth_hz=6e6, server_power_w=10.0)
     spec.round.latency_s = 0.6
     spec.devices[1].energy_budget_j = 0.25  # the far device's energy binds
+    for dev, rank in zip(spec.devices, ranks or ()):  # device classes: the far device holds rank 1 of 4
+        dev.rank = rank
     plan = optimize(spec, method, **({"gamma": "best"} if method == "fixed" else {}))
     m = system_model(spec)
     meter = Meter(m, Resources(np.array([d.bandwidth_hz for d in plan.devices]), np.array([d.power_w for d in plan.devices]),

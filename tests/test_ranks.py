@@ -128,3 +128,68 @@ def test_a_rank_above_a_layers_width_is_one_line(tiny_bert, sst2_dir, tmp_path):
     line = result.stderr.strip().splitlines()[-1]  # after the run's own header line
     assert line.startswith("error:") and "lora.r 40 exceeds the width 32" in line, line
     assert not out.exists()
+
+
+def test_self_pruning_shrinks_a_devices_rank_and_what_it_sends(tiny_bert, sst2_dir, tmp_path):
+    """HetLoRA's self-pruning with a strong tail regulariser: devices halve their rank once their
+    tail shrank, never grow it again, and from then on send and train only what they hold."""
+    from fedlodrop.run.engine import run
+    from fedlodrop.run.folder import RunFolder
+
+    cfg = tiny_cfg(tiny_bert, sst2_dir, **{"federation.aggregation": "hetlora", "lora.self_prune": 0.5,
+                                           "lora.prune_lambda": 10.0, "federation.rounds": 4,
+                                           "federation.local_epochs": 3})
+    run(cfg, tmp_path / "r", show_progress=False)
+    rows = RunFolder(tmp_path / "r").records()
+    layout = build(cfg).fm.layout
+    per_device = list(zip(*[[d.rank for d in r.devices] for r in rows]))
+    assert all(ranks[0] == 4 for ranks in per_device)
+    assert all(a >= b for ranks in per_device for a, b in zip(ranks, ranks[1:]))  # never grows back
+    assert any(ranks[-1] < 4 for ranks in per_device), per_device
+    for r in rows:
+        for d in r.devices:
+            assert d.uplink_bytes == 4 * (sum(d.rank * (m.n_in + m.n_out) for m in layout.modules) + layout.head_values)
+
+
+def test_self_pruning_refuses_privacy(tmp_path):
+    out = tmp_path / "r"
+    result = CliRunner().invoke(app, ["run", "--quiet", "--out", str(out), "--set", "lora.self_prune=0.5",
+                                      "--set", "privacy.dp=true", "--set", "privacy.noise_multiplier=1.0",
+                                      "--set", "federation.weighting=uniform"])
+    assert result.exit_code == 2 and "lora.self_prune" in result.stderr, result.output
+    assert "\n" not in result.stderr.strip() and not out.exists()
+
+
+def test_device_classes_come_from_the_system_file_and_the_clock_prices_them(tiny_bert, polarity_dir, tmp_path):
+    """`fedlodrop system random --config` of a run with ranks 1/2/4 writes each device's class; a run
+    given only that system trains those ranks, each priced for what it sends and computes; a run
+    that says other ranks is refused in one line."""
+    from fedlodrop.planning import load_system, system_model
+    from fedlodrop.run.folder import RunFolder
+
+    sets = [x for s in ("task=sst2", f"model={tiny_bert}", "data.source=glue_dir", f"data.glue_dir={polarity_dir}",
+                        "train.max_length=32", "train.threads=1", "lora.r=4", "federation.rounds=1")
+            for x in ("--set", s)]
+    system = tmp_path / "sys.yaml"
+    r = CliRunner().invoke(app, ["system", "random", "--devices", "3", "--out", str(system), *sets,
+                                 "--set", "lora.ranks=[1,2,4]"])
+    assert r.exit_code == 0, r.output
+    spec = load_system(system)
+    assert [d.rank for d in spec.devices] == [1, 2, 4] and spec.payload.rank == 4
+    r = CliRunner().invoke(app, ["run", "--quiet", "--out", str(tmp_path / "r"), *sets, "--set", f"system={system}",
+                                 "--set", "system.enforce=report"])  # priced, not dropped: the drawn limit is tight
+    assert r.exit_code == 0, r.output
+    run = RunFolder(tmp_path / "r")
+    assert run.config().lora.ranks == [1, 2, 4]
+    m = system_model(spec)
+    for k, d in enumerate(run.records()[0].devices):
+        assert d.rank == [1, 2, 4][k]
+        # no plan: every device at its f_max; its cycles count only its rank's share of the adapter's
+        assert d.samples == m.D[k] and d.system.compute_s == pytest.approx(float(m.cycles(0.0, k)) / m.fmax[k], rel=1e-9)
+    ups = [d.uplink_bytes for d in run.records()[0].devices]
+    assert ups[0] < ups[1] < ups[2]
+    out = tmp_path / "other"
+    r = CliRunner().invoke(app, ["run", "--quiet", "--out", str(out), *sets, "--set", f"system={system}",
+                                 "--set", "lora.ranks=[4,4,4]"])
+    assert r.exit_code == 2 and "prices ranks [1, 2, 4]" in r.stderr.strip().splitlines()[-1], r.output
+    assert not out.exists()

@@ -91,7 +91,10 @@ def test_killed_run_resumes_bit_identical(tiny_bert, sst2_dir, tmp_path):
     assert {k: v for k, v in sa.items() if k != "wall_s"} == {k: v for k, v in sb.items() if k != "wall_s"}
 
 
-@pytest.mark.parametrize("extra", [[], ["--set", "server.optimizer=adam"]], ids=["fedavg", "fedadam"])
+@pytest.mark.parametrize("extra", [[], ["--set", "server.optimizer=adam"],
+                                   ["--set", "lora.self_prune=0.5", "--set", "lora.prune_lambda=10",
+                                    "--set", "federation.aggregation=hetlora"]],
+                         ids=["fedavg", "fedadam", "self-pruning"])
 def test_resume_after_a_partial_round_drops_its_metrics_line(tiny_bert, sst2_dir, tmp_path, monkeypatch, extra):
     """Killed between round 3's metrics line and its pointer: the line is dropped, the round redone,
     and the run ends as an uninterrupted one (a server optimiser's moments are in the checkpoint)."""
@@ -115,8 +118,10 @@ def test_resume_after_a_partial_round_drops_its_metrics_line(tiny_bert, sst2_dir
     assert result.exit_code == 0, result.output
     assert _strip(_rows(cut)) == _strip(_rows(whole))
     for name in ("adapter.safetensors", "base_delta.safetensors"):
-        a, b = load_file(str(whole / name)), load_file(str(cut / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert (whole / name).exists() == (cut / name).exists(), name
+        if (whole / name).exists():  # a rule that folds nothing writes no base delta
+            a, b = load_file(str(whole / name)), load_file(str(cut / name))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_finished_run_is_not_overwritten_without_force(tiny_bert, sst2_dir, tmp_path):

@@ -641,7 +641,8 @@ def test_arms_set_several_keys_at_once_and_the_report_names_them(tmp_path, cfg_f
     """Three settings at equal uplink bytes as arms, crossed with a --vary axis: each run's config
     has its arm's keys, and the table, CSV and plot name the arm, not the keys it sets."""
     out = tmp_path / "sweep"
-    arms = ["--arm", "dropout={dropout.rate: 0.5, dropout.sampler: budget, lora.ranks: [4,8,16]}",
+    arms = ["--arm", "full={lora.ranks: [4,8,16]}",  # its keys are a part of the next arm's: named, not matched
+            "--arm", "dropout={dropout.rate: 0.5, dropout.sampler: budget, lora.ranks: [4,8,16]}",
             "--arm", "rank={lora.ranks: [2,4,8]}", "--arm", "bf16={federation.comm_dtype: bfloat16, lora.ranks: [4,8,16]}"]
     result = _cli("sweep", "--config", cfg_file, "--out", out, "--set", "lora.r=16", *arms,
                   "--vary", "federation.partition=iid,dirichlet")
@@ -650,17 +651,19 @@ def test_arms_set_several_keys_at_once_and_the_report_names_them(tmp_path, cfg_f
     for path in sorted(p for p in out.iterdir() if p.is_dir()):
         cfg = RunFolder(path).config()
         by_arm.setdefault(path.name.split("__")[0], []).append(cfg)
-    assert sorted(by_arm) == ["arm=bf16", "arm=dropout", "arm=rank"]
+    assert sorted(by_arm) == ["arm=bf16", "arm=dropout", "arm=full", "arm=rank"]
     assert all(c.dropout.rate == 0.5 and c.dropout.sampler == "budget" and c.lora.ranks == [4, 8, 16]
                for c in by_arm["arm=dropout"])
     assert all(c.dropout.rate == 0.0 and c.lora.ranks == [2, 4, 8] for c in by_arm["arm=rank"])
     assert all(c.federation.comm_dtype == "bfloat16" for c in by_arm["arm=bf16"])
     rep = collect(out)
     assert rep.keys == ["arm", "federation.partition"]  # the keys the arms set are not columns of their own
-    assert [g.values["arm"] for g in rep.groups][::2] == ["dropout", "rank", "bf16"]  # the order given
+    assert [g.values["arm"] for g in rep.groups][::2] == ["full", "dropout", "rank", "bf16"]  # the order given
+    assert all(len(g.rows) == 1 for g in rep.groups)
     rows = _read_csv(out / "sweep.csv")
-    assert [(r["arm"], r["federation.partition"]) for r in rows][:2] == [("dropout", "iid"), ("dropout", "dirichlet")]
-    assert [t.get_text() for t in plot(rep, tmp_path / "p.png").axes[0].get_xticklabels()] == ["dropout", "rank", "bf16"]
+    assert [(r["arm"], r["federation.partition"]) for r in rows][:2] == [("full", "iid"), ("full", "dirichlet")]
+    labels = [t.get_text() for t in plot(rep, tmp_path / "p.png").axes[0].get_xticklabels()]
+    assert labels == ["full", "dropout", "rank", "bf16"]
 
 
 @pytest.mark.parametrize("arm,words", [

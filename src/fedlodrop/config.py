@@ -35,6 +35,13 @@ class LoraConfig(_Section):
         "adapter, on the one shared backbone. Rules for mixed ranks: hetlora, flora, flexlora (or any other "
         "rule); null: every device lora.r"
     )
+    self_prune: float | None = Field(
+        None, gt=0, lt=1, description="HetLoRA's rank self-pruning: each device trains with the regulariser "
+        "lora.prune_lambda sum ||A_tail|| ||B_tail|| on its components past floor(self_prune r_k), and if that "
+        "tail shrank over its local phase it holds floor(self_prune r_k) components (at least 1) from its next "
+        "round on; null: ranks stay"
+    )
+    prune_lambda: float = Field(0.01, ge=0, description="lora.self_prune: the weight of the tail regulariser")
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1, description="PEFT's input dropout, not FedLoDrop's")
     rslora: bool = False

@@ -98,9 +98,12 @@ def device_rank(cfg: RunConfig, device: int) -> int | None:
     return ranks[device] if isinstance(ranks, list) else ranks
 
 
-def device_masks(cfg: RunConfig, layout: AdapterLayout, rate: float, round_: int, device: int) -> Masks:
-    """A device's masks for a round: the server and the device draw the same ones by name."""
-    return draw_masks(layout, rate, cfg.dropout.sampler, cfg.seed, round_, device, rank=device_rank(cfg, device))
+def device_masks(cfg: RunConfig, layout: AdapterLayout, rate: float, round_: int, device: int,
+                 rank: int | None = None) -> Masks:
+    """A device's masks for a round: the server and the device draw the same ones by name. `rank`:
+    the rank it holds now (a task's, after self-pruning); None: its configured `lora.ranks`."""
+    rank = device_rank(cfg, device) if rank is None else rank
+    return draw_masks(layout, rate, cfg.dropout.sampler, cfg.seed, round_, device, rank=rank)
 
 
 def full_masks(layout: AdapterLayout) -> Masks:

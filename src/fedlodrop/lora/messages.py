@@ -172,6 +172,7 @@ class DeviceTask:
     rate: float
     adapter: State  # the view's slices and the head, in the communication dtype
     fold: FoldCatchUp | None = None
+    rank: int | None = None  # the rank it holds after self-pruning (lora.self_prune); None: its configured one
 
     @property
     def nbytes(self) -> int:
@@ -183,6 +184,8 @@ class DeviceTask:
         """Named tensors and scalars, for a transport (Flower's records)."""
         arrays = {f"adapter/{k}": v for k, v in self.adapter.items()}
         config = {"device": self.device, "round": self.round, "rate": float(self.rate), "fold": 0}
+        if self.rank is not None:
+            config["rank"] = self.rank
         if self.fold is not None:
             config |= {"fold": 1, "fold_after": self.fold.after, "fold_upto": self.fold.upto}
             if self.fold.replace is not None:
@@ -205,7 +208,8 @@ class DeviceTask:
             updates = [FoldUpdate(r, rounds[r]) for r in sorted(rounds)]
             fold = FoldCatchUp(int(config["fold_after"]), int(config["fold_upto"]), updates, replace or None)
         adapter = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("adapter/")}
-        return cls(int(config["device"]), int(config["round"]), float(config["rate"]), adapter, fold)
+        rank = int(config["rank"]) if "rank" in config else None
+        return cls(int(config["device"]), int(config["round"]), float(config["rate"]), adapter, fold, rank)
 
 
 @dataclass
@@ -224,6 +228,7 @@ class DeviceReply:
     lr_last: float = math.nan
     error: str | None = None
     precision: Precision | None = None  # what the device trained in, and why (its hardware decides auto)
+    next_rank: int | None = None  # lora.self_prune: the rank it holds from its next round on
 
     @property
     def nbytes(self) -> int:
@@ -256,6 +261,8 @@ class DeviceReply:
             config["error"] = self.error
         if self.precision is not None:
             config |= {"precision": self.precision.dtype, "precision_why": self.precision.why}
+        if self.next_rank is not None:
+            config["next_rank"] = self.next_rank
         return dict(self.upload), config
 
     @classmethod
@@ -267,5 +274,6 @@ class DeviceReply:
         kwargs["lr_first"] = math.nan if kwargs["lr_first"] is None else kwargs["lr_first"]
         kwargs["lr_last"] = math.nan if kwargs["lr_last"] is None else kwargs["lr_last"]
         precision = Precision(config["precision"], config["precision_why"]) if "precision" in config else None
+        next_rank = int(config["next_rank"]) if "next_rank" in config else None
         return cls(int(config["device"]), int(config["round"]), dict(arrays), error=config.get("error"),
-                   precision=precision, **kwargs)
+                   precision=precision, next_rank=next_rank, **kwargs)

@@ -176,6 +176,7 @@ def make_plan(
         "round_latency_s": float(lat.max()),
         "energy_total_j": float(en.sum()),
         "adapter_values": m.Q,
+        **({"rank_share": [float(x) for x in m.share]} if m.share is not None else {}),
         "head_values": m.head,
         "cycles_per_sample": [m.c0, m.c1],
     }

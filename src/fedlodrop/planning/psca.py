@@ -60,10 +60,10 @@ class _Surrogate:
         w = m.w
         self.m = m
         bits = m.bits
-        self.S0 = (m.Q + m.head) * bits / 1e6  # Mbit at gamma = 0
-        self.S1 = m.Q * bits / 1e6
-        self.W0 = m.tau * m.D * (m.c0 + m.c1) / 1e9  # Gcycles at gamma = 0
-        self.W1 = m.tau * m.D * m.c1 / 1e9
+        self.S0 = (m.Qk + m.head) * bits / 1e6  # Mbit at gamma = 0, per device (its rank's Q)
+        self.S1 = m.Qk * bits / 1e6
+        self.W0 = m.tau * m.D * (m.c0 + m.c1k) / 1e9  # Gcycles at gamma = 0
+        self.W1 = m.tau * m.D * m.c1k / 1e9
         a = m.h / (m.N0 * 1e6)  # received SNR per joule per (MHz s)
         kappa = m.kappa * 1e27
         T = m.T * (1 - SAFETY_MARGIN)
@@ -83,12 +83,12 @@ class _Surrogate:
         self.rho = cp.Parameter(nonneg=True)
 
         g, B, tc, tu, y = self.g, self.B, self.tc, self.tu, self.y
-        S = self.S0 - self.S1 * g
+        S = self.S0 - cp.multiply(self.S1, g)
         W = self.W0 - cp.multiply(self.W1, g)
         t_dn = 0.0
         if m.dl_rate is not None:
-            dl0 = (m.Q + m.head) * bits + m.dl_extra_bits
-            t_dn = (dl0 - m.Q * bits * g) / m.dl_rate
+            dl0 = (m.Qk + m.head) * bits + m.dl_extra_bits
+            t_dn = cp.multiply((dl0 - cp.multiply(m.Qk * bits, g)), 1.0 / m.dl_rate)
         B_floor = 1e-6 * m.B_tot / 1e6 / K
         cons = [
             tc + tu + t_dn <= T,

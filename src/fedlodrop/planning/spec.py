@@ -38,6 +38,8 @@ class DeviceSpec(_Section):
     p_max_w: float = Field(0.2, gt=0)
     f_max_hz: float = Field(2e9, gt=0)
     energy_budget_j: float = Field(gt=0, description="E_k^max per round")
+    rank: int | None = Field(None, ge=1, description="this device class's LoRA rank r_k (at most payload.rank): it "
+                             "sends and computes r_k / payload.rank of the adapter; null: payload.rank")
 
     @model_validator(mode="after")
     def _has_channel(self) -> DeviceSpec:
@@ -124,6 +126,13 @@ class SystemSpec(_Section):
     round: RoundSpec
     payload: PayloadSpec = PayloadSpec()
     bound: BoundSpec = BoundSpec()
+
+    @model_validator(mode="after")
+    def _ranks_fit(self) -> SystemSpec:
+        for k, d in enumerate(self.devices):
+            if d.rank is not None and d.rank > self.payload.rank:
+                raise ValueError(f"devices.{k}.rank {d.rank} exceeds payload.rank {self.payload.rank}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The system as the YAML file keeps it (unset keys left out)."""

@@ -65,6 +65,17 @@ class SystemModel:
     dl_rate: np.ndarray | None  # downlink rate per device [bit/s], None when not modelled
     dl_extra_bits: float
     bound: BoundSpec = field(default_factory=BoundSpec)
+    share: np.ndarray | None = None  # per device r_k / r: the part of Q (and of c1) its rank holds; None: all
+
+    @property
+    def Qk(self) -> np.ndarray:
+        """Each device's adapter values at gamma = 0: Q r_k / r."""
+        return self.Q * (self.share if self.share is not None else np.ones(self.K))
+
+    @property
+    def c1k(self) -> np.ndarray:
+        """Each device's adapter cycles per sample at gamma = 0: c1 r_k / r."""
+        return self.c1 * (self.share if self.share is not None else np.ones(self.K))
 
     @property
     def K(self) -> int:
@@ -91,16 +102,16 @@ class SystemModel:
 
     # ---- per-device quantities; `k` indexes devices (array or slice), gamma broadcasts ----
     def uplink_bits(self, gamma, k=slice(None)):
-        """S_k = (1 - gamma_k) Q b + S_head."""
-        return (1.0 - np.asarray(gamma)) * self.Q * self.bits + self.head * self.bits + 0.0 * self.D[k]
+        """S_k = (1 - gamma_k) Q_k b + S_head (Q_k = Q r_k / r)."""
+        return (1.0 - np.asarray(gamma)) * self.Qk[k] * self.bits + self.head * self.bits + 0.0 * self.D[k]
 
     def downlink_bits(self, gamma, k=slice(None)):
         """Bits a device downloads: what it uploads plus the extra (a FedEx fold)."""
         return self.uplink_bits(gamma, k) + self.dl_extra_bits
 
     def cycles(self, gamma, k=slice(None)):
-        """tau D_k c_k(gamma) with c(gamma) = c0 + (1 - gamma) c1."""
-        return self.tau * self.D[k] * (self.c0 + (1.0 - np.asarray(gamma)) * self.c1)
+        """tau D_k c_k(gamma) with c_k(gamma) = c0 + (1 - gamma) c1 r_k / r."""
+        return self.tau * self.D[k] * (self.c0 + (1.0 - np.asarray(gamma)) * self.c1k[k])
 
     def downlink_time(self, gamma, k=slice(None)):
         """Seconds a device's download takes (zero where the cell models no downlink)."""
@@ -163,6 +174,8 @@ def system_model(spec: SystemSpec) -> SystemModel:
         dl_rate=dl_rate,
         dl_extra_bits=float(spec.payload.downlink_extra_values * pay.bits_per_value),
         bound=spec.bound,
+        share=(np.array([(d.rank or spec.payload.rank) / spec.payload.rank for d in spec.devices], dtype=float)
+               if any(d.rank is not None for d in spec.devices) else None),
     )
 
 

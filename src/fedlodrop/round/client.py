@@ -98,7 +98,7 @@ def _step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: State, p
     plugins = features(cfg) if plugins is None else plugins
     rule = make_rule(cfg.federation.aggregation, cfg.federation.factor_rule)
     variant = make_variant(cfg.dropout.variant)
-    masks = device_masks(cfg, layout, task.rate, task.round, task.device)
+    masks = device_masks(cfg, layout, task.rate, task.round, task.device, task.rank)
     view, trained = variant.view(masks, layout), variant.trained(masks, layout)
     if task.fold is not None:
         fm.sync_fold(task.fold)
@@ -114,6 +114,11 @@ def _step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: State, p
         group_by_length=cfg.train.group_by_length,
     )
     lr, rounds = lr_schedule(cfg), cfg.federation.rounds
+    target = pruned_rank(masks, cfg.lora.self_prune)
+    held = int(next(iter(masks.values())).ranks.sum())
+
+    def regulariser() -> torch.Tensor:
+        return cfg.lora.prune_lambda * tail_norm(fm.lora_params(), target, held)
     result = train_local(
         fm,
         start,
@@ -123,19 +128,44 @@ def _step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: State, p
         cfg.federation.local_epochs,
         lambda f: lr((task.round + f) / rounds),
         train_a=rule.trains_a,
+        regulariser=regulariser if target is not None and cfg.lora.prune_lambda > 0 else None,
     )
     end = result.state
+    next_rank = None
+    if target is not None:  # HetLoRA's self-pruning: the tail the regulariser shrank is dropped for good
+        before, after = (float(tail_norm(_factors(layout, s), target, held)) for s in (start, end))
+        next_rank = target if after < before else None
     sent = sent_masks(layout, trained, rule.trains_a)
     for plugin in plugins:  # DP: clip, and under local DP noise, before it leaves
         end = plugin.privatize(start, end, sent, task.round, task.device)
     upload = encode_adapter(end, layout, trained, rule, COMM_DTYPES[cfg.federation.comm_dtype])
     reply = DeviceReply(
         task.device, task.round, upload, len(shard), result.loss, result.steps, result.seconds,
-        result.lr_first, result.lr_last, precision=fm.train_precision,
+        result.lr_first, result.lr_last, precision=fm.train_precision, next_rank=next_rank,
     )
     for plugin in plugins:  # DP: the update and nothing else
         reply = plugin.reply(reply)
     return reply, start, trained, rule.trains_a
+
+
+def pruned_rank(masks: Masks, keep: float | None) -> int | None:
+    """The rank a device would prune to under `lora.self_prune` (floor(keep r_k), at least 1), or
+    None: no self-pruning, or a device already at rank 1."""
+    if keep is None:
+        return None
+    held = int(next(iter(masks.values())).ranks.sum())
+    target = max(1, math.floor(keep * held))
+    return target if target < held else None
+
+
+def tail_norm(factors, start: int, end: int) -> torch.Tensor:
+    """HetLoRA's regulariser: sum over modules of ||A[start:end]||_F ||B[:, start:end]||_F, the
+    components a pruned device would drop (`factors`: (shape, A, B) triples)."""
+    return sum(a[start:end].norm() * b[:, start:end].norm() for _, a, b in factors)
+
+
+def _factors(layout, state: State) -> list:
+    return [(m, state[m.key_a], state[m.key_b]) for m in layout.modules]
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -156,9 +186,11 @@ def train_local(
     local_epochs: float,
     lr_at: Callable[[float], float],
     train_a: bool = True,
+    regulariser: Callable[[], torch.Tensor] | None = None,
 ) -> LocalResult:
     """Local phase from `start`; only the slices of `trained` change (all of them if None).
-    `lr_at(fraction of the phase done)` gives the learning rate of each step."""
+    `lr_at(fraction of the phase done)` gives the learning rate of each step; `regulariser()`, if
+    given, is added to each step's loss (self-pruning's tail norm)."""
     t0 = time.perf_counter()
     fm.set_state(start)
     fm.set_a_trainable(train_a)
@@ -184,6 +216,8 @@ def train_local(
             with fm.train_autocast():
                 loss = fm.net(**batch).loss
             objective = loss + _proximal(params, anchors, train.prox_mu) if anchors else loss
+            if regulariser is not None:
+                objective = objective + regulariser()
             (objective / train.grad_accum).backward()
             losses.append(loss.detach())
         for grad_owner, mask in grad_masks:

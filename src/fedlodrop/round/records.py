@@ -169,6 +169,7 @@ class DeviceRecord:
     train_s: float | None = None
     lr: list[float] | None = None
     precision: str | None = None  # the dtype the device trained in (why: the round's `precision`)
+    rank: int | None = None  # with lora.ranks or lora.self_prune: the rank it trained at
     system: SimCost | None = None  # with a system: the device's simulated time and energy
     limit: str | None = None  # with a system: the limit its round broke (left out under enforce: drop)
 
@@ -186,6 +187,8 @@ class DeviceRecord:
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {"device": self.device, "rate": self.rate, "downlink_bytes": self.downlink_bytes}
+        if self.rank is not None:
+            out["rank"] = self.rank
         if self.reported:
             out |= {k: getattr(self, k) for k in self._REPORTED if getattr(self, k) is not None}
         out["status"] = self.status

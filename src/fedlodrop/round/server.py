@@ -51,6 +51,7 @@ class ServerState:
     synced: list[int] = field(default_factory=list)  # per device: rounds of folds its base holds
     participations: list[int] = field(default_factory=list)  # per device: rounds it was drawn for (DP's accountant)
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)  # the server optimiser's moments and step count
+    ranks: list[int | None] = field(default_factory=list)  # per device: its rank after self-pruning (None: as configured)
 
 
 @dataclass
@@ -84,6 +85,8 @@ class Server:
             state.synced = [0] * cfg.federation.devices
         if not state.participations:
             state.participations = [0] * cfg.federation.devices
+        if not state.ranks:
+            state.ranks = [None] * cfg.federation.devices
         self._drawn: dict[int, list[int]] = {}  # round -> its participants, drawn once
 
     def participants(self, round_: int) -> list[int]:
@@ -102,7 +105,7 @@ class Server:
             raise RuntimeError(f"server has done {self.state.rounds_done} rounds, asked to configure round {round_ + 1}")
         tasks, whole = [], None
         for k in self.participants(round_):
-            masks = device_masks(self.cfg, self.layout, self.rates[k], round_, k)
+            masks = device_masks(self.cfg, self.layout, self.rates[k], round_, k, self.state.ranks[k])
             view = self.variant.view(masks, self.layout)
             if view is not None:
                 adapter = encode_adapter(self.state.global_state, self.layout, view, self.rule, self.dtype, down=True)
@@ -111,13 +114,13 @@ class Server:
                     self.state.global_state, self.layout, full_masks(self.layout), self.rule, self.dtype, down=True
                 )
                 adapter = dict(whole)
-            tasks.append(DeviceTask(k, round_, self.rates[k], adapter, self._catch_up(k)))
+            tasks.append(DeviceTask(k, round_, self.rates[k], adapter, self._catch_up(k), self.state.ranks[k]))
         return tasks
 
     def upload_bytes(self, task: DeviceTask) -> int:
         """What the device will send back for `task`: its trained slices and the head, as the rule
         sends them, in the communication dtype (known before it trains)."""
-        masks = device_masks(self.cfg, self.layout, task.rate, task.round, task.device)
+        masks = device_masks(self.cfg, self.layout, task.rate, task.round, task.device, task.rank)
         trained = self.variant.trained(masks, self.layout)
         return payload_bytes(encode_adapter(self.state.global_state, self.layout, trained, self.rule, self.dtype))
 
@@ -145,9 +148,11 @@ class Server:
         updates, devices, decoded, in_sum = [], [], {}, []
         for task in tasks:
             reply = by_device.get(task.device)
-            masks = device_masks(self.cfg, self.layout, task.rate, round_, task.device)
+            masks = device_masks(self.cfg, self.layout, task.rate, round_, task.device, task.rank)
             problem = "no reply" if reply is None else reply.problem()
             entry = DeviceRecord(task.device, task.rate, task.nbytes)
+            if self.cfg.lora.ranks is not None or self.cfg.lora.self_prune is not None:
+                entry.rank = int(next(iter(masks.values())).ranks.sum())
             if reply is not None and not reply.error:  # what the device reported (under DP: only its update)
                 entry.kept_values, entry.uplink_bytes = kept_values(self.layout, masks), reply.nbytes
                 if reply.num_samples is not None:
@@ -189,6 +194,9 @@ class Server:
         for entry in devices:
             if entry.ok:  # the others may or may not hold the catch-up: resend it
                 self.state.synced[entry.device] = round_
+                pruned = by_device[entry.device].next_rank if summed is None else None
+                if pruned is not None:  # HetLoRA's self-pruning: the device holds fewer components from now on
+                    self.state.ranks[entry.device] = pruned
         return RoundResult(fold_update, record)
 
     def _start(self, task: DeviceTask, masks: Masks, decoded: dict) -> State:

@@ -203,9 +203,13 @@ def describe_run(cfg: RunConfig, seed: int = 0, bandwidth_hz: float = 10e6, late
     payload = PayloadSpec(model=None, rank=shape.rank, num_labels=shape.num_labels,
                           adapter_values=shape.adapter_values, head_values=shape.head_values,
                           backbone_params=float(shape.backbone_params), bits_per_value=float(shape.bits_per_value))
-    return random_system(len(shape.samples), seed, samples_total=sum(shape.samples),
+    spec = random_system(len(shape.samples), seed, samples_total=sum(shape.samples),
                          samples=None if iid else shape.samples, bandwidth_hz=bandwidth_hz,
                          latency_s=latency_s, local_epochs=shape.local_epochs, payload=payload)
+    if cfg.lora.ranks is not None:  # device classes: each device's rank, priced as r_k / r of the adapter
+        for k, dev in enumerate(spec.devices):
+            dev.rank = cfg.lora.ranks[k] if isinstance(cfg.lora.ranks, list) else cfg.lora.ranks
+    return spec
 
 
 def _train_eval_sample(cfg: RunConfig, shards: Shards, eval_set):

@@ -160,7 +160,7 @@ class RunFolder:
             tensors |= {f"log/{update.round}/{k}": v for k, v in update.tensors.items()}
         _save_tensors(tensors, folder / "state.safetensors")
         meta = {"rounds_done": state.rounds_done, "synced": state.synced, "log_rounds": [u.round for u in state.fold_log],
-                "participations": state.participations}
+                "participations": state.participations, "ranks": state.ranks}
         _write_atomic(folder / "state.json", json.dumps(meta))
         return folder
 
@@ -192,6 +192,7 @@ class RunFolder:
             fold_log=[FoldUpdate(r, log[r]) for r in meta["log_rounds"]],
             synced=list(meta["synced"]),
             participations=list(meta.get("participations", [])),
+            ranks=list(meta.get("ranks", [])),
             optimizer={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("optimizer/")},
         )
 

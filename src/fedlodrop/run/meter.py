@@ -7,7 +7,7 @@ power and CPU frequency; without a plan, no planning at all: an equal share of t
 power, full frequency):
 
     compute  T_cmp = tau D c(gamma) / f              E_cmp = kappa tau D c(gamma) f^2
-             c(gamma) = c0 + (1 - gamma) c1,  tau D = local epochs x the device's samples
+             c(gamma) = c0 + (1 - gamma) c1 r_k / r,  tau D = local epochs x the device's samples
     upload   T_up  = 8 x uplink bytes / R(B, p)      E_up  = p T_up
     downlink T_dn  = 8 x downlink bytes / R_dn       (when the cell models a downlink)
     latency  T_dn + T_cmp + T_up                     energy E_cmp + E_up
@@ -92,7 +92,7 @@ class Meter(RoundPlugin):
         """Device k's round: `samples` trained at `rate`, these bytes up and down, on its resources."""
         m, f = self.m, float(self.res.frequency_hz[k])
         p, b = float(self.res.power_w[k]), float(self.res.bandwidth_hz[k])
-        cycles = self.local_epochs * samples * (m.c0 + (1.0 - rate) * m.c1)
+        cycles = self.local_epochs * samples * (m.c0 + (1.0 - rate) * float(m.c1k[k]))  # c1 of its rank
         up = 8.0 * uplink_bytes / float(m.rate(b, p, k)) if uplink_bytes > 0 else 0.0
         down = 8.0 * downlink_bytes / float(m.dl_rate[k]) if m.dl_rate is not None else 0.0
         energy = m.kappa * cycles * f**2 + p * up

@@ -43,6 +43,12 @@ def check(cfg: RunConfig) -> None:
         raise ValueError(f"server.optimizer {cfg.server.optimizer} cannot follow federation.aggregation "
                          f"{cfg.federation.aggregation}: its factors are a new SVD basis every round; choose one of "
                          f"{', '.join(RULES.where(lambda cls: cls.takes_server_optimizer))}")
+    if cfg.lora.self_prune is not None and cfg.federation.aggregation == "flora":
+        raise ValueError("lora.self_prune cannot follow federation.aggregation flora: its adapter restarts at B = 0 "
+                         "every round, so no tail ever shrinks over a local phase")
+    if cfg.lora.self_prune is not None and (cfg.privacy.dp or cfg.privacy.secure_aggregation):
+        raise ValueError("lora.self_prune: a device's rank decision travels in the clear, which privacy.dp and "
+                         "privacy.secure_aggregation do not allow; turn one of them off")
     if cfg.server.optimizer == "none" and cfg.server.lr is not None:
         raise ValueError(f"server.lr {cfg.server.lr:g} has no effect: server.optimizer is none (choose one of "
                          f"{', '.join(n for n in SERVER_OPTIMIZERS if n != 'none')})")
@@ -97,7 +103,7 @@ def _given(tree: dict, key: str) -> bool:
         if not isinstance(node, dict) or part not in node:
             return False
         node = node[part]
-    return node is not None
+    return node is not None or key == "lora.ranks"  # null ranks is a choice (every device lora.r)
 
 
 def _fill_from_system(tree: dict) -> None:

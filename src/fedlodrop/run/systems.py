@@ -59,6 +59,16 @@ def check_payload(cfg: RunConfig, spec, adapter_values: int, head_values: int, w
     """Refuse a system that prices another upload than the run sends: another Q, head or bits a value."""
     from fedlodrop.planning.spec import resolve_payload  # the planner: only a run with a system needs it
 
+    if cfg.lora.self_prune is not None:
+        raise UserError(f"system {where} prices each device at a fixed rank; lora.self_prune changes ranks as the "
+                        "run goes: drop one of them")
+    run_ranks = [cfg.lora.ranks[k] if isinstance(cfg.lora.ranks, list) else cfg.lora.ranks or cfg.lora.r
+                 for k in range(cfg.federation.devices)]
+    planned = [d.rank or spec.payload.rank for d in spec.devices]
+    mixed = cfg.lora.ranks is not None or any(d.rank is not None for d in spec.devices)
+    if mixed and (spec.payload.rank != cfg.lora.r or planned != run_ranks):
+        raise UserError(f"system {where} prices ranks {planned} of a rank-{spec.payload.rank} adapter but the run "
+                        f"trains ranks {run_ranks} of lora.r {cfg.lora.r} (lora.ranks): {_remake(where)}")
     pay = resolve_payload(spec)
     bits = COMM_BITS[cfg.federation.comm_dtype]
     for name, planned, sent, why in (("adapter values Q", pay.adapter_values, adapter_values, "lora, the model"),
@@ -69,7 +79,7 @@ def check_payload(cfg: RunConfig, spec, adapter_values: int, head_values: int, w
                             f"{_remake(where)}")
 
 
-IMPLIED = ("federation.devices", "federation.local_epochs", "data.max_train_samples")  # what a system says of a run
+IMPLIED = ("federation.devices", "federation.local_epochs", "data.max_train_samples", "lora.ranks")  # what a system says of a run
 
 
 def implied_keys(spec) -> dict:
@@ -79,4 +89,5 @@ def implied_keys(spec) -> dict:
         "federation.devices": len(spec.devices),
         "federation.local_epochs": float(spec.round.local_epochs),
         "data.max_train_samples": int(sum(d.samples for d in spec.devices)),
+        "lora.ranks": [d.rank or spec.payload.rank for d in spec.devices] if any(d.rank for d in spec.devices) else None,
     }

@@ -215,9 +215,9 @@ def collect(folder: Path) -> Report:
             known[axis["key"]] = list(axis.get("values") or [])
             if isinstance(axis.get("sets"), dict):
                 arms = axis["sets"]
-    for _, _, flat in runs:  # a sweep's --arm: the arm whose keys the run's config has
-        flat[ARM_KEY] = next((name for name, sets in arms.items()
-                              if all(flat.get(k) == v for k, v in sets.items())), None)
+    for name, _, flat in runs:  # a sweep's --arm: the arm its folder is named after (one arm's keys may be another's)
+        named = [part.split("=", 1)[1] for part in name.split("__") if part.startswith(f"{ARM_KEY}=")]
+        flat[ARM_KEY] = named[0] if named and named[0] in arms else None
     explained = {k for sets in arms.values() for k in sets}  # shown as the arm's name
     keys = [k for k in known if k not in _NOT_VARIED]
     all_keys = sorted(set().union(*(flat.keys() for _, _, flat in runs)))
