@@ -101,7 +101,7 @@ def optimisers(args) -> None:
     """FedProx and the server optimisers (their default hyper-parameters) on the aggregation
     study's grid with fedex: which beats plain FedAvg of the mean of models, and where?"""
     pts = []
-    for task in ("sst2", "rte", "mrpc"):
+    for task in args.tasks.split(","):
         for seed in range(args.seeds):
             base = SETTING + [f"task={task}", f"data.glue_dir={args.glue}", f"seed={seed}", "federation.devices=3",
                               "federation.aggregation=fedex"]
@@ -123,14 +123,19 @@ def optimisers(args) -> None:
         if name == "fedavg":
             continue
         diffs = [100 * (v - by_seed[(t, s, "fedavg", seed)]) for (t, s, o, seed), v in by_seed.items() if o == name]
+        from scipy.stats import t
+
         mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-        half = 2.056 * sd / len(diffs) ** 0.5 if len(diffs) == 27 else float("nan")  # t(0.975, 26)
+        half = float(t.ppf(0.975, len(diffs) - 1)) * sd / len(diffs) ** 0.5
         lines.append(f"| {name} | {len(diffs)} | {mean:+.2f} | [{mean - half:+.2f}, {mean + half:+.2f}] |")
     for r in rows:
         r["skew"] = {"iid": 1, "dirichlet 0.5": 2, "dirichlet 0.1": 3}[r["setting"]]
-    _finish("optimisers", rows, keys, "main metric", "FedProx and server optimisers on fedex (x: 1 IID, 2 Dirichlet "
-            "0.5, 3 Dirichlet 0.1); 800 examples, 3 devices, 4 rounds", args, "skew", ["optimiser"], facet="task",
-            extra="\nPaired differences against FedAvg (same task, partition and seed), final validation metric:\n\n"
+    _finish("optimisers", rows, keys, "main metric", f"FedProx and server optimisers on fedex, {args.tasks} (x: 1 IID, "
+            "2 Dirichlet 0.5, 3 Dirichlet 0.1); 800 examples, 3 devices, 4 rounds", args, "skew", ["optimiser"],
+            facet="task",
+            extra=f"\nRun as `python benchmarks/bench_studies.py optimisers --tasks {args.tasks} --jobs {args.jobs} "
+            f"--threads {args.threads} --seeds {args.seeds}` (resumable: finished runs are reused).\n\n"
+            "Paired differences against FedAvg (same task, partition and seed), final validation metric:\n\n"
             + "\n".join(lines) + "\n")
 
 
@@ -287,6 +292,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     grid_args(p)
     p.add_argument("what", choices=[*COMMANDS, "all"])
+    p.add_argument("--tasks", default="sst2,rte,mrpc", help="optimisers: the tasks (comma-separated)")
     args = p.parse_args()
     args.glue = args.glue.resolve()
     for name in COMMANDS if args.what == "all" else [args.what]:

@@ -67,7 +67,8 @@ def test_ffa_equals_in_process(tiny_bert, polarity_dir, tmp_path):
     assert len(tasks) == 4 and not any(k.endswith("lora_A") for t in tasks for k in t.adapter), "an A travelled"
 
 
-@pytest.mark.parametrize("aggregation,prune", [("flora", None), ("flexlora", 0.5), ("hetlora", 0.5)])
+@pytest.mark.slow  # two 3-round runs each
+@pytest.mark.parametrize("aggregation,prune", [("flora", None), ("flexlora", 0.5)])
 def test_mixed_ranks_equal_in_process(tiny_bert, polarity_dir, tmp_path, aggregation, prune):
     """Devices of ranks 1, 2 and 4, pruning themselves where asked (HetLoRA's self-pruning): the
     rank a task carries and the rank a reply decides travel in Flower's records; FLoRA's download

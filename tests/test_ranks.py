@@ -130,6 +130,7 @@ def test_a_rank_above_a_layers_width_is_one_line(tiny_bert, sst2_dir, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow  # a 4-round run
 def test_self_pruning_shrinks_a_devices_rank_and_what_it_sends(tiny_bert, sst2_dir, tmp_path):
     """HetLoRA's self-pruning with a strong tail regulariser: devices halve their rank once their
     tail shrank, never grow it again, and from then on send and train only what they hold."""
@@ -160,6 +161,7 @@ def test_self_pruning_refuses_privacy(tmp_path):
     assert "\n" not in result.stderr.strip() and not out.exists()
 
 
+@pytest.mark.slow  # a run and a refusal through the CLI
 def test_device_classes_come_from_the_system_file_and_the_clock_prices_them(tiny_bert, polarity_dir, tmp_path):
     """`fedlodrop system random --config` of a run with ranks 1/2/4 writes each device's class; a run
     given only that system trains those ranks, each priced for what it sends and computes; a run

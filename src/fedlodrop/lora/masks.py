@@ -42,11 +42,6 @@ class ModuleMask:
         """Kept values of B (n_out x r), as a bool matrix."""
         return self.b_rows[:, None] & self.ranks[None, :]
 
-    @property
-    def whole(self) -> bool:
-        """Nothing dropped: every row, column and rank component kept."""
-        return bool(self.a_cols.all() and self.b_rows.all() and self.ranks.all())
-
 
 Masks = dict[str, ModuleMask]  # keyed by module name
 
