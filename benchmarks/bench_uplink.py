@@ -44,7 +44,6 @@ ARMS = {
     "rank": "{lora.ranks: [2,4,8]}",
     "bf16": "{lora.ranks: [4,8,16], federation.comm_dtype: bfloat16}",
 }
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 8: 2.306, 11: 2.201, 17: 2.110, 23: 2.069, 35: 2.030}
 
 
 def command(args, out: Path) -> list[str]:
@@ -58,7 +57,10 @@ def command(args, out: Path) -> list[str]:
 
 
 def t95(n: int) -> float:
-    return T95.get(n - 1, T95[max(k for k in T95 if k <= n - 1)])
+    """The 97.5 % quantile of Student's t with n - 1 degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1))
 
 
 def paired(rep) -> list[str]:

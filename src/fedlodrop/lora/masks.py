@@ -85,6 +85,11 @@ def draw_masks(
     return masks
 
 
+def rank_of(masks: Masks) -> int:
+    """How many rank components a device's masks hold (the same in every module)."""
+    return int(next(iter(masks.values())).ranks.sum())
+
+
 def device_rank(cfg: RunConfig, device: int) -> int | None:
     """Device `device`'s LoRA rank r_k from `lora.ranks`; None: the model's rank `lora.r`."""
     ranks = cfg.lora.ranks

@@ -23,7 +23,7 @@ from fedlodrop.config import RunConfig, TrainConfig
 from fedlodrop.data import make_loader
 from fedlodrop.lora.adapter import State
 from fedlodrop.lora.aggregation import make_rule
-from fedlodrop.lora.masks import Masks, device_masks
+from fedlodrop.lora.masks import Masks, device_masks, rank_of
 from fedlodrop.lora.messages import (
     COMM_DTYPES,
     DeviceReply,
@@ -115,7 +115,7 @@ def _step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: State, p
     )
     lr, rounds = lr_schedule(cfg), cfg.federation.rounds
     target = pruned_rank(masks, cfg.lora.self_prune)
-    held = int(next(iter(masks.values())).ranks.sum())
+    held = rank_of(masks)
 
     def regulariser() -> torch.Tensor:
         return cfg.lora.prune_lambda * tail_norm(fm.lora_params(), target, held)
@@ -153,7 +153,7 @@ def pruned_rank(masks: Masks, keep: float | None) -> int | None:
     None: no self-pruning, or a device already at rank 1."""
     if keep is None:
         return None
-    held = int(next(iter(masks.values())).ranks.sum())
+    held = rank_of(masks)
     target = max(1, math.floor(keep * held))
     return target if target < held else None
 

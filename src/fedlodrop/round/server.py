@@ -19,7 +19,7 @@ from fedlodrop.config import RunConfig
 from fedlodrop.errors import RoundFailed
 from fedlodrop.lora.adapter import AdapterLayout, State, clone_state
 from fedlodrop.lora.aggregation import DenseResidual, DeviceUpdate, Residual, device_weights, make_rule
-from fedlodrop.lora.masks import Masks, device_masks, full_masks, kept_values, payload_bytes
+from fedlodrop.lora.masks import Masks, device_masks, full_masks, kept_values, payload_bytes, rank_of
 from fedlodrop.lora.messages import (
     COMM_DTYPES,
     DeviceReply,
@@ -152,7 +152,7 @@ class Server:
             problem = "no reply" if reply is None else reply.problem()
             entry = DeviceRecord(task.device, task.rate, task.nbytes)
             if self.cfg.lora.ranks is not None or self.cfg.lora.self_prune is not None:
-                entry.rank = int(next(iter(masks.values())).ranks.sum())
+                entry.rank = rank_of(masks)
             if reply is not None and not reply.error:  # what the device reported (under DP: only its update)
                 entry.kept_values, entry.uplink_bytes = kept_values(self.layout, masks), reply.nbytes
                 if reply.num_samples is not None:
