@@ -122,10 +122,12 @@ def test_mean_pooled_head_learns_with_dropout(mini2, polarity_dir, tmp_path):
 
 
 @pytest.mark.parametrize("mode,aggregation,sigma", [("central", "masked", 0.02), ("local", "fedex", 0.03)])
-def test_differential_privacy_learns(mini2, polarity_dir, tmp_path, mode, aggregation, sigma):
+def test_differential_privacy_learns(mini2, polarity_dir, tmp_path, mode, aggregation, sigma, seeded_dp_noise):
     """Clipping at C = 4 (below most round-1 updates here, ~4.7) and Gaussian noise, on the server's
     sum (central) or on each update with FedEx folding the noised updates (local). The noise is
-    small (the epsilon is large): this guards the mechanism's plumbing, not a privacy level."""
+    small (the epsilon is large): this guards the mechanism's plumbing, not a privacy level. The
+    noise is drawn from fixed keys (`seeded_dp_noise`): with the OS's entropy the central case
+    missed its loss threshold in one full run of four (issue 30's stop)."""
     cfg = learning_cfg(mini2, polarity_dir, **{"dropout.rate": 0.3, "federation.aggregation": aggregation,
                                                 "federation.weighting": "uniform", "privacy.dp": True,
                                                 "privacy.mode": mode, "privacy.clip_norm": 4.0,
