@@ -48,6 +48,22 @@ def test_hetlora_zero_pads_what_a_device_lacks():
     assert len([k for k, u in enumerate(updates) if bool(u.trained[M.name].ranks[2])]) == 1  # diluted by the others
 
 
+def test_hetlora_sparsity_weights_each_module_by_the_norm_of_a_devices_product():
+    """hetlora-sw: HetLoRA's zero-padding, but in each module device k weighs w_k ||s B_k A_k||_F
+    (renormalised); computed here from the devices' factors by hand."""
+    prev, updates, w = _updates([1, 3, 2], seed=3)
+    updates[1].end[M.key_b] *= 0.1  # a device with a small product: it counts for little
+    new, _ = make_rule("hetlora-sw").aggregate(LAYOUT, prev, updates, w)
+    norms = torch.tensor([float((M.scaling * (u.end[M.key_b] * u.trained[M.name].ranks) @ u.end[M.key_a]).norm())
+                          for u in updates])
+    p = w * norms / (w * norms).sum()
+    assert p[1] < 0.5 * w[1]
+    for j in range(M.r):
+        held = [k for k, u in enumerate(updates) if bool(u.trained[M.name].ranks[j])]
+        torch.testing.assert_close(new[M.key_b][:, j], sum(p[k] * updates[k].end[M.key_b][:, j] for k in held))
+        torch.testing.assert_close(new[M.key_a][j], sum(p[k] * updates[k].end[M.key_a][j] for k in held))
+
+
 def test_hetlora_at_equal_ranks_is_fedavg_of_the_factors():
     prev, updates, w = _updates([None, None])
     het, _ = make_rule("hetlora").aggregate(LAYOUT, prev, updates, w)

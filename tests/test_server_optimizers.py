@@ -85,12 +85,14 @@ def _effective(exp, state, fold):
     return out | {k: state[k] for k in exp.fm.layout.head_keys}
 
 
-@pytest.mark.parametrize("aggregation", ["fedex", "masked"])
-def test_a_round_moves_the_model_by_the_optimisers_step(tiny_bert, sst2_dir, aggregation):
+@pytest.mark.parametrize("aggregation,ranks", [("fedex", None), ("masked", None), ("hetlora-sw", [1, 2, 4]),
+                                               ("flora", [1, 2, 4])])
+def test_a_round_moves_the_model_by_the_optimisers_step(tiny_bert, sst2_dir, aggregation, ranks):
     """FedAvgM with no momentum and lr 0.5 moves the model half as far as the rule alone does: the
-    factors and head (masked), or for fedex the effective weight W0 + F + s B A, which only holds if
-    the fold carries the step's part the factors do not."""
-    base = {"federation.aggregation": aggregation, "dropout.rate": 0.3, "federation.rounds": 1}
+    factors and head (masked, hetlora-sw), or for the folding rules (fedex; flora, whose factors
+    restart) the effective weight W0 + F + s B A, which only holds if the fold carries the step's part
+    the factors do not. The mixed-rank rules run with devices of ranks 1, 2 and 4."""
+    base = {"federation.aggregation": aggregation, "dropout.rate": 0.3, "federation.rounds": 1, "lora.ranks": ranks}
     runs = {}
     for name, server in (("none", {}), ("half", {"server.optimizer": "avgm", "server.momentum": 0.0,
                                                   "server.lr": 0.5})):
@@ -100,11 +102,14 @@ def test_a_round_moves_the_model_by_the_optimisers_step(tiny_bert, sst2_dir, agg
         runs[name] = (first, _effective(exp, first, {}), _effective(exp, srv.state.global_state, srv.state.fold),
                       srv.state.global_state)
     (first, start, plain, none_state), (_, _, half, half_state) = runs["none"], runs["half"]
-    for key in plain:
-        moved = plain[key] - start[key]
-        assert float(moved.abs().max()) > 0
-        torch.testing.assert_close(half[key] - start[key], 0.5 * moved, rtol=1e-4, atol=1e-6)
-    if aggregation == "masked":  # the factors themselves move half as far
+    if aggregation in ("fedex", "flora"):  # the effective weight moves half as far (the factors do not)
+        for key in plain:
+            moved = plain[key] - start[key]
+            assert float(moved.abs().max()) > 0
+            torch.testing.assert_close(half[key] - start[key], 0.5 * moved, rtol=1e-4, atol=1e-6)
+    else:  # the factors and head themselves move half as far (their product, being bilinear, does not)
+        for kind in ("lora_B", "classifier"):  # (A cannot move in a one-step round: B starts at zero)
+            assert any(float((none_state[k] - first[k]).abs().max()) > 0 for k in first if kind in k), kind
         for key, value in half_state.items():
             torch.testing.assert_close(value - first[key], 0.5 * (none_state[key] - first[key]), rtol=1e-4, atol=1e-6)
 

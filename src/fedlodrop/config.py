@@ -32,7 +32,7 @@ class LoraConfig(_Section):
     ranks: int | list[int] | None = Field(
         None, description="each device's rank r_k <= lora.r: one for all, or one per device (devices of "
         "different memory and links); a device holds and trains the first r_k rank components of the "
-        "adapter, on the one shared backbone. Rules for mixed ranks: hetlora, flora, flexlora (or any other "
+        "adapter, on the one shared backbone. Rules for mixed ranks: hetlora, hetlora-sw, flora, flexlora (or any other "
         "rule); null: every device lora.r"
     )
     self_prune: float | None = Field(

@@ -17,6 +17,8 @@ counting as a slice the device did not train):
 
 * `hetlora`  - HetLoRA: each factor is the weighted mean of the devices' factors zero-padded to
                the model's rank (a component a device lacks counts as zero, not as no change).
+* `hetlora-sw` - HetLoRA with its sparsity-weighted aggregation: in each module, device k weighs
+               w_k ||s B_k A_k||_F, renormalised, so a device with few or pruned components dilutes less.
 * `flora`    - FLoRA: the devices' products are stacked into the fold, exactly
                    W' = W + sum_k w_k (W_k^end - W_k^start),
                and every device restarts from the initial adapter (A_0, B = 0) each round; only
@@ -227,20 +229,26 @@ class AggregationRule:
         residuals: dict[str, Residual] = {}
         noise = noise or {}
         for m in layout.modules:
-            b = _move(m.key_b, lambda u: u.trained[m.name].b, global_state, updates, weights,
+            w = self.module_weights(m, updates, weights)
+            b = _move(m.key_b, lambda u: u.trained[m.name].b, global_state, updates, w,
                       self.factor_rule, noise.get(m.key_b))
             if self.trains_a:
-                a = _move(m.key_a, lambda u: u.trained[m.name].a, global_state, updates, weights,
+                a = _move(m.key_a, lambda u: u.trained[m.name].a, global_state, updates, w,
                           self.factor_rule, noise.get(m.key_a))
             else:
                 a = global_state[m.key_a].clone()
             new[m.key_a], new[m.key_b] = a, b
             if self.folds:
-                residuals[m.name] = _residual(m, global_state, updates, weights, a, b)
+                residuals[m.name] = _residual(m, global_state, updates, w, a, b)
         for key in layout.head_keys:
             change = sum(w * (u.end[key] - u.start[key]) for w, u in zip(weights, updates))
             new[key] = global_state[key] + change + noise.get(key, 0.0)
         return new, residuals
+
+    def module_weights(self, m: ModuleShape, updates: list[DeviceUpdate], weights: torch.Tensor) -> torch.Tensor:
+        """The devices' weights for module `m`'s factors: the round's weights (the head always takes
+        those); a rule that weighs modules by what the devices trained overrides this."""
+        return weights
 
     def fixed_totals(self, layout: AdapterLayout, sent: list[State], q: float) -> State:
         """What central DP divides each value's noised sum by: the expected number of devices that
@@ -320,10 +328,30 @@ class HetLoRA(AggregationRule):
         that lack its rank component: sum_k w_k pad(end_k)."""
         new, residuals = super().aggregate(layout, global_state, updates, weights, noise, totals)
         for m in layout.modules:
-            lacking = sum(w * (~u.trained[m.name].ranks).float() for w, u in zip(weights, updates))
+            w_m = self.module_weights(m, updates, weights)
+            lacking = sum(w * (~u.trained[m.name].ranks).float() for w, u in zip(w_m, updates))
             new[m.key_a] = new[m.key_a] - global_state[m.key_a] * lacking[:, None]
             new[m.key_b] = new[m.key_b] - global_state[m.key_b] * lacking[None, :]
         return new, residuals
+
+
+@RULES.register
+class HetLoRASparsity(HetLoRA):
+    """HetLoRA with its sparsity-weighted aggregation: in each module device k weighs w_k ||s B_k A_k||_F
+    (the norm of the product it ends with, over the components it holds), renormalised. A device whose
+    components are few or pruned has a small product and dilutes the others' components less than under
+    plain zero-padding. The head keeps the round's weights."""
+
+    name = "hetlora-sw"
+
+    def module_weights(self, m, updates, weights):
+        """w_k ||s B_k A_k||_F / sum_j w_j ||s B_j A_j||_F; the round's weights if every product is zero."""
+        norms = torch.stack([
+            torch.linalg.matrix_norm(m.scaling * (u.end[m.key_b] * u.trained[m.name].ranks) @ u.end[m.key_a])
+            for u in updates])
+        scored = weights * norms
+        total = scored.sum()
+        return scored / total if total > 0 else weights
 
 
 @RULES.register
