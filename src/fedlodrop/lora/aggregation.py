@@ -123,18 +123,12 @@ class Residual:
     def truncated(self, rank: int) -> tuple[Residual, float, float]:
         """The best rank-`rank` approximation (Eckart-Young) with |R - R_k|_F and |R|_F.
 
-        From the factors, never the dense matrix: QR of U and V^T, then the SVD of the small
-        R x R core, so a 4096 x 4096 module costs O(4096 R^2)."""
-        qu, ru = torch.linalg.qr(self.u.double())
-        qv, rv = torch.linalg.qr(self.v.double().T)
-        p, sing, qh = torch.linalg.svd(ru @ rv.T)
+        From the factors, never the dense matrix (`svd`), so a 4096 x 4096 module costs O(4096 R^2)."""
+        (u, v), sing = self.svd(rank)
         norm = float(sing.norm())
         if rank >= int((sing > 0).sum()):
             return self, 0.0, norm
-        root = sing[:rank].sqrt()
-        u = (qu @ p[:, :rank]) * root
-        v = root[:, None] * (qh[:rank] @ qv.T)
-        return Residual(u.float(), v.float()), float(sing[rank:].norm()), norm
+        return Residual(u, v), float(sing[rank:].norm()), norm
 
     def svd(self, rank: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         """U @ V's first `rank` singular directions as (n_out x rank, rank x n_in) factors, each
