@@ -223,7 +223,8 @@ def main() -> None:
              "", f"{header(args.threads, args.jobs)}. DP grid: {len(pts)} runs, {dp_minutes:.0f} min "
              f"in this invocation (runs finished earlier are reused); the runs' own wall times sum to "
              f"{run_minutes:.0f} min.", "",
-             "Setting: " + " ".join(regime["run"]) + "; DP: " + " ".join(regime["dp"]) + " (target epsilon over the 3 rounds, "
+             "Setting: " + " ".join(regime["run"]) + "; DP: " + " ".join(regime["dp"])
+             + (" or the table's C" if "clips" in regime else "") + " (target epsilon over the 3 rounds, "
              f"delta 1e-5, Opacus' {'/'.join(sorted(a for a in accounts if a)) or 'RDP'} accountant, add/remove one "
              "device; q = 1; noise from the OS's entropy; no score on the devices' data under DP). Mean ± sd over "
              "seeds; epsilon spent is the run's.", "",

@@ -118,16 +118,20 @@ def optimisers(args) -> None:
     for p in pts:
         summary = results[p.name].summary
         by_seed[(p.values["task"], p.values["setting"], p.values["optimiser"], p.seed)] = summary.final[summary.main_metric]
-    lines = ["| optimiser minus fedavg | pairs | mean (points) | 95% CI |", "|---|---|---|---|"]
+    from scipy.stats import t
+
+    tasks = args.tasks.split(",")
+    lines = ["| optimiser minus fedavg | tasks | pairs | mean (points) | 95% CI |", "|---|---|---|---|---|"]
     for name in OPTIMISERS:
         if name == "fedavg":
             continue
-        diffs = [100 * (v - by_seed[(t, s, "fedavg", seed)]) for (t, s, o, seed), v in by_seed.items() if o == name]
-        from scipy.stats import t
-
-        mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-        half = float(t.ppf(0.975, len(diffs) - 1)) * sd / len(diffs) ** 0.5
-        lines.append(f"| {name} | {len(diffs)} | {mean:+.2f} | [{mean - half:+.2f}, {mean + half:+.2f}] |")
+        for among in ([tasks] if len(tasks) == 1 else [tasks] + [[x] for x in tasks]):  # pooled, then each task
+            diffs = [100 * (v - by_seed[(tk, s, "fedavg", seed)]) for (tk, s, o, seed), v in by_seed.items()
+                     if o == name and tk in among]
+            mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+            half = float(t.ppf(0.975, len(diffs) - 1)) * sd / len(diffs) ** 0.5
+            lines.append(f"| {name} | {'all' if len(among) > 1 else among[0]} | {len(diffs)} | {mean:+.2f} | "
+                         f"[{mean - half:+.2f}, {mean + half:+.2f}] |")
     for r in rows:
         r["skew"] = {"iid": 1, "dirichlet 0.5": 2, "dirichlet 0.1": 3}[r["setting"]]
     _finish("optimisers", rows, keys, "main metric", f"FedProx and server optimisers on fedex, {args.tasks} (x: 1 IID, "
