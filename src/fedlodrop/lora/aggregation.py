@@ -222,8 +222,9 @@ class AggregationRule:
         new: State = {}
         residuals: dict[str, Residual] = {}
         noise = noise or {}
+        module_weights = {}
         for m in layout.modules:
-            w = self.module_weights(m, updates, weights)
+            w = module_weights[m.name] = self.module_weights(m, updates, weights)
             b = _move(m.key_b, lambda u: u.trained[m.name].b, global_state, updates, w,
                       self.factor_rule, noise.get(m.key_b))
             if self.trains_a:
@@ -237,7 +238,13 @@ class AggregationRule:
         for key in layout.head_keys:
             change = sum(w * (u.end[key] - u.start[key]) for w, u in zip(weights, updates))
             new[key] = global_state[key] + change + noise.get(key, 0.0)
-        return new, residuals
+        return self.corrected(layout, global_state, updates, module_weights, new), residuals
+
+    def corrected(self, layout: AdapterLayout, global_state: State, updates: list[DeviceUpdate],
+                  module_weights: dict[str, torch.Tensor], new: State) -> State:
+        """The new state after the rule's own correction (`module_weights`: each module's device
+        weights, as the factors were averaged with); none by default."""
+        return new
 
     def module_weights(self, m: ModuleShape, updates: list[DeviceUpdate], weights: torch.Tensor) -> torch.Tensor:
         """The devices' weights for module `m`'s factors: the round's weights (the head always takes
@@ -317,16 +324,15 @@ class HetLoRA(AggregationRule):
     default_factor_rule = "fedit"
     from_sums = False  # kept simple: central DP and SecAgg+ use the rules built on sums
 
-    def aggregate(self, layout, global_state, updates, weights, noise=None, totals=None):
+    def corrected(self, layout, global_state, updates, module_weights, new):
         """fedit's mean of the changes, less each factor value times the weight of the devices
         that lack its rank component: sum_k w_k pad(end_k)."""
-        new, residuals = super().aggregate(layout, global_state, updates, weights, noise, totals)
         for m in layout.modules:
-            w_m = self.module_weights(m, updates, weights)
+            w_m = module_weights[m.name]
             lacking = sum(w * (~u.trained[m.name].ranks).float() for w, u in zip(w_m, updates))
             new[m.key_a] = new[m.key_a] - global_state[m.key_a] * lacking[:, None]
             new[m.key_b] = new[m.key_b] - global_state[m.key_b] * lacking[None, :]
-        return new, residuals
+        return new
 
 
 @RULES.register
