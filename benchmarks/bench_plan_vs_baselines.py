@@ -10,10 +10,12 @@
    sum_k w_k |gamma_k - gamma'_k|; the page says how many were screened to find `--systems`.
 2. On each kept system `fedlodrop compare` trains, for every training seed, B&B and the baselines
    under one simulated time budget (`--budget-rounds` x T_max): each method trains the rounds its
-   plan fits in the budget. Baselines: the best shared rate (`fixed`), equal bandwidth, and three
+   plan fits in the budget. Baselines: the best shared rate (`fixed`), equal bandwidth, and four
    that meet the limit without dropout: `fit-only` (rate 0 with the devices that fit), `longer-rounds`
-   (rate 0 at the round limit it meets, fewer rounds) and `bf16` (rate 0, half the bytes).
-3. Paired differences per (system, seed), B&B minus each baseline, of the metric at equal time
+   (rate 0 at the round limit it meets, fewer rounds), `bf16` (rate 0, half the bytes both ways) and
+   `int8` (rate 0, each update sent up as int8 with a scale a tensor: FedPAQ's quantised update).
+   `bnb-int8` is B&B planned on the int8 uplink's payload: the plan's dropout on top of quantisation.
+3. Paired differences per (system, seed), B&B (and B&B on the int8 uplink) minus each baseline, of the metric at equal time
    (the budget) and at equal energy (the last evaluation within the energy B&B spent on that system
    and seed; a method that spent less is read at its end),
    with 95 % t intervals; the number of pairs an interval of +-0.5 points would need.
@@ -41,8 +43,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN = "bnb"
-BASELINES = ["fixed", "equal-bandwidth", "fit-only", "longer-rounds", "bf16"]
-METHODS = [PLAN, *BASELINES]
+PLANS = [PLAN, "bnb-int8"]  # the plan, and the plan on the int8 uplink (dropout and quantisation together)
+BASELINES = ["fixed", "equal-bandwidth", "fit-only", "longer-rounds", "bf16", "int8"]
+METHODS = [*PLANS, *BASELINES]
 # the short regime: 6 devices share 360 training examples, 1 local epoch a round
 RUN = ["federation.devices=6", "data.max_train_samples=360", "data.max_eval_samples=300",
        "data.train_eval_samples=0", "train.max_length=48", "train.batch_size=8"]
@@ -166,10 +169,10 @@ def main() -> None:
                 show_progress=False)
         for seed in range(cfg.seed, cfg.seed + args.seeds):
             runs = read(system.parent, seed, "accuracy")
-            e_ref = runs[PLAN]["joules"]  # equal energy: within what B&B spent (a frugal method: its final)
             for r in runs.values():
                 r["at_time"] = r["final"]  # every method spends at most the budget
-                r["at_energy"] = within(r["curve"], e_ref, 1)
+                # equal energy: within what the plan spent (a frugal method: its final), per plan
+                r["at_energy"] = {plan: within(r["curve"], runs[plan]["joules"], 1) for plan in PLANS}
             pairs.append({"system": system.parent.name, "seed": seed, "runs": runs})
     minutes = (time.perf_counter() - t0) / 60
     write(args, pairs, screened, minutes, torch.get_num_threads())
@@ -188,7 +191,8 @@ def write(args, pairs: list[dict], screened: int, minutes: float, threads: int) 
              f"{args.min_disagreement} (sample-weighted L1). Time budget: {args.budget_rounds:g} x T_max per "
              f"system; each method trains the rounds its plan fits. {len(pairs)} (system, seed) pairs.", "",
              "At equal time: every method ends within the budget. At equal energy: each method's last "
-             "evaluation within the energy B&B spent on that system and seed (a method that spent less: its end). "
+             "evaluation within the energy B&B spent on that system and seed (a method that spent less: its end; "
+             "in the paired table of B&B on the int8 uplink, within what that plan spent). "
              "Mean +- standard deviation over the pairs; devices dropped: device-rounds left out for missing a "
              "limit, of those asked.", "",
              "| method | accuracy at equal time | at equal energy | rounds | simulated s | energy J | devices dropped |",
@@ -205,51 +209,11 @@ def write(args, pairs: list[dict], screened: int, minutes: float, threads: int) 
             continue
         dropped, asked = sum(r["dropped"] for r in rs), sum(r["device_rounds"] for r in rs)
         flag = " (cannot meet the limit: most devices dropped)" if dropped > asked / 2 else ""
-        lines.append(f"| {method}{flag} | {ms([r['at_time'] for r in rs])} | {ms([r['at_energy'] for r in rs])} | "
+        lines.append(f"| {method}{flag} | {ms([r['at_time'] for r in rs])} | {ms([r['at_energy'][PLAN] for r in rs])} | "
                      f"{ms([r['rounds'] for r in rs], 1)} | {ms([r['seconds'] for r in rs], 3)} | "
                      f"{ms([r['joules'] for r in rs], 3)} | {dropped} of {asked} |")
-    lines += ["", "Paired differences, B&B minus the baseline, per (system, seed), in accuracy points; 95 % t "
-              "interval; pairs an interval of +-0.5 points would take at this spread:", "",
-              "| baseline | at equal time | 95 % CI | at equal energy | 95 % CI | pairs for +-0.5 (time) | "
-              "read before its end at equal energy |",
-              "|---|---|---|---|---|---|---|"]
-    rows = []
-    for base in BASELINES:
-        both = [p for p in pairs if base in p["runs"]]
-        if len(both) < len(pairs):
-            lines.append(f"| {base} | no round fits the budget in {len(pairs) - len(both)} of {len(pairs)} pairs "
-                         "(left out below) | | | | | |")
-        if len(both) < 2:
-            continue
-        dt = [100 * (p["runs"][PLAN]["at_time"] - p["runs"][base]["at_time"]) for p in both]
-        de = [100 * (p["runs"][PLAN]["at_energy"] - p["runs"][base]["at_energy"]) for p in both]
-        de = [d for d in de if not math.isnan(d)]
-        mt, lt, ht = t_interval(dt)
-        me, le, he = t_interval(de) if de else (math.nan,) * 3
-        rows.append((base, mt, lt, ht, me, le, he, pairs_for([d / 100 for d in dt])))
-        early = sum(1 for p in both if p["runs"][base]["at_energy"] != p["runs"][base]["final"])
-        lines.append(f"| {base} | {mt:+.2f} | [{lt:+.2f}, {ht:+.2f}] | {me:+.2f} | [{le:+.2f}, {he:+.2f}] | "
-                     f"{pairs_for([d / 100 for d in dt])} | {early} of {len(both)} pairs |")
-    if not rows:
-        lines += ["", "Too few pairs for an interval.", ""]
-        args.doc.parent.mkdir(parents=True, exist_ok=True)
-        args.doc.write_text("\n".join(lines) + "\n")
-        return
-    fair = [r for r in rows if sum(p["runs"][r[0]]["dropped"] for p in pairs if r[0] in p["runs"])
-            <= sum(p["runs"][r[0]]["device_rounds"] for p in pairs if r[0] in p["runs"]) / 2]
-    best = max((r[0] for r in fair),
-               key=lambda b: statistics.fmean(p["runs"][b]["at_time"] for p in pairs if b in p["runs"]))
-    row = next(r for r in rows if r[0] == best)
-    verdict = ("beats" if row[2] > 0 else "loses to" if row[3] < 0 else "is not distinguishable from")
-    lines += ["", f"The best baseline that meets the limit, at equal time, is **{best}**; B&B **{verdict}** it: "
-              f"{row[1]:+.2f} points, 95 % CI [{row[2]:+.2f}, {row[3]:+.2f}]."]
-    for label, lo, hi in (("equal time", 2, 3), ("equal energy", 5, 6)):
-        above = [r[0] for r in rows if r[lo] > 0]
-        below = [r[0] for r in rows if r[hi] < 0]
-        level = [r[0] for r in rows if r[lo] <= 0 <= r[hi]]
-        lines.append(f"At {label}, B&B's interval excludes zero above {', '.join(above) or 'no baseline'}"
-                     + (f"; includes zero against {', '.join(level)}" if level else "")
-                     + (f"; is below zero against {', '.join(below)}" if below else "") + ".")
+    for plan in PLANS:
+        lines += paired(plan, pairs)
     lines.append("")
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     args.doc.write_text("\n".join(lines) + "\n")
@@ -258,9 +222,66 @@ def write(args, pairs: list[dict], screened: int, minutes: float, threads: int) 
         w.writerow(["system", "seed", "method", "at_time", "at_energy", "rounds", "seconds", "joules", "dropped"])
         for p in pairs:
             for method, r in p["runs"].items():
-                w.writerow([p["system"], p["seed"], method, r["at_time"], r["at_energy"], r["rounds"], r["seconds"],
-                            r["joules"], r["dropped"]])
+                w.writerow([p["system"], p["seed"], method, r["at_time"], r["at_energy"][PLAN], r["rounds"],
+                            r["seconds"], r["joules"], r["dropped"]])
     plot(pairs, args.doc.with_suffix(".png"))
+
+
+NAMES = {"bnb": "B&B", "bnb-int8": "B&B on the int8 uplink"}
+
+
+def paired(plan: str, pairs: list[dict]) -> list[str]:
+    """The table of paired differences, `plan` minus each baseline, and its verdict lines."""
+    who = NAMES[plan]
+    lines = ["", f"Paired differences, {who} minus the baseline, per (system, seed), in accuracy points; 95 % t "
+             "interval; pairs an interval of +-0.5 points would take at this spread:", "",
+             "| baseline | at equal time | 95 % CI | at equal energy | 95 % CI | pairs for +-0.5 (time) | "
+             "read before its end at equal energy |",
+             "|---|---|---|---|---|---|---|"]
+    rows = []
+    mine = [p for p in pairs if plan in p["runs"]]
+    for base in BASELINES:
+        both = [p for p in mine if base in p["runs"]]
+        if len(both) < len(mine):
+            lines.append(f"| {base} | no round fits the budget in {len(mine) - len(both)} of {len(mine)} pairs "
+                         "(left out below) | | | | | |")
+        if len(both) < 2:
+            continue
+        dt = [100 * (p["runs"][plan]["at_time"] - p["runs"][base]["at_time"]) for p in both]
+        de = [100 * (p["runs"][plan]["at_energy"][plan] - p["runs"][base]["at_energy"][plan]) for p in both]
+        de = [d for d in de if not math.isnan(d)]  # nan: the baseline had no evaluation within that energy
+        mt, lt, ht = t_interval(dt)
+        me, le, he = t_interval(de) if len(de) > 1 else (math.nan,) * 3
+        rows.append((base, mt, lt, ht, me, le, he, pairs_for([d / 100 for d in dt])))
+        early = sum(1 for p in both if p["runs"][base]["at_energy"][plan] != p["runs"][base]["final"])
+        if len(de) < 2:
+            energy = f"none: no evaluation within {who}'s energy in {len(both) - len(de)} of {len(both)} pairs | -"
+        else:
+            missing = f" ({len(de)} of {len(both)} pairs with an evaluation)" if len(de) < len(both) else ""
+            energy = f"{me:+.2f}{missing} | [{le:+.2f}, {he:+.2f}]"
+        lines.append(f"| {base} | {mt:+.2f} | [{lt:+.2f}, {ht:+.2f}] | {energy} | "
+                     f"{pairs_for([d / 100 for d in dt])} | {early} of {len(both)} pairs |")
+    if not rows:
+        return lines + ["", "Too few pairs for an interval."]
+    fair = [r for r in rows if sum(p["runs"][r[0]]["dropped"] for p in mine if r[0] in p["runs"])
+            <= sum(p["runs"][r[0]]["device_rounds"] for p in mine if r[0] in p["runs"]) / 2]
+    best = max((r[0] for r in fair),
+               key=lambda b: statistics.fmean(p["runs"][b]["at_time"] for p in mine if b in p["runs"]))
+    row = next(r for r in rows if r[0] == best)
+    verdict = ("beats" if row[2] > 0 else "loses to" if row[3] < 0 else "is not distinguishable from")
+    lines += ["", f"The best baseline that meets the limit, at equal time, is **{best}**; {who} **{verdict}** it: "
+              f"{row[1]:+.2f} points, 95 % CI [{row[2]:+.2f}, {row[3]:+.2f}]."]
+    for label, lo, hi in (("equal time", 2, 3), ("equal energy", 5, 6)):
+        above = [r[0] for r in rows if r[lo] > 0]
+        below = [r[0] for r in rows if r[hi] < 0]
+        level = [r[0] for r in rows if r[lo] <= 0 <= r[hi]]
+        unread = [r[0] for r in rows if math.isnan(r[lo])]
+        lines.append(f"At {label}, {who}'s interval excludes zero above {', '.join(above) or 'no baseline'}"
+                     + (f"; includes zero against {', '.join(level)}" if level else "")
+                     + (f"; is below zero against {', '.join(below)}" if below else "")
+                     + (f"; {', '.join(unread)} had no evaluation within {who}'s energy (their first round "
+                        "costs more)" if unread else "") + ".")
+    return lines
 
 
 def plot(pairs: list[dict], path: Path) -> None:

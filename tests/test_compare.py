@@ -46,7 +46,7 @@ def test_every_method_is_planned_trained_and_tabulated(tiny_bert, polarity_dir, 
     assert result.exit_code == 0, result.output
     rows = {r["method"]: r for r in csv.DictReader(open(out / "compare.csv"))}
     assert list(rows) == ["bnb", "psca", "fixed", "equal-bandwidth", "none", "fit-only", "longer-rounds", "bf16",
-                          "unplanned"]
+                          "int8", "bnb-int8", "unplanned"]
     assert (out / "compare.png").stat().st_size > 0 and "| bnb |" in (out / "compare.md").read_text()
     # each run trained with its method's rates and was priced with its resources
     for method in ("bnb", "fixed", "none"):
@@ -79,7 +79,11 @@ def test_compare_refuses_what_cannot_be_compared(tiny_bert, polarity_dir, tmp_pa
              (system, ["--methods", "bnb,magic"], "--methods: unknown magic"),
              (system, ["--set", "federation.comm_dtype=float16"], "prices bits a value 32 but the run sends 16"),
              (system, ["--set", "data.max_train_samples=100"], "plans 192 training samples"),
-             (system, ["--set", f"plan={tmp_path / 'p.json'}"], "drop plan from the config")]
+             (system, ["--set", f"plan={tmp_path / 'p.json'}"], "drop plan from the config"),
+             (system, ["--set", "privacy.dp=true", "--set", "privacy.noise_multiplier=1.0", "--set", "federation.weighting=uniform",
+                      "--set", "privacy.mode=local",
+                      "--methods", "bnb,int8"],
+              "--methods int8 cannot run with this config")]
     for i, (sys_file, extra, needle) in enumerate(cases):
         out = tmp_path / f"out{i}"
         result = CliRunner().invoke(app, _args(tiny_bert, polarity_dir, out, sys_file, *extra))
@@ -148,10 +152,11 @@ def test_equal_time_equal_energy_and_time_to_target_are_read_off_the_curves():
 def test_the_baselines_that_meet_the_limit_without_dropout(tiny_bert, polarity_dir, tmp_path):
     """Issue 29, item 2, at a limit rate 0 cannot meet with every device: fit-only asks only the devices
     the latency model says fit (the others never train, spend nothing, get no band); longer-rounds
-    meets a longer round limit of its own with every device; bf16 sends half the bytes of float32."""
+    meets a longer round limit of its own with every device; bf16 sends half the bytes of float32; int8
+    sends a quarter of them up (and a scale a tensor), planned and priced at those bytes."""
     system = _system(tmp_path / "system.yaml", tiny_bert, polarity_dir)
     out = tmp_path / "cmp"
-    r = CliRunner().invoke(app, _args(tiny_bert, polarity_dir, out, system, "--methods", "none,fit-only,longer-rounds,bf16"))
+    r = CliRunner().invoke(app, _args(tiny_bert, polarity_dir, out, system, "--methods", "none,fit-only,longer-rounds,bf16,int8"))
     assert r.exit_code == 0, r.output
     spec = load_system(system)
     fit = load_plan(out / "plans" / "fit-only.json")
@@ -169,6 +174,15 @@ def test_the_baselines_that_meet_the_limit_without_dropout(tiny_bert, polarity_d
     half = RunFolder(out / "runs" / "bf16__seed=0").records()[0]
     assert RunFolder(out / "runs" / "bf16__seed=0").config().federation.comm_dtype == "bfloat16"
     assert [2 * d.uplink_bytes for d in half.devices] == pytest.approx([d.uplink_bytes for d in none.devices], rel=0.01)
+    int8 = RunFolder(out / "runs" / "int8__seed=0")
+    assert int8.config().federation.uplink == "int8"
+    plan = load_plan(out / "plans" / "int8.json")
+    assert plan.system.payload.uplink_bits_per_value == 8 and plan.system.payload.uplink_extra_bits == 32 * 10
+    for rec in int8.records():
+        for d, p, n in zip(rec.devices, plan.devices, none.devices):
+            assert d.uplink_bytes == d.kept_values + 10 * 4 + (n.uplink_bytes // 4 - n.kept_values)  # + the head
+            assert d.downlink_bytes == n.downlink_bytes or rec.round > 1  # float32 down, as none's first round
+            assert 8 * d.uplink_bytes == pytest.approx(p.uplink_bits, rel=1e-12)  # the plan's bytes are the sent ones
 
 
 def test_fit_only_prices_each_device_on_its_own_channel(tiny_bert, polarity_dir, tmp_path):

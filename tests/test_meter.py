@@ -298,3 +298,45 @@ def test_a_plan_that_asks_only_the_devices_that_fit_still_learns(mini2, polarity
     assert all(r.participants == [0, 1] and not r.failures for r in rows)
     assert summary.system.devices_dropped_for_limits == 0
     assert rows[-1].train_loss < 0.75 * rows[0].train_loss and summary.final["accuracy"] >= 0.8
+
+
+@pytest.mark.parametrize("method", ["bnb", "psca", "none"])
+def test_an_int8_uplink_is_priced_at_its_own_bits(method):
+    """federation.uplink int8 (issue 29, item 2): 8 bits a value up plus the scales, the downlink still
+    at the communication dtype's 32, by hand. A limit float32 uploads cannot meet at rate 0 is met
+    with int8 ones; the plans need less dropout than float32's and the meter prices them as the
+    planner does."""
+    import numpy as np
+
+    from fedlodrop.planning import InfeasibleError, optimize, system_model
+    from fedlodrop.run.meter import Meter, Resources
+
+    def spec_of(int8: bool, latency_s: float):
+        spec = _hand_system(downlink_bandwidth_hz=6e6, server_power_w=10.0)
+        spec.round.cycles_per_sample, spec.round.adapter_cycles_per_sample = 1e4, 2e3  # the radio dominates
+        spec.round.latency_s = latency_s
+        if int8:
+            spec.payload.uplink_bits_per_value, spec.payload.uplink_extra_bits = 8, 320
+        return spec
+
+    m = system_model(spec_of(True, 0.025))
+    assert float(m.uplink_bits(0.25, 1)) == (0.75 * 10_000 + 500) * 8 + 320
+    assert float(m.downlink_bits(0.25, 1)) == (0.75 * 10_000 + 500) * 32
+    limit = 0.025 if method == "none" else 0.015
+    if method == "none":  # rate 0 meets 0.025 s only with int8 uploads
+        with pytest.raises(InfeasibleError):
+            optimize(spec_of(False, limit), method)
+    else:
+        wide = optimize(spec_of(False, limit), method)
+    plan = optimize(spec_of(True, limit), method)
+    m = system_model(spec_of(True, limit))
+    assert plan.feasible
+    if method != "none":
+        assert max(plan.gammas) < min(wide.gammas) - 0.05  # fewer bytes up: less to drop
+    meter = Meter(m, Resources(np.array([d.bandwidth_hz for d in plan.devices]), np.array([d.power_w for d in plan.devices]),
+                               np.array([d.frequency_hz for d in plan.devices]), method), local_epochs=2.0)
+    for k, d in enumerate(plan.devices):
+        up_bytes = ((1 - d.gamma) * 10_000 + 500) * 8 / 8 + 40  # one byte a value, 4 a scale
+        cost = meter.price(k, d.gamma, int(m.D[k]), up_bytes, float(m.downlink_bits(d.gamma, k)) / 8)
+        assert (cost.latency_s, cost.energy_j) == pytest.approx((d.latency_s, d.energy_j), rel=1e-9)
+        assert meter.violation(k, cost) is None

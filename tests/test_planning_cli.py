@@ -419,3 +419,37 @@ def test_a_surrogate_of_the_validation_error_is_what_the_planners_minimise(tmp_p
         assert plan.gammas == pytest.approx([best] * 3, abs=0.02)
     r = runner.invoke(app, ["calibrate", str(tmp_path / "sweep"), "--surrogate"])
     assert r.exit_code == 2 and "give --metric" in r.stderr
+
+
+def test_calibrate_validates_the_fit_on_held_out_systems_and_rates(tmp_path):
+    """Issue 29, item 5: --validate predicts runs the fit never saw (per-device rates, uneven data
+    sizes) and says how many pairs of them it orders as measured. Where the held-out errors follow
+    the truth the surrogate orders every pair and its error is small; where they run against it
+    (an adversary's data) it orders none; a run of another length is skipped and named."""
+    from fedlodrop.planning.bound import Curve, emp_feature, sparsity_feature
+
+    truth = Curve(0.15, 0.04, 0.0004, 0.03, 4.0)
+    val = lambda g, w=None: float(truth(emp_feature(g, w), sparsity_feature(g, w)))  # noqa: E731
+    make_sweep(tmp_path / "sweep", 0.1, 0.05, [0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75], seeds=(0,), val=val)
+    weights = [1, 3, 6]
+    held = [[0.0, 0.1, 0.7], [0.5, 0.2, 0.05], [0.8, 0.6, 0.3], [0.3, 0.3, 0.6]]
+    make_sweep(tmp_path / "held", 0.1, 0.05, held, seeds=(0,), weights=weights, val=lambda g: val(g, weights))
+    make_sweep(tmp_path / "against", 0.1, 0.05, held, seeds=(0,), weights=weights,
+               val=lambda g: 0.6 - val(g, weights))  # worse where the truth says better
+    args = ["calibrate", str(tmp_path / "sweep"), "--metric", "accuracy", "--surrogate", "--validate"]
+    r = runner.invoke(app, [*args, str(tmp_path / "held")])
+    assert r.exit_code == 0, r.output
+    assert "held out: 4 runs in 1 groups" in r.stdout
+    line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("surrogate: orders"))
+    assert "orders 6 of 6 pairs" in line
+    assert float(line.split("rmse ")[1].split(",")[0]) < 0.01
+    r = runner.invoke(app, [*args, str(tmp_path / "against")])
+    assert r.exit_code == 0 and "surrogate: orders 0 of 6 pairs" in r.stdout, r.output
+    long = tmp_path / "held" / "longer"
+    long.mkdir()
+    (long / "config.yaml").write_text(run_config(0, 0.2))
+    (long / "metrics.jsonl").write_text("\n".join(json.dumps(round_record(i, 0.5, 0.5)) for i in (1, 2, 3, 4)) + "\n")
+    r = runner.invoke(app, [*args, str(tmp_path / "held")])
+    assert r.exit_code == 0 and "another number of rounds" in r.stderr and "longer" in r.stderr, r.output
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "sweep"), "--validate", str(tmp_path / "held")])
+    assert r.exit_code == 2 and "give --metric" in r.stderr

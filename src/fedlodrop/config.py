@@ -80,6 +80,11 @@ class FederationConfig(_Section):
     comm_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="dtype of every tensor that travels; bytes are counted in it"
     )
+    uplink: Literal["same", "int8"] = Field(
+        "same", description="how a device's upload travels. same: in federation.comm_dtype; int8: its update "
+        "(trained minus what it was sent) as int8 with one float32 scale per tensor, rounded stochastically "
+        "(FedPAQ's quantised update, docs/compression.md); not with privacy.dp or secure aggregation"
+    )
     residual_rank: int | None = Field(
         None,
         ge=1,
@@ -465,6 +470,9 @@ class RunConfig(_Section):
         if (f.time_budget_s or f.energy_budget_j) and self.system.file is None and self.plan is None:
             raise ValueError("federation.time_budget_s and energy_budget_j need a system: set system.file or plan")
         p = self.privacy
+        if f.uplink != "same" and (p.dp or p.secure_aggregation):
+            raise ValueError(f"federation.uplink {f.uplink} quantises after privacy.dp clips and secure aggregation "
+                             "sums exact values: use federation.uplink same with privacy")
         if p.dp and (p.noise_multiplier is None) == (p.target_epsilon is None):
             raise ValueError("privacy.dp needs exactly one of privacy.noise_multiplier and privacy.target_epsilon")
         return self

@@ -170,8 +170,8 @@ def compare(
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="training seeds per method (base: config seed)")] = 3,
     methods: Annotated[
         str, typer.Option(help="comma-separated: bnb, psca, fixed, equal-bandwidth, none, fit-only, longer-rounds, "
-                          "bf16, unplanned")
-    ] = "bnb,psca,fixed,equal-bandwidth,none,fit-only,longer-rounds,bf16,unplanned",
+                          "bf16, int8, bnb-int8, unplanned")
+    ] = "bnb,psca,fixed,equal-bandwidth,none,fit-only,longer-rounds,bf16,int8,bnb-int8,unplanned",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="folder (default runs/compare-...)")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="runs in parallel processes")] = 1,
     threads: Annotated[Optional[int], typer.Option(help="torch threads per run (default: CPUs / jobs)")] = None,

@@ -7,6 +7,7 @@ prints one line on stderr and exits with code 2, leaving no output file behind.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -190,6 +191,10 @@ def calibrate(
     surrogate: Annotated[bool, typer.Option("--surrogate", help="fit the validation error against the rates in the "
                                             "bound's convex shape and write it as the objective the planners "
                                             "minimise (objective: measured); needs --metric")] = False,
+    validate: Annotated[Optional[Path], typer.Option(help="a folder of runs the fit never saw (other systems, other "
+                                                     "rates, e.g. a compare folder): how well the surrogate and "
+                                                     "the bound predict and order their validation errors; "
+                                                     "needs --metric")] = None,
 ) -> None:
     """Fit the bound's constants to a dropout sweep (4 or more rates, no dropped devices): Emp(gamma) = e0 +
     c_emp sum w gamma/(1-gamma) to the final training error, with --metric the Gap term to the measured
@@ -198,9 +203,12 @@ def calibrate(
 
     from fedlodrop.planning import dump_system, load_system
     from fedlodrop.studies.calibration import calibrate as fit_sweep
+    from fedlodrop.studies.calibration import validate as validate_fit
 
     if system is not None and out is None:
         raise UserError("--system needs --out for the updated system file")
+    if validate is not None and metric is None:
+        raise UserError("--validate compares validation errors of a metric: give --metric (e.g. accuracy)")
     spec = load_system(system) if system is not None else None
     fit = fit_sweep(sweep_dir, metric, report=lambda line: err_console.print(line, highlight=False),
                     surrogate=surrogate, compared=spec.bound if spec is not None else None)
@@ -229,6 +237,8 @@ def calibrate(
                           + ", ".join(f"{r} (G = {v:.3g})" for r, v in fit.vacuous), highlight=False)
     else:
         out_console.print(f"the bound with {where} is below 1 at every rate of the sweep", highlight=False)
+    if validate is not None:
+        _print_validation(validate_fit(fit, validate, metric, report=lambda line: err_console.print(line, highlight=False)))
     if out is None:
         return
     N = float(sum(d.samples for d in spec.devices)) if spec is not None else None
@@ -241,6 +251,23 @@ def calibrate(
         _write_text(out, f"# fitted on {sweep_dir} ({'validation error' if surrogate else fit.what}, N = {fit.N:g}); "
                     "merge into the system file\n" + yaml.safe_dump(snippet, sort_keys=False))
     err_console.print(f"wrote {out}", highlight=False)
+
+
+def _print_validation(v) -> None:
+    """The held-out check's lines: the surrogate's error and ordering, the bound's ordering and coverage."""
+    groups = len({r.group for r in v.runs})
+    out_console.print(f"held out: {len(v.runs)} runs in {groups} groups (same folder, same seed)", highlight=False)
+    for what in ("surrogate", "bound"):
+        if any(math.isnan(getattr(r, what)) for r in v.runs):
+            out_console.print(f"  {what}: none fitted", highlight=False)
+            continue
+        right, pairs = v.ordered(what)
+        line = f"  {what}: orders {right} of {pairs} pairs of a group as measured"
+        if what == "surrogate":
+            line += f"; rmse {v.rmse():.4f}, bias {v.bias():+.4f} (predicted - measured)"
+        else:
+            line += f"; at or above the measured error on {v.bound_holds()} of {len(v.runs)} runs"
+        out_console.print(line, highlight=False)
 
 
 # --------------------------------------------------------------------------------------------

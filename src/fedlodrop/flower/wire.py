@@ -31,6 +31,7 @@ DTYPES = {
     "int64": torch.int64,
     "int32": torch.int32,
     "int16": torch.int16,
+    "int8": torch.int8,
     "uint8": torch.uint8,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}

@@ -81,6 +81,97 @@ def merge_trained(start: State, uploaded: State, layout: AdapterLayout, trained:
     return end
 
 
+# ---------------------------------------------------------------------------- the uplink
+
+
+SCALE = "#scale"  # suffix of a quantised tensor's scale on the wire
+
+
+class Uplink:
+    """How a device's trained slices and head travel up (`federation.uplink`): as they are, in the
+    communication dtype. Both sides know what the device started from (the server sent it), so a
+    variant may send the update instead and the server adds it back."""
+
+    name = "same"
+    bits: int | None = None  # bits a value on the wire; None: the communication dtype's
+    scale_bits = 0  # bits a tensor sends besides its values
+
+    def encode(self, sent: State, start: State, seed: int) -> State:
+        """What travels for `sent` (the upload in the communication dtype); `start`: the same keys
+        of what the device started from, float32; `seed`: this device and round's stream."""
+        return sent
+
+    def decode(self, upload: State, start: State) -> State:
+        """The upload as the server uses it (`start`: as in `encode`)."""
+        return upload
+
+    def nbytes(self, sent: State) -> int:
+        """Bytes `encode(sent, ...)` puts on the wire."""
+        return payload_bytes(sent)
+
+
+class Int8Update(Uplink):
+    """The update (trained minus start) as int8 with one float32 scale per tensor (max |x| / 127),
+    rounded stochastically so the server's estimate is unbiased: FedPAQ's quantised update
+    (Reisizadeh et al., AISTATS 2020) with an 8-bit QSGD-style quantiser (Alistarh et al., 2017)."""
+
+    name, bits, scale_bits = "int8", 8, 32
+
+    def encode(self, sent: State, start: State, seed: int) -> State:
+        """Each tensor's update as int8 and its scale; the rounding's draws come from `seed`."""
+        gen = torch.Generator().manual_seed(seed)
+        out: State = {}
+        for key in sorted(sent):
+            delta = sent[key].float() - start[key]
+            top = float(delta.abs().max()) if delta.numel() else 0.0
+            scale = top / 127.0 if top > 0 else 1.0
+            x = delta / scale
+            q = torch.floor(x + torch.rand(x.shape, generator=gen)).clamp_(-127, 127)  # E[q] = x
+            out[key], out[key + SCALE] = q.to(torch.int8), torch.tensor([scale], dtype=torch.float32)
+        return out
+
+    def decode(self, upload: State, start: State) -> State:
+        """start + q scale for every tensor that came up."""
+        return {k: start[k] + v.float() * upload[k + SCALE] for k, v in upload.items() if not k.endswith(SCALE)}
+
+    def nbytes(self, sent: State) -> int:
+        """One byte a value and four a tensor."""
+        return sum(t.numel() for t in sent.values()) + len(sent) * self.scale_bits // 8
+
+
+UPLINKS = {u.name: u for u in (Uplink(), Int8Update())}
+
+
+def make_uplink(name: str) -> Uplink:
+    """The uplink `federation.uplink` names."""
+    return UPLINKS[name]
+
+
+def upload_keys(layout: AdapterLayout, rule: AggregationRule) -> list[str]:
+    """The tensors a device sends up under `rule` (at any rate: dropout shrinks them, never drops one)."""
+    keys = [k for m in layout.modules for k in (m.key_a, m.key_b)] + list(layout.head_keys)
+    return [k for k in keys if rule.sends(k)]
+
+
+def encode_upload(end: State, start: State, layout: AdapterLayout, trained: Masks, rule: AggregationRule, dtype,
+                  uplink: Uplink, seed: int) -> State:
+    """What a device sends up: its trained slices and head in the communication dtype, or as `uplink`
+    encodes them against what it started from."""
+    if uplink.bits is None:
+        return encode_adapter(end, layout, trained, rule, dtype)
+    return uplink.encode(encode_adapter(end, layout, trained, rule, torch.float32),
+                         encode_adapter(start, layout, trained, rule, torch.float32), seed)
+
+
+def decode_upload(upload: State, start: State, layout: AdapterLayout, trained: Masks, rule: AggregationRule,
+                  uplink: Uplink) -> State:
+    """The trained slices and head a device sent, as `merge_trained` takes them (`start`: what the
+    server sent it, decoded)."""
+    if uplink.bits is None:
+        return upload
+    return uplink.decode(upload, encode_adapter(start, layout, trained, rule, torch.float32))
+
+
 # ---------------------------------------------------------------------------- FedEx folds
 
 

@@ -60,8 +60,8 @@ class _Surrogate:
         w = m.w
         self.m = m
         bits = m.bits
-        self.S0 = (m.Qk + m.head) * bits / 1e6  # Mbit at gamma = 0, per device (its rank's Q)
-        self.S1 = m.Qk * bits / 1e6
+        self.S0 = ((m.Qk + m.head) * m.ub + m.up_extra_bits) / 1e6  # uplink Mbit at gamma = 0, per device (its rank's Q)
+        self.S1 = m.Qk * m.ub / 1e6
         self.W0 = m.tau * m.D * (m.c0 + m.c1k) / 1e9  # Gcycles at gamma = 0
         self.W1 = m.tau * m.D * m.c1k / 1e9
         a = m.h / (m.N0 * 1e6)  # received SNR per joule per (MHz s)

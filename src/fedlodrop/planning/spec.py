@@ -93,6 +93,11 @@ class PayloadSpec(_Section):
     head_values: int | None = Field(None, ge=0, description="head size; overrides the model")
     backbone_params: float | None = Field(None, gt=0, description="overrides the model (FLOPs)")
     bits_per_value: float = Field(16.0, gt=0)
+    uplink_bits_per_value: float | None = Field(
+        None, gt=0, description="bits a value on the uplink when it differs from bits_per_value (federation.uplink "
+        "int8: 8); null: bits_per_value")
+    uplink_extra_bits: float = Field(0.0, ge=0, description="bits a device sends every round besides the values "
+                                     "(federation.uplink int8: a float32 scale per tensor)")
     downlink_extra_values: int = Field(0, ge=0, description="e.g. the fedex residual, per device")
 
     @model_validator(mode="after")
@@ -212,6 +217,8 @@ class Payload:
     head_values: int
     backbone_params: float
     bits_per_value: float
+    uplink_bits_per_value: float
+    uplink_extra_bits: float = 0.0
 
 
 def resolve_payload(spec: SystemSpec) -> Payload:
@@ -221,4 +228,5 @@ def resolve_payload(spec: SystemSpec) -> Payload:
     q = pl.adapter_values if pl.adapter_values is not None else arch.adapter_values(pl.rank, pl.target_modules)
     head = pl.head_values if pl.head_values is not None else arch.head_values(pl.num_labels)
     params = pl.backbone_params or (arch.params if arch else 0.0)
-    return Payload(int(q), int(head), float(params), pl.bits_per_value)
+    up = pl.uplink_bits_per_value or pl.bits_per_value
+    return Payload(int(q), int(head), float(params), pl.bits_per_value, up, pl.uplink_extra_bits)

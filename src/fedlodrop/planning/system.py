@@ -66,6 +66,13 @@ class SystemModel:
     dl_extra_bits: float
     bound: BoundSpec = field(default_factory=BoundSpec)
     share: np.ndarray | None = None  # per device r_k / r: the part of Q (and of c1) its rank holds; None: all
+    up_bits: float | None = None  # bits a value on the uplink; None: `bits`
+    up_extra_bits: float = 0.0  # bits a device sends up every round besides the values
+
+    @property
+    def ub(self) -> float:
+        """Bits a value on the uplink."""
+        return self.bits if self.up_bits is None else self.up_bits
 
     @property
     def Qk(self) -> np.ndarray:
@@ -102,12 +109,12 @@ class SystemModel:
 
     # ---- per-device quantities; `k` indexes devices (array or slice), gamma broadcasts ----
     def uplink_bits(self, gamma, k=slice(None)):
-        """S_k = (1 - gamma_k) Q_k b + S_head (Q_k = Q r_k / r)."""
-        return (1.0 - np.asarray(gamma)) * self.Qk[k] * self.bits + self.head * self.bits + 0.0 * self.D[k]
+        """S_k = (1 - gamma_k) Q_k b_up + S_head b_up + the extra (Q_k = Q r_k / r)."""
+        return (1.0 - np.asarray(gamma)) * self.Qk[k] * self.ub + self.head * self.ub + self.up_extra_bits + 0.0 * self.D[k]
 
     def downlink_bits(self, gamma, k=slice(None)):
-        """Bits a device downloads: what it uploads plus the extra (a FedEx fold)."""
-        return self.uplink_bits(gamma, k) + self.dl_extra_bits
+        """Bits a device downloads: its view and the head at b bits a value, plus the extra (a FedEx fold)."""
+        return (1.0 - np.asarray(gamma)) * self.Qk[k] * self.bits + self.head * self.bits + self.dl_extra_bits + 0.0 * self.D[k]
 
     def cycles(self, gamma, k=slice(None)):
         """tau D_k c_k(gamma) with c_k(gamma) = c0 + (1 - gamma) c1 r_k / r."""
@@ -168,6 +175,8 @@ def system_model(spec: SystemSpec) -> SystemModel:
         Q=pay.adapter_values,
         head=pay.head_values,
         bits=float(pay.bits_per_value),
+        up_bits=float(pay.uplink_bits_per_value),
+        up_extra_bits=float(pay.uplink_extra_bits),
         N0=float(N0),
         B_tot=float(spec.cell.bandwidth_hz),
         gamma_max=float(rnd.gamma_max),

@@ -29,7 +29,8 @@ from fedlodrop.lora.messages import (
     DeviceReply,
     DeviceTask,
     decode_adapter,
-    encode_adapter,
+    encode_upload,
+    make_uplink,
     merge_trained,
 )
 from fedlodrop.lora.variants import make_variant
@@ -138,7 +139,8 @@ def _step(fm: FedModel, task: DeviceTask, shard, cfg: RunConfig, known: State, p
     sent = sent_masks(layout, trained, rule.trains_a)
     for plugin in plugins:  # DP: clip, and under local DP noise, before it leaves
         end = plugin.privatize(start, end, sent, task.round, task.device)
-    upload = encode_adapter(end, layout, trained, rule, COMM_DTYPES[cfg.federation.comm_dtype])
+    upload = encode_upload(end, start, layout, trained, rule, COMM_DTYPES[cfg.federation.comm_dtype],
+                           make_uplink(cfg.federation.uplink), stream_seed(cfg.seed, "uplink", task.round, task.device))
     reply = DeviceReply(
         task.device, task.round, upload, len(shard), result.loss, result.steps, result.seconds,
         result.lr_first, result.lr_last, precision=fm.train_precision, next_rank=next_rank,

@@ -19,7 +19,7 @@ from fedlodrop.config import RunConfig
 from fedlodrop.errors import RoundFailed
 from fedlodrop.lora.adapter import AdapterLayout, State, clone_state
 from fedlodrop.lora.aggregation import DenseResidual, DeviceUpdate, Residual, device_weights, make_rule
-from fedlodrop.lora.masks import Masks, device_masks, full_masks, kept_values, payload_bytes, rank_of
+from fedlodrop.lora.masks import Masks, device_masks, full_masks, kept_values, rank_of
 from fedlodrop.lora.messages import (
     COMM_DTYPES,
     DeviceReply,
@@ -28,7 +28,9 @@ from fedlodrop.lora.messages import (
     FoldUpdate,
     apply_fold,
     decode_adapter,
+    decode_upload,
     encode_adapter,
+    make_uplink,
     merge_trained,
 )
 from fedlodrop.lora.variants import make_variant
@@ -81,6 +83,7 @@ class Server:
         self.variant = make_variant(cfg.dropout.variant)
         self.optimizer = make_server_optimizer(cfg.server)
         self.dtype = COMM_DTYPES[cfg.federation.comm_dtype]
+        self.uplink = make_uplink(cfg.federation.uplink)
         if not state.synced:
             state.synced = [0] * cfg.federation.devices
         if not state.participations:
@@ -119,10 +122,10 @@ class Server:
 
     def upload_bytes(self, task: DeviceTask) -> int:
         """What the device will send back for `task`: its trained slices and the head, as the rule
-        sends them, in the communication dtype (known before it trains)."""
+        sends them, on the uplink (known before it trains)."""
         masks = device_masks(self.cfg, self.layout, task.rate, task.round, task.device, task.rank)
         trained = self.variant.trained(masks, self.layout)
-        return payload_bytes(encode_adapter(self.state.global_state, self.layout, trained, self.rule, self.dtype))
+        return self.uplink.nbytes(encode_adapter(self.state.global_state, self.layout, trained, self.rule, self.dtype))
 
     def _catch_up(self, device: int) -> FoldCatchUp | None:
         """The folds device `device` has not seen: per-round updates, or F whole if that is smaller."""
@@ -212,7 +215,8 @@ class Server:
         """The device's start and end, rebuilt from what was sent down and what came up."""
         start = self._start(task, masks, decoded)
         trained = self.variant.trained(masks, self.layout)
-        end = merge_trained(start, reply.upload, self.layout, trained)
+        upload = decode_upload(reply.upload, start, self.layout, trained, self.rule, self.uplink)
+        end = merge_trained(start, upload, self.layout, trained)
         sent = sent_masks(self.layout, trained, self.rule.trains_a)
         for plugin in self.plugins:  # central DP clips again: its bound holds whatever was sent
             end = plugin.device_update(start, end, sent)

@@ -34,7 +34,7 @@ from fedlodrop.round.features import features
 from fedlodrop.round.plugin import RoundPlugin
 from fedlodrop.run.folder import RunFolder
 from fedlodrop.run.meter import Meter, meter_for
-from fedlodrop.run.systems import COMM_BITS, check_payload, check_sizes, planned_sizes
+from fedlodrop.run.systems import COMM_BITS, check_payload, check_sizes, planned_sizes, uplink_bits
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -132,7 +132,7 @@ def build(cfg: RunConfig, *, train_data: bool = True, eval_data: bool = True, ta
     tokenizer = load_tokenizer(cfg)
     fm = build_model(cfg, task, tokenizer, stream_seed(cfg.seed, "init"))
     if spec is not None:
-        check_payload(cfg, spec, fm.layout.adapter_values, fm.layout.head_values, cfg.system.file or cfg.plan)
+        check_payload(cfg, spec, fm.layout, cfg.system.file or cfg.plan)
     if task.is_regression:
         # the label mean, from the devices' pooled labels in simulation; under DP from the server's own
         # validation labels, so that no statistic of private labels is in the model (devices take the
@@ -165,6 +165,8 @@ class RunShape:
     head_values: int
     backbone_params: int
     bits_per_value: int
+    uplink_bits_per_value: float
+    uplink_extra_bits: float
     rank: int
     num_labels: int
     local_epochs: float
@@ -185,7 +187,7 @@ def run_shape(cfg: RunConfig) -> RunShape:
         raise UserError("system random --config: with federation.partition local the devices' samples are on the "
                         "devices; give --devices and --samples")
     return RunShape([len(exp.shards.raw[k]) for k in range(len(exp.shards))], layout.adapter_values,
-                    layout.head_values, int(backbone), bits, cfg.lora.r, exp.task.num_labels,
+                    layout.head_values, int(backbone), bits, *uplink_bits(cfg, layout), cfg.lora.r, exp.task.num_labels,
                     cfg.federation.local_epochs)
 
 
@@ -202,7 +204,10 @@ def describe_run(cfg: RunConfig, seed: int = 0, bandwidth_hz: float = 10e6, late
     iid = cfg.federation.partition == "iid"
     payload = PayloadSpec(model=None, rank=shape.rank, num_labels=shape.num_labels,
                           adapter_values=shape.adapter_values, head_values=shape.head_values,
-                          backbone_params=float(shape.backbone_params), bits_per_value=float(shape.bits_per_value))
+                          backbone_params=float(shape.backbone_params), bits_per_value=float(shape.bits_per_value),
+                          uplink_bits_per_value=(shape.uplink_bits_per_value
+                                                 if shape.uplink_bits_per_value != shape.bits_per_value else None),
+                          uplink_extra_bits=shape.uplink_extra_bits)
     spec = random_system(len(shape.samples), seed, samples_total=sum(shape.samples),
                          samples=None if iid else shape.samples, bandwidth_hz=bandwidth_hz,
                          latency_s=latency_s, local_epochs=shape.local_epochs, payload=payload)

@@ -17,6 +17,17 @@ from fedlodrop.errors import UserError
 COMM_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}  # bits a value of federation.comm_dtype
 
 
+def uplink_bits(cfg: RunConfig, layout) -> tuple[float, float]:
+    """What a device of `cfg` sends up besides Q and the head's sizes: bits a value (federation.uplink's,
+    else federation.comm_dtype's) and bits besides the values every round (int8's scale per tensor)."""
+    from fedlodrop.lora.aggregation import make_rule
+    from fedlodrop.lora.messages import make_uplink, upload_keys
+
+    uplink = make_uplink(cfg.federation.uplink)
+    tensors = len(upload_keys(layout, make_rule(cfg.federation.aggregation, cfg.federation.factor_rule)))
+    return float(uplink.bits or COMM_BITS[cfg.federation.comm_dtype]), float(uplink.scale_bits * tensors)
+
+
 def check_system(cfg: RunConfig, spec, where) -> None:
     """Refuse a system (`where` it came from) that describes another federation than `cfg`:
     another number of devices or of local epochs a round."""
@@ -55,8 +66,9 @@ def check_sizes(spec, sizes: list[int], partition: str, where) -> None:
                         f"gives it {sizes[diff]}: {_remake(where)}")
 
 
-def check_payload(cfg: RunConfig, spec, adapter_values: int, head_values: int, where) -> None:
-    """Refuse a system that prices another upload than the run sends: another Q, head or bits a value."""
+def check_payload(cfg: RunConfig, spec, layout, where) -> None:
+    """Refuse a system that prices another upload than the run sends (`layout`: its adapter): another Q,
+    head or bits a value, up or down."""
     from fedlodrop.planning.spec import resolve_payload  # the planner: only a run with a system needs it
 
     if cfg.lora.self_prune is not None:
@@ -71,9 +83,13 @@ def check_payload(cfg: RunConfig, spec, adapter_values: int, head_values: int, w
                         f"trains ranks {run_ranks} of lora.r {cfg.lora.r} (lora.ranks): {_remake(where)}")
     pay = resolve_payload(spec)
     bits = COMM_BITS[cfg.federation.comm_dtype]
-    for name, planned, sent, why in (("adapter values Q", pay.adapter_values, adapter_values, "lora, the model"),
-                                     ("head values", pay.head_values, head_values, "the model, the labels"),
-                                     ("bits a value", pay.bits_per_value, bits, "federation.comm_dtype")):
+    up, extra = uplink_bits(cfg, layout)
+    for name, planned, sent, why in (("adapter values Q", pay.adapter_values, layout.adapter_values, "lora, the model"),
+                                     ("head values", pay.head_values, layout.head_values, "the model, the labels"),
+                                     ("bits a value", pay.bits_per_value, bits, "federation.comm_dtype"),
+                                     ("uplink bits a value", pay.uplink_bits_per_value, up, "federation.uplink"),
+                                     ("uplink bits besides the values", pay.uplink_extra_bits, extra,
+                                      "federation.uplink's scales")):
         if float(planned) != float(sent):
             raise UserError(f"system {where} prices {name} {planned:g} but the run sends {sent:g} ({why}): "
                             f"{_remake(where)}")

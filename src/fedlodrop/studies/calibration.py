@@ -114,8 +114,9 @@ class Calibration:
         return self.surrogate.as_bound(N or self.N, "measured")
 
 
-def read_final_round(folder: RunFolder, metric: str | None = None) -> FinalRound:
-    """The rate, weights and final-round errors of one run; a bad folder is a one-line UserError naming the file."""
+def read_final_round(folder: RunFolder, metric: str | None = None, train: bool = True) -> FinalRound:
+    """The rate, weights and final-round errors of one run; a bad folder is a one-line UserError naming the file.
+    `train` False: a run without a train metric gives nan for it (held-out runs need only the validation error)."""
     config, metrics = folder.path / CONFIG, folder.path / METRICS
     try:
         cfg = folder.config()
@@ -160,9 +161,9 @@ def read_final_round(folder: RunFolder, metric: str | None = None) -> FinalRound
             raise UserError(f"{metrics}: final round has no numeric train_loss")
     else:
         value = last.train.get(metric)
-        if not isinstance(value, (int, float)):
+        if not isinstance(value, (int, float)) and train:
             raise UserError(f"{metrics}: final round has no train metric '{metric}'")
-        value = 1.0 - value
+        value = 1.0 - value if isinstance(value, (int, float)) else math.nan
         if isinstance(last.eval.get(metric), (int, float)):
             eval_error = 1.0 - last.eval[metric]
             gap = eval_error - value
@@ -240,3 +241,96 @@ def calibrate(sweep_dir: Path, metric: str | None = None, report: Callable[[str]
         if value >= 1.0:
             fit.vacuous.append((label, value))
     return fit
+
+
+# --------------------------------------------------------------------------------------------
+# Validation on held-out systems and rates
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """One held-out run: its group (same folder, same seed: the runs whose order matters), its measured
+    validation error, and what the surrogate and the bound say of its rates."""
+
+    folder: Path
+    group: tuple[str, int]
+    eval_error: float
+    surrogate: float  # nan without a surrogate
+    bound: float  # nan when the fit gives no bound (c_emp < 0)
+
+
+@dataclass
+class Validation:
+    """How a fit predicts runs it never saw: the surrogate's error, and for the surrogate and the bound
+    how often they order two runs of one group (one system, one seed) as the measurements do."""
+
+    runs: list[HeldOut]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def rmse(self) -> float:
+        """The surrogate's root-mean-square error on the held-out runs."""
+        return float(math.sqrt(np.mean([(r.surrogate - r.eval_error) ** 2 for r in self.runs])))
+
+    def bias(self) -> float:
+        """Mean of predicted minus measured (positive: the surrogate is pessimistic)."""
+        return float(np.mean([r.surrogate - r.eval_error for r in self.runs]))
+
+    def ordered(self, what: str) -> tuple[int, int]:
+        """(pairs ordered right, pairs): two runs of one group whose measured errors differ, ordered by
+        `what` ("surrogate" or "bound") as measured; a tie in the prediction counts as wrong."""
+        groups: dict[tuple, list[HeldOut]] = {}
+        for r in self.runs:
+            groups.setdefault(r.group, []).append(r)
+        right = pairs = 0
+        for runs in groups.values():
+            for i, a in enumerate(runs):
+                for b in runs[i + 1:]:
+                    if a.eval_error == b.eval_error:
+                        continue
+                    pairs += 1
+                    right += (getattr(a, what) - getattr(b, what)) * (a.eval_error - b.eval_error) > 0
+        return right, pairs
+
+    def bound_holds(self) -> int:
+        """Held-out runs whose measured validation error is at most the bound's value."""
+        return sum(1 for r in self.runs if r.eval_error <= r.bound)
+
+
+def validate(fit: Calibration, held_out: Path, metric: str, report: Callable[[str], None] = lambda line: None,
+             keep: Callable[[Path], bool] = lambda path: True) -> Validation:
+    """The surrogate and the bound of `fit` on the runs below `held_out` (other systems, other rates;
+    `keep`: which run folders to use): each run's rates and device weights, at its own N, against its
+    final validation error. Runs of another length than the sweep's, or with devices dropped for a
+    limit, are skipped and named."""
+    from fedlodrop.planning.bound import Bound
+
+    held_out = Path(held_out)
+    if not held_out.is_dir():
+        raise UserError(f"held-out folder {held_out} does not exist")
+    folders = [f for f in run_folders(held_out) if keep(f.path)]
+    if not folders:
+        raise UserError(f"no run folders (config.yaml + metrics.jsonl) under {held_out}")
+    out = Validation([])
+    for folder in folders:
+        run = read_final_round(folder, metric, train=False)
+        why = ("another number of rounds than the sweep's" if run.round != fit.last_round else
+               "devices dropped for missing a limit" if run.dropped else
+               f"no validation {metric}" if not math.isfinite(run.eval_error) else None)
+        if why:
+            out.skipped.append((folder.path, why))
+            continue
+        rates = np.atleast_1d(np.asarray(run.rate, dtype=float))
+        w = (np.full(len(rates), 1.0 / len(rates)) if run.weights is None
+             else np.asarray(run.weights, float) / np.sum(run.weights))
+        surrogate = (float(Bound(fit.measured(run.samples), w, run.samples).value(rates))
+                     if fit.surrogate is not None else math.nan)
+        bound = float(Bound(fit.bound(run.samples), w, run.samples).value(rates)) if fit.c_emp >= 0 else math.nan
+        out.runs.append(HeldOut(folder.path, (str(folder.path.parent), int(folder.config().seed)), run.eval_error,
+                                surrogate, bound))
+    if out.skipped:
+        report(f"held out: skipping {len(out.skipped)} run(s): " + "; ".join(
+            f"{p} ({why})" for p, why in out.skipped[:3]) + (" ..." if len(out.skipped) > 3 else ""))
+    if not out.runs:
+        raise UserError(f"no usable held-out run under {held_out} (same rounds as the sweep, no dropped devices)")
+    return out

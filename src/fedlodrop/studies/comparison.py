@@ -13,6 +13,8 @@ federation trains with its plan, over several seeds, on the simulated clock and 
     fit-only           no dropout, only the devices that can meet the limits at rate 0 take part
     longer-rounds      no dropout, the smallest round limit rate 0 meets (fewer rounds in a time budget)
     bf16               no dropout, every value sent in bfloat16 (half of float32's bytes)
+    int8               no dropout, each device's update sent up as int8 with a scale per tensor (FedPAQ)
+    bnb-int8           B&B's dropout planned on the int8 uplink's payload, trained with it
     unplanned          no planning at all: rate 0, equal bandwidth, full power and frequency
 
 Every run draws its masks with `dropout.sampler: budget` (ceil(rate n) rows and columns dropped),
@@ -51,7 +53,7 @@ from fedlodrop.planning.plan import as_is_plan, subset_plan
 from fedlodrop.round.records import Summary
 from fedlodrop.run.experiment import build
 from fedlodrop.run.folder import RunFolder, run_folders
-from fedlodrop.run.systems import check_system
+from fedlodrop.run.systems import COMM_BITS, check_system, uplink_bits
 from fedlodrop.run.settings import with_overrides
 from fedlodrop.studies.sweep import Point, check_jobs, run_points
 
@@ -63,8 +65,9 @@ class Method:
     keys: dict = {}
     own_system = False
 
-    def plan(self, spec, m, report):
-        """The method's plan for system `spec` (`m`: its model), or None."""
+    def plan(self, spec, m, report, sized=None):
+        """The method's plan for system `spec` (`m`: its model), or None. `sized(keys)`: the system
+        with the payload the run sends under run keys `keys` (compare's `Sized`)."""
         raise NotImplementedError
 
 
@@ -76,7 +79,7 @@ class Planner(Method):
     def __init__(self, name: str, fallback: float | None = None, solver: str | None = None, **options):
         self.name, self.fallback, self.solver, self.options = name, fallback, solver or name, options
 
-    def plan(self, spec, m, report):
+    def plan(self, spec, m, report, sized=None):
         """The solver's plan, or how the method behaves when it has none that fits."""
         try:
             return optimize(spec, self.solver, **self.options).model_copy(update={"method": self.name})
@@ -91,7 +94,7 @@ class Unplanned(Method):
     """No planning at all: rate 0, B_tot / K, full power and frequency."""
     name, keys = "unplanned", {"dropout.rate": 0.0}
 
-    def plan(self, spec, m, report):
+    def plan(self, spec, m, report, sized=None):
         """No plan: the run uses rate 0 and no planning's resources."""
         return None
 
@@ -102,7 +105,7 @@ class FitOnly(Method):
     band is shared among those that take part (the others are never asked)."""
     name = "fit-only"
 
-    def plan(self, spec, m, report):
+    def plan(self, spec, m, report, sized=None):
         """The plan of the largest set the planner's removals leave that fits at rate 0."""
         members = list(range(m.K))
         # each device keeps its channel: a smaller cell would draw other fading for the same device
@@ -124,7 +127,7 @@ class LongerRounds(Method):
     so fewer of them in a time budget. Its plan carries the relaxed system."""
     name, own_system = "longer-rounds", True
 
-    def plan(self, spec, m, report):
+    def plan(self, spec, m, report, sized=None):
         """The rate-0 plan on the system with the relaxed round limit."""
         limit = min_latency_limit(m, 0.0) * (1 + 1e-4)
         relaxed = spec.model_copy(update={"round": spec.round.model_copy(update={"latency_s": limit})}, deep=True)
@@ -132,22 +135,48 @@ class LongerRounds(Method):
         return optimize(relaxed, "none")
 
 
-class Compressed(Method):
-    """Rate 0 with every value sent in bfloat16 (16 bits instead of federation.comm_dtype's 32): the
-    update compression a cast gives, as PyTorch's DDP `bf16_compress_hook` does for gradients. Its plan
-    carries the system with the smaller payload."""
-    name, own_system, keys = "bf16", True, {"federation.comm_dtype": "bfloat16"}
+class OnPayload(Planner):
+    """A planner on the payload the run sends under other run keys: `bf16` and `int8` are rate 0 with
+    every value in bfloat16 (PyTorch DDP's `bf16_compress_hook` for gradients) or each update sent up
+    as int8 with a scale a tensor (`federation.uplink: int8`, FedPAQ's quantised update); `bnb-int8`
+    is B&B's dropout on top of the int8 uplink. Its plan carries the system with that payload."""
+    own_system = True
 
-    def plan(self, spec, m, report):
-        """The rate-0 plan on the system with 16-bit values."""
-        small = spec.model_copy(update={"payload": spec.payload.model_copy(update={"bits_per_value": 16.0})},
-                                deep=True)
-        return Planner(self.name, fallback=0.0, solver="none").plan(small, system_model(small), report)
+    def __init__(self, name: str, keys: dict, **options):
+        super().__init__(name, **options)
+        self.keys = keys
+
+    def plan(self, spec, m, report, sized=None):
+        """The planner's plan on the system with the payload the run sends under its keys."""
+        if sized is None:
+            raise TypeError(f"{self.name} plans for the run's own payload: pass sized")
+        small = sized(self.keys)
+        return super().plan(small, system_model(small), report)
+
+
+@dataclass
+class Sized:
+    """The system `spec` with the payload the run of `cfg` (its adapter: `layout`) sends under other
+    run keys: the bits a value up and down and the uplink's extra bits (int8's scales)."""
+    spec: object
+    cfg: RunConfig
+    layout: object
+
+    def __call__(self, keys: dict):
+        run = with_overrides(self.cfg, keys)
+        bits = COMM_BITS[run.federation.comm_dtype]
+        up, extra = uplink_bits(run, self.layout)
+        payload = self.spec.payload.model_copy(update={
+            "bits_per_value": float(bits), "uplink_bits_per_value": up if up != bits else None, "uplink_extra_bits": extra})
+        return self.spec.model_copy(update={"payload": payload}, deep=True)
 
 
 REGISTRY = {method.name: method for method in (
     Planner("bnb"), Planner("psca"), Planner("fixed", gamma="best"), Planner("equal-bandwidth"),
-    Planner("none", fallback=0.0), FitOnly(), LongerRounds(), Compressed(), Unplanned())}
+    Planner("none", fallback=0.0), FitOnly(), LongerRounds(),
+    OnPayload("bf16", {"federation.comm_dtype": "bfloat16"}, fallback=0.0, solver="none"),
+    OnPayload("int8", {"federation.uplink": "int8"}, fallback=0.0, solver="none"),
+    OnPayload("bnb-int8", {"federation.uplink": "int8"}, solver="bnb"), Unplanned())}
 METHODS = tuple(REGISTRY)
 
 
@@ -170,13 +199,13 @@ class MethodResult:
                                        for s, n in zip(self.runs, self.device_rounds))
 
 
-def make_plans(spec, methods: list[str], folder: Path, report=print) -> dict[str, Path | None]:
+def make_plans(spec, methods: list[str], folder: Path, report=print, sized: Sized | None = None) -> dict[str, Path | None]:
     """plan.json of every method (unplanned: None), written to `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     m = system_model(spec)
     paths: dict[str, Path | None] = {}
     for name in methods:
-        plan = REGISTRY[name].plan(spec, m, report)
+        plan = REGISTRY[name].plan(spec, m, report, sized)
         if plan is None:
             paths[name] = None
             continue
@@ -214,8 +243,8 @@ def budget_rounds(cfg: RunConfig, plan_path: Path | None, spec, method: str) -> 
     return min(min(fits), MAX_BUDGET_ROUNDS)  # 0: not one round fits; the method is not trained
 
 
-def check(cfg: RunConfig, spec, system: Path, methods: list[str], seeds: int) -> None:
-    """Everything `compare` can refuse, before anything is written."""
+def check(cfg: RunConfig, spec, system: Path, methods: list[str], seeds: int):
+    """Everything `compare` can refuse, before anything is written; the run's adapter layout."""
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise UserError(f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}")
@@ -225,7 +254,13 @@ def check(cfg: RunConfig, spec, system: Path, methods: list[str], seeds: int) ->
         raise UserError("compare makes each method's plan itself: drop plan from the config")
     check_system(cfg, spec, system)
     # the run's shards and model, built once: every refusal of a run on this system comes before anything is written
-    build(with_overrides(cfg, {"system.file": str(system), "plan": None}), eval_data=False)
+    exp = build(with_overrides(cfg, {"system.file": str(system), "plan": None}), eval_data=False)
+    for method in methods:  # a method's own keys must make a valid run too
+        try:
+            with_overrides(cfg, REGISTRY[method].keys)
+        except UserError as err:
+            raise UserError(f"--methods {method} cannot run with this config ({err}); leave it out") from None
+    return exp.fm.layout
 
 
 def compare(cfg: RunConfig, system: Path, out: Path, methods: list[str], seeds: int, jobs: int = 1,
@@ -236,12 +271,12 @@ def compare(cfg: RunConfig, system: Path, out: Path, methods: list[str], seeds: 
 
     system = Path(system).expanduser().resolve()
     spec = load_system(system)
-    check(cfg, spec, system, methods, seeds)
+    layout = check(cfg, spec, system, methods, seeds)
     check_jobs(jobs, threads)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     report = (lambda line: console.print(line, highlight=False)) if console else print
-    plans = make_plans(spec, methods, out / "plans", report)
+    plans = make_plans(spec, methods, out / "plans", report, Sized(spec, cfg, layout))
     rounds = {method: budget_rounds(cfg, plans[method], spec, method) for method in methods}
     if any(n is not None for n in rounds.values()):
         report("rounds from the budget: " + ", ".join(f"{m} {n}" for m, n in rounds.items()))
