@@ -1,6 +1,6 @@
 """Issues 29 (item 4) and 30: the pilot that looks for a regime where dropout can regularise.
 
-    python benchmarks/bench_regime_pilot.py [--jobs 2] [--threads 1] [--seeds 2] [--regimes A,B,C,D] [--smoke]
+    python benchmarks/bench_regime_pilot.py [--jobs 2] [--threads 1] [--seeds 2] [--regimes A:2,B,C:1,D] [--smoke]
 
 Every comparison so far ran in a short regime (3-4 rounds, about a dozen optimizer steps a
 device), where dropout slows learning and never regularises. This pilot trains the offline
@@ -67,13 +67,18 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="2 rounds of regime A, seed 0; no page")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks")
     args = parser.parse_args()
-    regimes = ["A"] if args.smoke else args.regimes.split(",")
-    seeds = 1 if args.smoke else args.seeds
+    # "A:2,C:1": a regime's own number of seeds (else --seeds)
+    wanted = [item.split(":") for item in (["A"] if args.smoke else args.regimes.split(","))]
+    regimes = [w[0] for w in wanted]
+    bad = [r for r in regimes if r not in REGIMES]
+    if bad:
+        raise SystemExit(f"--regimes: unknown {', '.join(bad)}; choose from {', '.join(REGIMES)}")
+    n_seeds = {w[0]: 1 if args.smoke else int(w[1]) if len(w) > 1 else args.seeds for w in wanted}
     t0 = time.perf_counter()
     pts = []
     for name in regimes:
         sets = BASE + REGIMES[name] + (["federation.rounds=2"] if args.smoke else [])
-        for seed in range(seeds):
+        for seed in range(n_seeds[name]):
             for rate in RATES:
                 pts.append(point(f"{name}-rate{rate}-seed{seed}", {"regime": name, "rate": rate},
                                  sets + [f"seed={seed}", f"dropout.rate={rate}"]))
@@ -83,24 +88,24 @@ def main() -> None:
     rows = []
     for name in regimes:
         for rate in RATES:
-            runs = [got[(name, rate, s)] for s in range(seeds)]
+            runs = [got[(name, rate, s)] for s in range(n_seeds[name])]
             best = [max(c) for c in runs]
-            rows.append({"regime": name, "rate": rate, "seeds": seeds,
+            rows.append({"regime": name, "rate": rate, "seeds": n_seeds[name],
                          "best_round": statistics.fmean(c.index(max(c)) + 1 for c in runs),
                          "best": statistics.fmean(best), "final": statistics.fmean(c[-1] for c in runs),
                          "drop_points": [round(100 * (b - c[-1]), 2) for b, c in zip(best, runs)],
                          "vs_rate0_points": [round(100 * (c[-1] - got[(name, 0.0, s)][-1]), 2)
                                              for s, c in enumerate(runs)]})
     lines = [f"# `python benchmarks/bench_regime_pilot.py --jobs {args.jobs} --threads {args.threads} "
-             f"--seeds {seeds} --regimes {','.join(regimes)}`", "",
+             f"--regimes {','.join(f'{r}:{n_seeds[r]}' for r in regimes)}`", "",
              f"{header(args.threads, args.jobs)}. {len(pts)} runs, {(time.perf_counter() - t0) / 60:.0f} min in "
              "this invocation (finished runs are reused).", "",
              "Offline default (MiniLM, Rotten Tomatoes), " + " ".join(BASE) + "; regimes:", ""]
     lines += [f"- {name}: " + " ".join(REGIMES[name]) for name in regimes]
-    lines += ["", "| regime | rate | best round (mean) | best val. | final val. | best - final per seed (points) "
-              "| final minus rate 0 per seed (points) |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| regime | rate | seeds | best round (mean) | best val. | final val. | best - final per seed (points) "
+              "| final minus rate 0 per seed (points) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['regime']} | {r['rate']} | {r['best_round']:.1f} | {r['best']:.4f} | {r['final']:.4f} | "
+        lines.append(f"| {r['regime']} | {r['rate']} | {r['seeds']} | {r['best_round']:.1f} | {r['best']:.4f} | {r['final']:.4f} | "
                      f"{', '.join(f'{x:+.2f}' for x in r['drop_points'])} | "
                      f"{', '.join(f'{x:+.2f}' for x in r['vs_rate0_points'])} |")
     peaked = [r["regime"] for r in rows if r["rate"] == 0.0 and min(r["drop_points"]) >= 1.0]
@@ -124,7 +129,7 @@ def main() -> None:
     fig, axes = plt.subplots(1, len(regimes), figsize=(4 * len(regimes), 3.2), squeeze=False)
     for ax, name in zip(axes[0], regimes):
         for rate, colour in zip(RATES, ("tab:blue", "tab:orange")):
-            for s in range(seeds):
+            for s in range(n_seeds[name]):
                 c = got[(name, rate, s)]
                 ax.plot(range(1, len(c) + 1), c, color=colour, alpha=0.7, label=f"rate {rate}" if s == 0 else None)
         ax.set_title(f"regime {name}")

@@ -37,7 +37,7 @@ import yaml
 
 from fedlodrop.errors import UserError
 from fedlodrop.planning import load_plan
-from fedlodrop.planning.bound import Curve, emp_feature, fit_curve, fit_empirical, sparsity_feature
+from fedlodrop.planning.bound import Bound, Curve, emp_feature, fit_curve, fit_empirical, sparsity_feature
 from fedlodrop.planning.spec import BoundSpec
 from fedlodrop.run.folder import CONFIG, METRICS, RunFolder, run_folders
 
@@ -303,8 +303,6 @@ def validate(fit: Calibration, held_out: Path, metric: str, report: Callable[[st
     `keep`: which run folders to use): each run's rates and device weights, at its own N, against its
     final validation error. Runs of another length than the sweep's, or with devices dropped for a
     limit, are skipped and named."""
-    from fedlodrop.planning.bound import Bound
-
     held_out = Path(held_out)
     if not held_out.is_dir():
         raise UserError(f"held-out folder {held_out} does not exist")
