@@ -87,7 +87,9 @@ def test_central_noise_joins_the_sum_once_with_std_sigma_c(tiny_bert, sst2_dir, 
     z = torch.cat(scaled)
     assert untouched > 0 and z.numel() > 500  # std within 10%: over 4 standard errors
     assert float(z.std()) == pytest.approx(sigma * c, rel=0.1)
-    assert abs(float(z.mean())) < 0.1 * sigma * c
+    # the noise is OS entropy, fresh every run: its mean within 4 standard errors (a false alarm once in
+    # 16,000 runs; the old 0.1 sigma C was 2.2-2.4 standard errors at this size and failed in CI)
+    assert abs(float(z.mean())) < 4 * sigma * c / z.numel() ** 0.5
     assert record.privacy.noise_multiplier == sigma and record.privacy.mode == "central"
 
 
