@@ -18,9 +18,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from fedlodrop.cli.app import hide_third_party_deprecations  # noqa: E402
 from fedlodrop.run.settings import load_config  # noqa: E402
 from fedlodrop.studies.report import Group, run_row  # noqa: E402
 from fedlodrop.studies.sweep import Outcome, Point, run_points  # noqa: E402
+
+hide_third_party_deprecations()  # as the CLI does; spawned runs take these filters
 
 GLUE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "glue"
 

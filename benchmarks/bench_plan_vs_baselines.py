@@ -1,6 +1,7 @@
 """The paper's claim in a comparison that could come out either way (issue 29).
 
     python benchmarks/bench_plan_vs_baselines.py --jobs 2 --threads 1 [--systems 6] [--seeds 3] [--screen 60]
+        [--set KEY=VALUE ...] [--methods bnb,fixed,int8] [--out DIR] [--doc PAGE]
 
 1. Screening, with the planner alone (no training): random cells around the benchmark's run (its
    payload, local epochs and samples, Dirichlet(1) data sizes: a wide spread), energy budgets 0.3-1.0 x a
@@ -28,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from _tables import grid_args
@@ -105,33 +108,40 @@ def t_interval(diffs: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def pairs_for(diffs: list[float], half_width: float = 0.005) -> int:
+def pairs_for(diffs: list[float], half_width: float) -> int:
     """Pairs a 95 % interval of +-`half_width` would take at this spread (normal approximation)."""
     if len(diffs) < 2:
         return 0
     return math.ceil((1.96 * statistics.stdev(diffs) / half_width) ** 2)
 
 
-def read(where: Path, seed: int, main: str) -> dict[str, dict]:
-    """Each method's curve and summary on one system and seed."""
+def read(where: Path, seed: int, main: str, methods: list[str]) -> dict[str, dict]:
+    """Each method's curve and summary on one system and seed, and the rates its plan gave."""
     from fedlodrop.run.folder import RunFolder
 
     runs = {}
-    for method in METHODS:
+    for method in methods:
         if not (where / "runs" / f"{method}__seed={seed}").is_dir():
             continue  # no round of its plan fits the budget: not trained
         folder = RunFolder(where / "runs" / f"{method}__seed={seed}")
-        clock, joules, curve = 0.0, 0.0, []
+        clock, joules, curve, losses = 0.0, 0.0, [], []
         for r in folder.records():
             clock, joules = clock + r.system.latency_s, joules + r.system.energy_j
             curve.append((clock, joules, r.eval.get(main, math.nan)))
+            losses.append((clock, joules, r.eval_loss))
         s = folder.summary()
-        runs[method] = {"curve": curve, "final": s.final.get(main, math.nan), "rounds": s.rounds,
+        runs[method] = {"curve": curve, "loss_curve": losses, "final": s.final.get(main, math.nan), "rounds": s.rounds,
                         "device_rounds": sum(len(r.participants) for r in folder.records()),
                         "seconds": s.system.simulated_time_s, "joules": s.system.energy_j,
                         "dropped": s.system.devices_dropped_for_limits,
-                        "gap": s.generalization_gap.get(main, math.nan)}
+                        "gap": s.generalization_gap.get(main, math.nan), "rates": planned_rates(where, method)}
     return runs
+
+
+def planned_rates(where: Path, method: str) -> list[float]:
+    """The dropout rate the method's plan gave each device (empty: it trains without a plan file)."""
+    plan = where / "plans" / f"{method}.json"
+    return [d["gamma"] for d in json.loads(plan.read_text())["devices"]] if plan.is_file() else []
 
 
 def main() -> None:
@@ -144,7 +154,12 @@ def main() -> None:
     parser.add_argument("--set", dest="extra", action="append", default=[], help="a run key (the regime)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "plan-vs-baselines")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks" / "plan-vs-baselines.md")
+    parser.add_argument("--methods", default=",".join(METHODS), help="the rows to train (B&B always)")
     args = parser.parse_args()
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    args.methods = [m for m in METHODS if m in {PLAN, *args.methods.split(",")}]
 
     import torch
     from rich.console import Console
@@ -165,14 +180,17 @@ def main() -> None:
         run_cfg = with_overrides(cfg, {"federation.time_budget_s": args.budget_rounds * spec.round.latency_s,
                                        "system.file": str(system)})
         report(f"[{(time.perf_counter() - t0) / 60:.0f} min] {system.parent.name}")
-        compare(run_cfg, system, system.parent, METHODS, args.seeds, args.jobs, args.threads, console=console,
+        compare(run_cfg, system, system.parent, args.methods, args.seeds, args.jobs, args.threads, console=console,
                 show_progress=False)
         for seed in range(cfg.seed, cfg.seed + args.seeds):
-            runs = read(system.parent, seed, "accuracy")
+            runs = read(system.parent, seed, "accuracy", args.methods)
             for r in runs.values():
                 r["at_time"] = r["final"]  # every method spends at most the budget
                 # equal energy: within what the plan spent (a frugal method: its final), per plan
-                r["at_energy"] = {plan: within(r["curve"], runs[plan]["joules"], 1) for plan in PLANS}
+                r["at_energy"] = {plan: within(r["curve"], runs[plan]["joules"], 1) for plan in PLANS if plan in runs}
+                r["loss_at_time"] = r["loss_curve"][-1][2]
+                r["loss_at_energy"] = {plan: within(r["loss_curve"], runs[plan]["joules"], 1)
+                                       for plan in PLANS if plan in runs}
             pairs.append({"system": system.parent.name, "seed": seed, "runs": runs})
     minutes = (time.perf_counter() - t0) / 60
     write(args, pairs, screened, minutes, torch.get_num_threads())
@@ -183,7 +201,8 @@ def write(args, pairs: list[dict], screened: int, minutes: float, threads: int) 
     lines = ["# The plan against baselines that can meet the limit (issue 29)", "",
              f"`python benchmarks/bench_plan_vs_baselines.py --jobs {args.jobs} --threads {args.threads} "
              f"--systems {args.systems} --seeds {args.seeds} --budget-rounds {args.budget_rounds:g}"
-             + "".join(f" --set {x}" for x in args.extra) + f"`; {minutes:.0f} min in this invocation (finished runs are reused) on {platform.processor() or platform.machine()}, "
+             + "".join(f" --set {x}" for x in args.extra)
+             + (f" --methods {','.join(args.methods)}" if args.methods != METHODS else "") + f"`; {minutes:.0f} min in this invocation (finished runs are reused) on {platform.processor() or platform.machine()}, "
              f"{args.jobs} processes x {args.threads} torch thread(s).", "",
              f"Run: Rotten Tomatoes, the offline default model and LoRA, {' '.join(RUN + args.extra)}. "
              f"Screened {screened} random systems with the planner alone to find {len({p['system'] for p in pairs})} "
@@ -194,26 +213,34 @@ def write(args, pairs: list[dict], screened: int, minutes: float, threads: int) 
              "evaluation within the energy B&B spent on that system and seed (a method that spent less: its end; "
              "in the paired table of B&B on the int8 uplink, within what that plan spent). "
              "Mean +- standard deviation over the pairs; devices dropped: device-rounds left out for missing a "
-             "limit, of those asked.", "",
-             "| method | accuracy at equal time | at equal energy | rounds | simulated s | energy J | devices dropped |",
-             "|---|---|---|---|---|---|---|"]
+             "limit, of those asked. Best accuracy and lowest validation loss in the budget: the best round's, "
+             "picked on the validation set itself (an early stop that knows the answer: optimistic for every row "
+             "alike).", "",
+             "| method | accuracy at equal time | at equal energy | best accuracy in the budget | validation loss at "
+             "equal time | lowest in the budget | rounds | simulated s | energy J | devices dropped "
+             "| planned rates (min-max over devices and systems) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(values, digits=4):
         v = [x for x in values if not math.isnan(x)]
         return "n/a" if not v else f"{statistics.fmean(v):.{digits}f} +- {statistics.stdev(v) if len(v) > 1 else 0:.{digits}f}"
 
-    for method in METHODS:
+    for method in args.methods:
         rs = [p["runs"][method] for p in pairs if method in p["runs"]]
         if not rs:
-            lines.append(f"| {method} | no round fits the budget | | | | | |")
+            lines.append(f"| {method} | no round fits the budget | | | | | | | | | |")
             continue
         dropped, asked = sum(r["dropped"] for r in rs), sum(r["device_rounds"] for r in rs)
         flag = " (cannot meet the limit: most devices dropped)" if dropped > asked / 2 else ""
         lines.append(f"| {method}{flag} | {ms([r['at_time'] for r in rs])} | {ms([r['at_energy'][PLAN] for r in rs])} | "
+                     f"{ms([max(c[2] for c in r['curve']) for r in rs])} | {ms([r['loss_at_time'] for r in rs], 3)} | "
+                     f"{ms([min(c[2] for c in r['loss_curve']) for r in rs], 3)} | "
                      f"{ms([r['rounds'] for r in rs], 1)} | {ms([r['seconds'] for r in rs], 3)} | "
-                     f"{ms([r['joules'] for r in rs], 3)} | {dropped} of {asked} |")
+                     f"{ms([r['joules'] for r in rs], 3)} | {dropped} of {asked} | {span(r['rates'] for r in rs)} |")
+    baselines = [m for m in BASELINES if m in args.methods]
     for plan in PLANS:
-        lines += paired(plan, pairs)
+        if plan in args.methods:
+            lines += paired(plan, pairs, baselines) + paired(plan, pairs, baselines, LOSS)
     lines.append("")
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     args.doc.write_text("\n".join(lines) + "\n")
@@ -224,59 +251,85 @@ def write(args, pairs: list[dict], screened: int, minutes: float, threads: int) 
             for method, r in p["runs"].items():
                 w.writerow([p["system"], p["seed"], method, r["at_time"], r["at_energy"][PLAN], r["rounds"],
                             r["seconds"], r["joules"], r["dropped"]])
-    plot(pairs, args.doc.with_suffix(".png"))
+    plot(pairs, args.doc.with_suffix(".png"), baselines)
+
+
+def span(rates) -> str:
+    """min-max of the planned rates (rate 0 for a row without a plan file)."""
+    flat = [g for r in rates for g in r] or [0.0]
+    return f"{min(flat):.2f}-{max(flat):.2f}"
 
 
 NAMES = {"bnb": "B&B", "bnb-int8": "B&B on the int8 uplink"}
 
 
-def paired(plan: str, pairs: list[dict]) -> list[str]:
+@dataclass(frozen=True)
+class Metric:
+    """What a paired table compares: accuracy in points (higher is better) or the validation loss
+    (lower is better: a model that overfits grows confident and wrong before its accuracy moves)."""
+
+    label: str
+    prefix: str  # the run's keys: PREFIX + "at_time", PREFIX + "at_energy"
+    scale: float
+    unit: str
+    higher_better: bool
+    half_width: float  # the interval the "pairs for" column sizes for, in `unit`
+
+
+ACCURACY = Metric("accuracy", "", 100.0, "points", True, 0.5)
+LOSS = Metric("validation loss", "loss_", 1.0, "nats", False, 0.05)
+
+
+def paired(plan: str, pairs: list[dict], baselines: list[str], metric: Metric = ACCURACY) -> list[str]:
     """The table of paired differences, `plan` minus each baseline, and its verdict lines."""
-    who = NAMES[plan]
-    lines = ["", f"Paired differences, {who} minus the baseline, per (system, seed), in accuracy points; 95 % t "
-             "interval; pairs an interval of +-0.5 points would take at this spread:", "",
-             "| baseline | at equal time | 95 % CI | at equal energy | 95 % CI | pairs for +-0.5 (time) | "
-             "read before its end at equal energy |",
+    who, at_time, at_energy, k = NAMES[plan], metric.prefix + "at_time", metric.prefix + "at_energy", metric.scale
+    lines = ["", f"Paired differences in {metric.label}, {who} minus the baseline, per (system, seed), in "
+             f"{metric.unit} ({'higher' if metric.higher_better else 'lower'} is better); 95 % t interval; pairs an "
+             f"interval of +-{metric.half_width:g} would take at this spread:", "",
+             "| baseline | at equal time | 95 % CI | at equal energy | 95 % CI | pairs for +-"
+             f"{metric.half_width:g} (time) | read before its end at equal energy |",
              "|---|---|---|---|---|---|---|"]
     rows = []
     mine = [p for p in pairs if plan in p["runs"]]
-    for base in BASELINES:
+    for base in baselines:
         both = [p for p in mine if base in p["runs"]]
         if len(both) < len(mine):
             lines.append(f"| {base} | no round fits the budget in {len(mine) - len(both)} of {len(mine)} pairs "
                          "(left out below) | | | | | |")
         if len(both) < 2:
             continue
-        dt = [100 * (p["runs"][plan]["at_time"] - p["runs"][base]["at_time"]) for p in both]
-        de = [100 * (p["runs"][plan]["at_energy"][plan] - p["runs"][base]["at_energy"][plan]) for p in both]
+        dt = [k * (p["runs"][plan][at_time] - p["runs"][base][at_time]) for p in both]
+        de = [k * (p["runs"][plan][at_energy][plan] - p["runs"][base][at_energy][plan]) for p in both]
         de = [d for d in de if not math.isnan(d)]  # nan: the baseline had no evaluation within that energy
         mt, lt, ht = t_interval(dt)
         me, le, he = t_interval(de) if len(de) > 1 else (math.nan,) * 3
-        rows.append((base, mt, lt, ht, me, le, he, pairs_for([d / 100 for d in dt])))
-        early = sum(1 for p in both if p["runs"][base]["at_energy"][plan] != p["runs"][base]["final"])
+        rows.append((base, mt, lt, ht, me, le, he))
+        early = sum(1 for p in both if p["runs"][base][at_energy][plan] != p["runs"][base][at_time])
         if len(de) < 2:
             energy = f"none: no evaluation within {who}'s energy in {len(both) - len(de)} of {len(both)} pairs | -"
         else:
             missing = f" ({len(de)} of {len(both)} pairs with an evaluation)" if len(de) < len(both) else ""
             energy = f"{me:+.2f}{missing} | [{le:+.2f}, {he:+.2f}]"
         lines.append(f"| {base} | {mt:+.2f} | [{lt:+.2f}, {ht:+.2f}] | {energy} | "
-                     f"{pairs_for([d / 100 for d in dt])} | {early} of {len(both)} pairs |")
+                     f"{pairs_for(dt, metric.half_width)} | {early} of {len(both)} pairs |")
     if not rows:
         return lines + ["", "Too few pairs for an interval."]
     fair = [r for r in rows if sum(p["runs"][r[0]]["dropped"] for p in mine if r[0] in p["runs"])
             <= sum(p["runs"][r[0]]["device_rounds"] for p in mine if r[0] in p["runs"]) / 2]
+    sign = 1 if metric.higher_better else -1
     best = max((r[0] for r in fair),
-               key=lambda b: statistics.fmean(p["runs"][b]["at_time"] for p in mine if b in p["runs"]))
+               key=lambda b: sign * statistics.fmean(p["runs"][b][at_time] for p in mine if b in p["runs"]))
     row = next(r for r in rows if r[0] == best)
-    verdict = ("beats" if row[2] > 0 else "loses to" if row[3] < 0 else "is not distinguishable from")
-    lines += ["", f"The best baseline that meets the limit, at equal time, is **{best}**; {who} **{verdict}** it: "
-              f"{row[1]:+.2f} points, 95 % CI [{row[2]:+.2f}, {row[3]:+.2f}]."]
+    wins, loses = (row[2] > 0, row[3] < 0) if metric.higher_better else (row[3] < 0, row[2] > 0)
+    verdict = "beats" if wins else "loses to" if loses else "is not distinguishable from"
+    lines += ["", f"In {metric.label}, the best baseline that meets the limit, at equal time, is **{best}**; {who} "
+              f"**{verdict}** it: {row[1]:+.2f} {metric.unit}, 95 % CI [{row[2]:+.2f}, {row[3]:+.2f}]."]
     for label, lo, hi in (("equal time", 2, 3), ("equal energy", 5, 6)):
         above = [r[0] for r in rows if r[lo] > 0]
         below = [r[0] for r in rows if r[hi] < 0]
         level = [r[0] for r in rows if r[lo] <= 0 <= r[hi]]
         unread = [r[0] for r in rows if math.isnan(r[lo])]
-        lines.append(f"At {label}, {who}'s interval excludes zero above {', '.join(above) or 'no baseline'}"
+        lines.append(f"At {label}, {who}'s interval is above zero against {', '.join(above) or 'no baseline'}"
                      + (f"; includes zero against {', '.join(level)}" if level else "")
                      + (f"; is below zero against {', '.join(below)}" if below else "")
                      + (f"; {', '.join(unread)} had no evaluation within {who}'s energy (their first round "
@@ -284,14 +337,14 @@ def paired(plan: str, pairs: list[dict]) -> list[str]:
     return lines
 
 
-def plot(pairs: list[dict], path: Path) -> None:
+def plot(pairs: list[dict], path: Path, baselines: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for i, base in enumerate(BASELINES):
+    for i, base in enumerate(baselines):
         dt = [100 * (p["runs"][PLAN]["at_time"] - p["runs"][base]["at_time"]) for p in pairs if base in p["runs"]]
         if len(dt) < 2:
             continue
@@ -300,7 +353,7 @@ def plot(pairs: list[dict], path: Path) -> None:
                                                                 [t_interval(dt)[2] - statistics.fmean(dt)]],
                      fmt="o", color="black", capsize=4)
     ax1.axhline(0, color="gray", lw=0.8)
-    ax1.set_xticks(range(len(BASELINES)), BASELINES, rotation=15)
+    ax1.set_xticks(range(len(baselines)), baselines, rotation=15)
     ax1.set_ylabel("B&B - baseline, accuracy points at equal time")
     first = pairs[0]
     for method, r in first["runs"].items():

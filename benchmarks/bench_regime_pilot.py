@@ -7,9 +7,11 @@ device), where dropout slows learning and never regularises. This pilot trains t
 default's model and data (MiniLM, Rotten Tomatoes, 6 devices, IID) for many rounds with many
 local steps, at rate 0 and rate 0.5, and reports, per regime, whether rate 0's validation
 accuracy peaks and then falls (the best round before the last, and how far the final one is below
-it), and where rate 0.5 ends against rate 0 (paired by seed). A regime where rate 0 peaks and
-falls is one where the plan-versus-baselines comparison and the equal-uplink study should be run
-again.
+it), whether its validation loss does (a model that fits its training data grows confident and
+wrong on some validation examples: the loss rises before, or without, the accuracy falling), the
+round from which it fits its training sample, and where rate 0.5 ends against rate 0 in both
+(paired by seed). A regime where rate 0 overfits is one where the plan-versus-baselines comparison
+and the equal-uplink study should be run again.
 
 Regimes (each over the offline default; lora.r and target modules as named):
 
@@ -49,16 +51,39 @@ REGIMES = {
 RATES = (0.0, 0.5)
 
 
-def curves(results, pts) -> dict[tuple, list[float]]:
-    """(regime, rate, seed) -> the validation main metric after each round."""
+def curves(results, pts) -> dict[tuple, dict[str, list[float]]]:
+    """(regime, rate, seed) -> per round: the validation main metric ("val"), the validation loss
+    ("loss") and the main metric on the training sample ("train")."""
     from fedlodrop.run.folder import RunFolder
 
     out = {}
     for p in pts:
         folder = RunFolder(results[p.name].path)
         main = folder.summary().main_metric
-        out[(p.values["regime"], p.values["rate"], p.seed)] = [r.eval[main] for r in folder.records()]
+        records = folder.records()
+        out[(p.values["regime"], p.values["rate"], p.seed)] = {
+            "val": [r.eval[main] for r in records], "loss": [r.eval_loss for r in records],
+            "train": [r.train.get(main, float("nan")) for r in records]}
     return out
+
+
+def summarise(got: dict, name: str, rate: float, seeds: int) -> dict:
+    """One regime and rate over its seeds: where accuracy and loss peak, and how far they end from it."""
+    runs = [got[(name, rate, s)] for s in range(seeds)]
+    rate0 = [got[(name, 0.0, s)] for s in range(seeds)]
+    return {
+        "regime": name, "rate": rate, "seeds": seeds,
+        "best_round": statistics.fmean(c["val"].index(max(c["val"])) + 1 for c in runs),
+        "best": statistics.fmean(max(c["val"]) for c in runs), "final": statistics.fmean(c["val"][-1] for c in runs),
+        "drop_points": [round(100 * (max(c["val"]) - c["val"][-1]), 2) for c in runs],
+        "vs_rate0_points": [round(100 * (c["val"][-1] - z["val"][-1]), 2) for c, z in zip(runs, rate0)],
+        "loss_best_round": statistics.fmean(c["loss"].index(min(c["loss"])) + 1 for c in runs),
+        "loss_best": statistics.fmean(min(c["loss"]) for c in runs),
+        "loss_final": statistics.fmean(c["loss"][-1] for c in runs),
+        "loss_vs_rate0": [round(c["loss"][-1] - z["loss"][-1], 3) for c, z in zip(runs, rate0)],
+        "train_final": statistics.fmean(c["train"][-1] for c in runs),
+        "fits_round": [next((i + 1 for i, t in enumerate(c["train"]) if t >= 0.995), None) for c in runs],
+    }
 
 
 def main() -> None:
@@ -85,32 +110,39 @@ def main() -> None:
     out = ROOT / "bench_out" / ("regime-pilot-smoke" if args.smoke else "regime-pilot")
     results = run(pts, out, args.jobs, args.threads)
     got = curves(results, pts)
-    rows = []
-    for name in regimes:
-        for rate in RATES:
-            runs = [got[(name, rate, s)] for s in range(n_seeds[name])]
-            best = [max(c) for c in runs]
-            rows.append({"regime": name, "rate": rate, "seeds": n_seeds[name],
-                         "best_round": statistics.fmean(c.index(max(c)) + 1 for c in runs),
-                         "best": statistics.fmean(best), "final": statistics.fmean(c[-1] for c in runs),
-                         "drop_points": [round(100 * (b - c[-1]), 2) for b, c in zip(best, runs)],
-                         "vs_rate0_points": [round(100 * (c[-1] - got[(name, 0.0, s)][-1]), 2)
-                                             for s, c in enumerate(runs)]})
+    rows = [summarise(got, name, rate, n_seeds[name]) for name in regimes for rate in RATES]
+
+    def listed(xs, fmt="+.2f"):
+        return ", ".join("-" if x is None else f"{x:{fmt}}" for x in xs)
+
     lines = [f"# `python benchmarks/bench_regime_pilot.py --jobs {args.jobs} --threads {args.threads} "
              f"--regimes {','.join(f'{r}:{n_seeds[r]}' for r in regimes)}`", "",
              f"{header(args.threads, args.jobs)}. {len(pts)} runs, {(time.perf_counter() - t0) / 60:.0f} min in "
              "this invocation (finished runs are reused).", "",
              "Offline default (MiniLM, Rotten Tomatoes), " + " ".join(BASE) + "; regimes:", ""]
     lines += [f"- {name}: " + " ".join(REGIMES[name]) for name in regimes]
-    lines += ["", "| regime | rate | seeds | best round (mean) | best val. | final val. | best - final per seed (points) "
+    lines += ["", "Validation accuracy (400 examples: a point is 4 examples):", "",
+              "| regime | rate | seeds | best round (mean) | best val. | final val. | best - final per seed (points) "
               "| final minus rate 0 per seed (points) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['regime']} | {r['rate']} | {r['seeds']} | {r['best_round']:.1f} | {r['best']:.4f} | {r['final']:.4f} | "
-                     f"{', '.join(f'{x:+.2f}' for x in r['drop_points'])} | "
-                     f"{', '.join(f'{x:+.2f}' for x in r['vs_rate0_points'])} |")
+        lines.append(f"| {r['regime']} | {r['rate']} | {r['seeds']} | {r['best_round']:.1f} | {r['best']:.4f} | "
+                     f"{r['final']:.4f} | {listed(r['drop_points'])} | {listed(r['vs_rate0_points'])} |")
+    lines += ["", "Validation loss (cross-entropy) and the training sample's accuracy (300 examples):", "",
+              "| regime | rate | lowest loss round (mean) | lowest loss | final loss | final minus rate 0 per seed "
+              "| final train accuracy | train accuracy >= 0.995 from round, per seed |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['regime']} | {r['rate']} | {r['loss_best_round']:.1f} | {r['loss_best']:.3f} | "
+                     f"{r['loss_final']:.3f} | {listed(r['loss_vs_rate0'], '+.3f')} | {r['train_final']:.4f} | "
+                     f"{listed(r['fits_round'], 'd')} |")
     peaked = [r["regime"] for r in rows if r["rate"] == 0.0 and min(r["drop_points"]) >= 1.0]
-    lines += ["", "Rate 0 peaks and then falls by at least 1 point on every seed in: "
-              + (", ".join(peaked) if peaked else "none of these regimes") + "."]
+    overfit = [r["regime"] for r in rows if r["rate"] == 0.0 and r["loss_final"] >= 2 * r["loss_best"]]
+    lower = [r["regime"] for r in rows if r["rate"] > 0 and max(r["loss_vs_rate0"]) < 0]
+    lines += ["", "Rate 0's validation accuracy peaks and then falls by at least 1 point on every seed in: "
+              + (", ".join(peaked) if peaked else "none of these regimes") + ".",
+              "Rate 0's validation loss ends at least twice its lowest (it overfits) in: "
+              + (", ".join(overfit) if overfit else "none of these regimes") + ".",
+              "Rate 0.5 ends with a lower validation loss than rate 0 on every seed in: "
+              + (", ".join(lower) if lower else "none of these regimes") + "."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.smoke:
@@ -118,24 +150,26 @@ def main() -> None:
     (args.docs / "regime-pilot.md").write_text(text + "\n![curves](regime-pilot.png)\n")
     with open(args.docs / "regime-pilot.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["regime", "rate", "seed", "round", "val"])
+        w.writerow(["regime", "rate", "seed", "round", "val", "val_loss", "train"])
         for (name, rate, seed), c in sorted(got.items()):
-            w.writerows([name, rate, seed, i + 1, v] for i, v in enumerate(c))
+            w.writerows([name, rate, seed, i + 1, v, c["loss"][i], c["train"][i]] for i, v in enumerate(c["val"]))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(regimes), figsize=(4 * len(regimes), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], regimes):
-        for rate, colour in zip(RATES, ("tab:blue", "tab:orange")):
-            for s in range(n_seeds[name]):
-                c = got[(name, rate, s)]
-                ax.plot(range(1, len(c) + 1), c, color=colour, alpha=0.7, label=f"rate {rate}" if s == 0 else None)
-        ax.set_title(f"regime {name}")
-        ax.set_xlabel("round")
-        ax.set_ylabel("validation accuracy")
-        ax.legend()
+    fig, axes = plt.subplots(2, len(regimes), figsize=(4 * len(regimes), 6.4), squeeze=False)
+    for col, name in enumerate(regimes):
+        for row, (what, label) in enumerate((("val", "validation accuracy"), ("loss", "validation loss"))):
+            ax = axes[row][col]
+            for rate, colour in zip(RATES, ("tab:blue", "tab:orange")):
+                for s in range(n_seeds[name]):
+                    c = got[(name, rate, s)][what]
+                    ax.plot(range(1, len(c) + 1), c, color=colour, alpha=0.7, label=f"rate {rate}" if s == 0 else None)
+            ax.set_title(f"regime {name}")
+            ax.set_xlabel("round")
+            ax.set_ylabel(label)
+            ax.legend()
     fig.tight_layout()
     fig.savefig(args.docs / "regime-pilot.png", dpi=100)
 

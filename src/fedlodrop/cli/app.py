@@ -300,7 +300,7 @@ app.command("calibrate")(calibrate)
 app.command("plot-tradeoff")(plot_tradeoff)
 
 
-def _hide_third_party_deprecations() -> None:
+def hide_third_party_deprecations() -> None:
     """Other packages' deprecation notices (PEFT reading `is_gradient_checkpointing`, which
     transformers deprecated, prints a FutureWarning on every run) tell a user nothing they can act
     on. Hide them for the command only; fedlodrop's own warnings, and any -W or PYTHONWARNINGS the
@@ -315,7 +315,7 @@ def _hide_third_party_deprecations() -> None:
 def main() -> None:
     """The `fedlodrop` console script: the typer app, without third-party deprecation notices; Ctrl-C exits
     130."""
-    _hide_third_party_deprecations()
+    hide_third_party_deprecations()
     try:
         app()
     except KeyboardInterrupt:

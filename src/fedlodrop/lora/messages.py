@@ -11,6 +11,7 @@ Bytes are the tensors' sizes as they travel; no index travels, as both sides dra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -87,26 +88,32 @@ def merge_trained(start: State, uploaded: State, layout: AdapterLayout, trained:
 SCALE = "#scale"  # suffix of a quantised tensor's scale on the wire
 
 
+Pick = Callable[[State, torch.dtype], State]  # a state's trained slices and head, in a dtype
+
+
 class Uplink:
     """How a device's trained slices and head travel up (`federation.uplink`): as they are, in the
     communication dtype. Both sides know what the device started from (the server sent it), so a
     variant may send the update instead and the server adds it back."""
 
     name = "same"
-    bits: int | None = None  # bits a value on the wire; None: the communication dtype's
     scale_bits = 0  # bits a tensor sends besides its values
 
-    def encode(self, sent: State, start: State, seed: int) -> State:
-        """What travels for `sent` (the upload in the communication dtype); `start`: the same keys
-        of what the device started from, float32; `seed`: this device and round's stream."""
-        return sent
+    def value_bits(self, comm_bits: int) -> int:
+        """Bits a value on the wire, where the communication dtype has `comm_bits`."""
+        return comm_bits
 
-    def decode(self, upload: State, start: State) -> State:
-        """The upload as the server uses it (`start`: as in `encode`)."""
+    def send(self, end: State, start: State, pick: Pick, dtype: torch.dtype, seed: int) -> State:
+        """What travels for a device that trained `start` into `end` (`pick` picks what it sends;
+        `dtype`: the communication dtype; `seed`: this device and round's stream)."""
+        return pick(end, dtype)
+
+    def receive(self, upload: State, start: State, pick: Pick) -> State:
+        """The upload as the server uses it (`start`: what it sent the device, decoded)."""
         return upload
 
     def nbytes(self, sent: State) -> int:
-        """Bytes `encode(sent, ...)` puts on the wire."""
+        """Bytes `send` puts on the wire for the packed tensors `sent`."""
         return payload_bytes(sent)
 
 
@@ -115,10 +122,23 @@ class Int8Update(Uplink):
     rounded stochastically so the server's estimate is unbiased: FedPAQ's quantised update
     (Reisizadeh et al., AISTATS 2020) with an 8-bit QSGD-style quantiser (Alistarh et al., 2017)."""
 
-    name, bits, scale_bits = "int8", 8, 32
+    name, scale_bits = "int8", 32
+
+    def value_bits(self, comm_bits: int) -> int:
+        """One byte a value, whatever the communication dtype."""
+        return 8
+
+    def send(self, end: State, start: State, pick: Pick, dtype: torch.dtype, seed: int) -> State:
+        """The update of what it trains, quantised (`dtype` does not apply: both ends are float32)."""
+        return self.encode(pick(end, torch.float32), pick(start, torch.float32), seed)
+
+    def receive(self, upload: State, start: State, pick: Pick) -> State:
+        """What the device sent, added back to what it started from."""
+        return self.decode(upload, pick(start, torch.float32))
 
     def encode(self, sent: State, start: State, seed: int) -> State:
-        """Each tensor's update as int8 and its scale; the rounding's draws come from `seed`."""
+        """Each tensor's update (`sent` minus `start`, float32) as int8 and its scale; the rounding's
+        draws come from `seed`."""
         gen = torch.Generator().manual_seed(seed)
         out: State = {}
         for key in sorted(sent):
@@ -155,21 +175,15 @@ def upload_keys(layout: AdapterLayout, rule: AggregationRule) -> list[str]:
 
 def encode_upload(end: State, start: State, layout: AdapterLayout, trained: Masks, rule: AggregationRule, dtype,
                   uplink: Uplink, seed: int) -> State:
-    """What a device sends up: its trained slices and head in the communication dtype, or as `uplink`
-    encodes them against what it started from."""
-    if uplink.bits is None:
-        return encode_adapter(end, layout, trained, rule, dtype)
-    return uplink.encode(encode_adapter(end, layout, trained, rule, torch.float32),
-                         encode_adapter(start, layout, trained, rule, torch.float32), seed)
+    """What a device sends up: its trained slices and head, as `uplink` sends them."""
+    return uplink.send(end, start, lambda s, dt: encode_adapter(s, layout, trained, rule, dt), dtype, seed)
 
 
 def decode_upload(upload: State, start: State, layout: AdapterLayout, trained: Masks, rule: AggregationRule,
                   uplink: Uplink) -> State:
     """The trained slices and head a device sent, as `merge_trained` takes them (`start`: what the
     server sent it, decoded)."""
-    if uplink.bits is None:
-        return upload
-    return uplink.decode(upload, encode_adapter(start, layout, trained, rule, torch.float32))
+    return uplink.receive(upload, start, lambda s, dt: encode_adapter(s, layout, trained, rule, dt))
 
 
 # ---------------------------------------------------------------------------- FedEx folds

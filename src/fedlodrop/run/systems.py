@@ -25,7 +25,7 @@ def uplink_bits(cfg: RunConfig, layout) -> tuple[float, float]:
 
     uplink = make_uplink(cfg.federation.uplink)
     tensors = len(upload_keys(layout, make_rule(cfg.federation.aggregation, cfg.federation.factor_rule)))
-    return float(uplink.bits or COMM_BITS[cfg.federation.comm_dtype]), float(uplink.scale_bits * tensors)
+    return float(uplink.value_bits(COMM_BITS[cfg.federation.comm_dtype])), float(uplink.scale_bits * tensors)
 
 
 def check_system(cfg: RunConfig, spec, where) -> None:

@@ -47,9 +47,11 @@ from pathlib import Path
 from fedlodrop.config import RunConfig
 from fedlodrop.data.tasks import task_from_config
 from fedlodrop.errors import UserError
+from fedlodrop.lora.adapter import AdapterLayout
 from fedlodrop.planning import InfeasibleError, load_plan, load_system, optimize, system_model
 from fedlodrop.planning.feasibility import min_latency_limit
 from fedlodrop.planning.plan import as_is_plan, subset_plan
+from fedlodrop.planning.spec import SystemSpec
 from fedlodrop.round.records import Summary
 from fedlodrop.run.experiment import build
 from fedlodrop.run.folder import RunFolder, run_folders
@@ -158,11 +160,11 @@ class OnPayload(Planner):
 class Sized:
     """The system `spec` with the payload the run of `cfg` (its adapter: `layout`) sends under other
     run keys: the bits a value up and down and the uplink's extra bits (int8's scales)."""
-    spec: object
+    spec: SystemSpec
     cfg: RunConfig
-    layout: object
+    layout: AdapterLayout
 
-    def __call__(self, keys: dict):
+    def __call__(self, keys: dict) -> SystemSpec:
         run = with_overrides(self.cfg, keys)
         bits = COMM_BITS[run.federation.comm_dtype]
         up, extra = uplink_bits(run, self.layout)
