@@ -23,6 +23,17 @@
 
 Runs are reused: a rerun trains only what is missing (bench_out/plan-vs-baselines). Output:
 docs/benchmarks/plan-vs-baselines.md, .csv and .png.
+
+The long regime (issue 29 item 4: regime D of bench_regime_pilot.py, where rate 0's accuracy
+peaks and falls), about 27 min a run on one thread:
+
+    python benchmarks/bench_plan_vs_baselines.py --jobs 2 --threads 1 --systems 2 --seeds 1 --budget-rounds 20 \
+        --set federation.local_epochs=10 --set lora.r=16 --set "lora.target_modules=[query,key,value,dense]" \
+        --set train.batch_size=16 --set train.lr=0.002 --methods bnb,int8 \
+        --out bench_out/plan-vs-baselines-long --doc docs/benchmarks/plan-vs-baselines-long.md
+
+(batch 16 and lr 0.002: at the defaults, batch 8 and lr 0.005, the largest Dirichlet shard takes
+200 local steps a round and training diverges; B&B's run fell to the majority class by round 3.)
 """
 
 from __future__ import annotations
