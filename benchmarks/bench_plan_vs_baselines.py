@@ -215,7 +215,7 @@ def write(args, pairs: list[dict], screened: int, minutes: float, threads: int) 
              + "".join(f" --set {x}" for x in args.extra)
              + (f" --methods {','.join(args.methods)}" if args.methods != METHODS else "") + f"`; {minutes:.0f} min in this invocation (finished runs are reused) on {platform.processor() or platform.machine()}, "
              f"{args.jobs} processes x {args.threads} torch thread(s).", "",
-             f"Run: Rotten Tomatoes, the offline default model and LoRA, {' '.join(RUN + args.extra)}. "
+             f"Run: Rotten Tomatoes, the offline default model and LoRA, {' '.join(effective(RUN + args.extra))}. "
              f"Screened {screened} random systems with the planner alone to find {len({p['system'] for p in pairs})} "
              f"where B&B's rates differ from the best shared rate's or equal bandwidth's by at least "
              f"{args.min_disagreement} (sample-weighted L1). Time budget: {args.budget_rounds:g} x T_max per "
@@ -263,6 +263,16 @@ def write(args, pairs: list[dict], screened: int, minutes: float, threads: int) 
                 w.writerow([p["system"], p["seed"], method, r["at_time"], r["at_energy"][PLAN], r["rounds"],
                             r["seconds"], r["joules"], r["dropped"]])
     plot(pairs, args.doc.with_suffix(".png"), baselines)
+
+
+def effective(items: list[str]) -> list[str]:
+    """KEY=VALUE items with a key given twice shown once, at its last value (the one the run takes)."""
+    keys: dict[str, str] = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        keys.pop(key, None)
+        keys[key] = value
+    return [f"{k}={v}" for k, v in keys.items()]
 
 
 def span(rates) -> str:
