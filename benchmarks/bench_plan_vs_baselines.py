@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import platform
@@ -151,8 +150,10 @@ def read(where: Path, seed: int, main: str, methods: list[str]) -> dict[str, dic
 
 def planned_rates(where: Path, method: str) -> list[float]:
     """The dropout rate the method's plan gave each device (empty: it trains without a plan file)."""
+    from fedlodrop.planning import load_plan
+
     plan = where / "plans" / f"{method}.json"
-    return [d["gamma"] for d in json.loads(plan.read_text())["devices"]] if plan.is_file() else []
+    return [d.gamma for d in load_plan(plan).devices] if plan.is_file() else []
 
 
 def main() -> None:
