@@ -26,6 +26,11 @@ from fedlodrop.studies.sweep import Outcome, Point, run_points  # noqa: E402
 hide_third_party_deprecations()  # as the CLI does; spawned runs take these filters
 
 GLUE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "glue"
+# The long regime (issue 29 item 4, issue 30): bench_regime_pilot.py's D, where rate 0's validation
+# accuracy peaks and falls (360 examples, 20 rounds of 10 local epochs, r 16 on every linear layer), at
+# batch 16 / lr 0.002: at the defaults (batch 8, lr 0.005) a large Dirichlet shard's 200 local steps diverge.
+LONG = ["data.max_train_samples=360", "federation.rounds=20", "federation.local_epochs=10", "lora.r=16",
+        "lora.target_modules=[query,key,value,dense]", "train.batch_size=16", "train.lr=0.002"]
 
 
 def grid_args(parser, seeds: int = 3, glue: str = "--glue"):

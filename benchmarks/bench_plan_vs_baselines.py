@@ -27,7 +27,7 @@ docs/benchmarks/plan-vs-baselines.md, .csv and .png.
 The long regime (issue 29 item 4: regime D of bench_regime_pilot.py, where rate 0's accuracy
 peaks and falls), about 27 min a run on one thread:
 
-    python benchmarks/bench_plan_vs_baselines.py --jobs 2 --threads 1 --systems 2 --seeds 1 --budget-rounds 20 \
+    python benchmarks/bench_plan_vs_baselines.py --jobs 2 --threads 1 --systems 5 --seeds 1 --budget-rounds 20 \
         --set federation.local_epochs=10 --set lora.r=16 --set "lora.target_modules=[query,key,value,dense]" \
         --set train.batch_size=16 --set train.lr=0.002 --methods bnb,int8 \
         --out bench_out/plan-vs-baselines-long --doc docs/benchmarks/plan-vs-baselines-long.md
@@ -349,11 +349,13 @@ def paired(plan: str, pairs: list[dict], baselines: list[str], metric: Metric = 
     for label, lo, hi in (("equal time", 2, 3), ("equal energy", 5, 6)):
         above = [r[0] for r in rows if r[lo] > 0]
         below = [r[0] for r in rows if r[hi] < 0]
+        better, worse = (above, below) if metric.higher_better else (below, above)
         level = [r[0] for r in rows if r[lo] <= 0 <= r[hi]]
         unread = [r[0] for r in rows if math.isnan(r[lo])]
-        lines.append(f"At {label}, {who}'s interval is above zero against {', '.join(above) or 'no baseline'}"
-                     + (f"; includes zero against {', '.join(level)}" if level else "")
-                     + (f"; is below zero against {', '.join(below)}" if below else "")
+        lines.append(f"At {label}, {who} is better than {', '.join(better) or 'no baseline'} (an interval that "
+                     "excludes zero)"
+                     + (f"; not distinguishable from {', '.join(level)}" if level else "")
+                     + (f"; worse than {', '.join(worse)}" if worse else "")
                      + (f"; {', '.join(unread)} had no evaluation within {who}'s energy (their first round "
                         "costs more)" if unread else "") + ".")
     return lines

@@ -6,6 +6,8 @@
                Goal: fedex within 1.5 points of centralised on SST-2, IID.
   optimisers   issue 30: FedProx (mu 1e-3) and FedAvgM / FedAdam / FedYogi (default server rates) against
                FedAvg, all on fedex, on the aggregation study's grid: paired differences per seed.
+  optimisers-long  the same in the long regime (benchmarks/_tables.py LONG: where dropout can regularise),
+               Rotten Tomatoes, IID and Dirichlet 0.5, 6 devices: 30 runs of about 30 min (not in `all`).
   rank         LoRA r 4 / 16 / 64 / 256 with and without FedLoDrop (default variant, rate 0.3):
                bytes per round against accuracy, SST-2, 3 seeds; r 256 once more with the
                adapter's learning rate scaled by 8 / r.
@@ -17,7 +19,7 @@ otherwise (MiniLM r 8 on query/value, batch 16, BERT's [CLS] head), 300 validati
 that all three studies finish in under 3 hours with 2 processes x 1 thread on this 2-core CPU.
 Run folders under bench_out/, tables and plots in docs/benchmarks/study-<name>.{md,csv,png}.
 
-    python benchmarks/bench_studies.py aggregation|optimisers|rank|decoders [--jobs 2] [--threads 1] [--seeds 3]
+    python benchmarks/bench_studies.py aggregation|optimisers|optimisers-long|rank|decoders [--jobs 2] [--threads 1] [--seeds 3]
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import statistics
 
-from _tables import grid_args, header, markdown, plot, point, run, table, write_csv
+from _tables import LONG, grid_args, header, markdown, plot, point, run, table, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks"
@@ -39,6 +41,7 @@ SETTING = ["data.max_train_samples=800", "data.max_eval_samples=300", "data.trai
            "federation.rounds=4", "federation.local_epochs=1", "pooling=cls"]
 RULES = ("fedit", "fedex", "ffa", "masked")
 PARTITIONS = (("iid", None), ("dirichlet", 0.5), ("dirichlet", 0.1))
+LONG_RUN = ["federation.devices=6", "data.max_eval_samples=400", "data.train_eval_samples=300"]  # as the pilot's D
 
 
 def _finish(name: str, rows: list[dict], keys: list[str], metric: str, title: str, args, x: str, series, facet=None,
@@ -97,21 +100,25 @@ OPTIMISERS = {  # issue 30: the federated optimisers researchers compare against
 }
 
 
-def optimisers(args) -> None:
+def optimisers(args, long: bool = False) -> None:
     """FedProx and the server optimisers (their default hyper-parameters) on the aggregation
-    study's grid with fedex: which beats plain FedAvg of the mean of models, and where?"""
+    study's grid with fedex: which beats plain FedAvg of the mean of models, and where? `long`: in
+    the long regime (IID and Dirichlet 0.5, 6 devices), where dropout can regularise."""
+    study = "optimisers-long" if long else "optimisers"
+    tasks = args.tasks or ("rotten_tomatoes" if long else "sst2,rte,mrpc")
+    setting = [*LONG, *LONG_RUN] if long else [*SETTING, "federation.devices=3"]
     pts = []
-    for task in args.tasks.split(","):
+    for task in tasks.split(","):
         for seed in range(args.seeds):
-            base = SETTING + [f"task={task}", f"data.glue_dir={args.glue}", f"seed={seed}", "federation.devices=3",
+            base = setting + [f"task={task}", f"data.glue_dir={args.glue}", f"seed={seed}",
                               "federation.aggregation=fedex"]
-            for part, alpha in PARTITIONS:
+            for part, alpha in PARTITIONS[:2] if long else PARTITIONS:
                 label = part if alpha is None else f"dirichlet {alpha}"
                 extra = [f"federation.partition={part}"] + ([f"federation.dirichlet_alpha={alpha}"] if alpha else [])
                 for name, sets in OPTIMISERS.items():
                     pts.append(point(f"{task}-{part}{alpha or ''}-{name}-seed{seed}",
                                      {"task": task, "setting": label, "optimiser": name}, base + extra + sets))
-    results = run(pts, ROOT / "bench_out" / "study-optimisers", args.jobs, args.threads)
+    results = run(pts, ROOT / "bench_out" / f"study-{study}", args.jobs, args.threads)
     keys = ["task", "setting", "optimiser"]
     rows = table(pts, results, keys)
     by_seed: dict = {}
@@ -120,7 +127,7 @@ def optimisers(args) -> None:
         by_seed[(p.values["task"], p.values["setting"], p.values["optimiser"], p.seed)] = summary.final[summary.main_metric]
     from scipy.stats import t
 
-    tasks = args.tasks.split(",")
+    tasks = tasks.split(",")
     lines = ["| optimiser minus fedavg | tasks | pairs | mean (points) | 95% CI |", "|---|---|---|---|---|"]
     for name in OPTIMISERS:
         if name == "fedavg":
@@ -134,10 +141,12 @@ def optimisers(args) -> None:
                          f"[{mean - half:+.2f}, {mean + half:+.2f}] |")
     for r in rows:
         r["skew"] = {"iid": 1, "dirichlet 0.5": 2, "dirichlet 0.1": 3}[r["setting"]]
-    _finish("optimisers", rows, keys, "main metric", f"FedProx and server optimisers on fedex, {args.tasks} (x: 1 IID, "
-            "2 Dirichlet 0.5, 3 Dirichlet 0.1); 800 examples, 3 devices, 4 rounds", args, "skew", ["optimiser"],
+    said = ("360 examples, 6 devices, 20 rounds of 10 local epochs, r 16 on every linear layer, batch 16, lr 0.002 "
+            "(the long regime)" if long else "800 examples, 3 devices, 4 rounds")
+    _finish(study, rows, keys, "main metric", f"FedProx and server optimisers on fedex, {','.join(tasks)} (x: 1 IID, "
+            f"2 Dirichlet 0.5{'' if long else ', 3 Dirichlet 0.1'}); {said}", args, "skew", ["optimiser"],
             facet="task",
-            extra=f"\nRun as `python benchmarks/bench_studies.py optimisers --tasks {args.tasks} --jobs {args.jobs} "
+            extra=f"\nRun as `python benchmarks/bench_studies.py {study} --tasks {','.join(tasks)} --jobs {args.jobs} "
             f"--threads {args.threads} --seeds {args.seeds}` (resumable: finished runs are reused).\n\n"
             "Paired differences against FedAvg (same task, partition and seed), final validation metric:\n\n"
             + "\n".join(lines) + "\n")
@@ -290,17 +299,19 @@ def _tiny_decoder(kind: str, folder: Path, tokenizer_dir: str) -> Path:
 
 
 COMMANDS = {"aggregation": aggregation, "optimisers": optimisers, "rank": rank, "decoders": decoders}
+LONG_COMMANDS = {"optimisers-long": lambda args: optimisers(args, long=True)}  # hours: not in `all`
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     grid_args(p)
-    p.add_argument("what", choices=[*COMMANDS, "all"])
-    p.add_argument("--tasks", default="sst2,rte,mrpc", help="optimisers: the tasks (comma-separated)")
+    p.add_argument("what", choices=[*COMMANDS, *LONG_COMMANDS, "all"])
+    p.add_argument("--tasks", default=None, help="optimisers: the tasks (comma-separated; default sst2,rte,mrpc, "
+                   "and rotten_tomatoes in the long regime)")
     args = p.parse_args()
     args.glue = args.glue.resolve()
     for name in COMMANDS if args.what == "all" else [args.what]:
-        COMMANDS[name](args)
+        (COMMANDS | LONG_COMMANDS)[name](args)
 
 
 if __name__ == "__main__":

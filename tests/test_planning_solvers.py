@@ -80,6 +80,30 @@ def test_psca_lands_within_two_percent_of_bnb(K, seed):
     recheck(make_plan(spec, psca.gamma, "psca", psca.stats), m)
 
 
+def test_psca_prices_the_uplink_and_cycles_as_the_system_does_on_an_int8_uplink_with_device_ranks():
+    """P-SCA's convex surrogate writes a device's uplink Mbit and Gcycles as S0 - S1 gamma and
+    W0 - W1 gamma. On an int8 uplink (8 bits a value up, 16 down, a scale a tensor) with devices of
+    different ranks, both must be the system model's own S_k(gamma) and cycles at every rate: a
+    slope priced at the downlink's bits would make dropout look four times cheaper to send. The
+    plan it finds must still land within 2 % of B&B's global optimum on the same system."""
+    from dataclasses import replace
+
+    from fedlodrop.planning.psca import _Surrogate
+    from fedlodrop.planning.spec import PayloadSpec
+
+    spec = random_system(4, seed=1, payload=PayloadSpec(rank=8, bits_per_value=16, uplink_bits_per_value=8,
+                                                        uplink_extra_bits=32 * 48))
+    m = replace(system_model(spec), share=np.array([0.25, 0.5, 1.0, 1.0]))
+    assert m.ub == 8 and m.bits == 16 and m.up_extra_bits > 0
+    sur = _Surrogate(m)
+    for g in np.random.default_rng(0).uniform(0, m.gamma_max, (5, m.K)):
+        np.testing.assert_allclose((sur.S0 - sur.S1 * g) * 1e6, m.uplink_bits(g), rtol=1e-12)
+        np.testing.assert_allclose((sur.W0 - sur.W1 * g) * 1e9, m.cycles(g), rtol=1e-12)
+    bnb, psca = solve_bnb(m, eps_rel=1e-3), solve_psca(m)
+    assert psca.stats.status == "converged"
+    assert bnb.stats.lower_bound * (1 - 1e-9) <= psca.objective <= bnb.objective * 1.02
+
+
 @pytest.mark.parametrize("start", ["feasible", "equal", (1.0, 1e-3)])
 def test_psca_converges_from_feasible_and_infeasible_starts(start):
     m = system_model(random_system(5, seed=4))
