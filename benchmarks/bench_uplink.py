@@ -157,7 +157,7 @@ def main() -> None:
     DOCS.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / "sweep.csv", DOCS / f"{page}.csv")
     shutil.copy(out / "sweep.png", DOCS / f"{page}.png")
-    flags = "" if args.regime == "short" else f" --regime {args.regime}" + (f" --tasks {args.tasks}" if args.tasks else "")
+    flags = ("" if args.regime == "short" else f" --regime {args.regime}") + (f" --tasks {args.tasks}" if args.tasks else "")
     md = "\n".join([
         f"# `python benchmarks/bench_uplink.py{flags}`", "",
         "At equal uplink bytes: dropout at rate 0.5, half the rank, or bf16 on the uplink; `full` sends twice the "
